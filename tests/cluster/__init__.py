@@ -1,0 +1,1 @@
+"""Test infrastructure: a real Kubernetes control plane from Go modules and a process kubelet."""

@@ -1,0 +1,192 @@
+"""Build the control-plane binaries the e2e tests run, from Go modules, pinned and cached.
+
+What it builds (versions pinned below and in the wrapper modules under ``gomod/``):
+
+* ``kube-apiserver``, ``kube-controller-manager``, ``kube-scheduler``, ``kubectl`` from
+  ``k8s.io/kubernetes`` (wrapper ``gomod/kube``: it replaces every staging module, which
+  ``k8s.io/kubernetes`` requires at ``v0.0.0``, with its published ``v0.N.P`` release);
+* ``etcd`` from ``go.etcd.io/etcd/server/v3`` (wrapper ``gomod/etcd``: a three-line main that
+  calls ``etcdmain.Main``, since ``go install`` of the server module fails on its replaces);
+* ``helm`` from ``helm.sh/helm/v3`` (wrapper ``gomod/helm``).
+
+Each wrapper has its own go.mod/go.sum, committed, so a build is reproducible and the three
+dependency graphs (which disagree on grpc/otel versions) never mix. Version ldflags are set so
+``/version`` and ``helm version`` report the real releases.
+
+Binaries land in ``$KUBETUNE_TEST_BIN_DIR`` or ``~/.cache/kubetune-test/bin/<key>/`` where the key
+encodes the pinned versions, the Go version and a hash of the wrapper modules; a binary that is
+already there is not rebuilt. A file lock keeps two concurrent builders from racing.
+
+Usage: ``python tests/cluster/build.py`` (prints progress, then the bin dir), or
+``ensure_binaries()`` from Python.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+KUBERNETES_VERSION = "v1.34.4"
+ETCD_VERSION = "v3.6.16"
+HELM_VERSION = "v3.19.5"
+# Bump when the way the binaries are built (flags, ldflags) changes, to invalidate caches.
+BUILD_REVISION = "1"
+
+HERE = Path(__file__).resolve().parent
+GOMOD = HERE / "gomod"
+
+KUBE_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+ALL_BINARIES = ("etcd",) + KUBE_BINARIES + ("helm",)
+
+
+def _log(msg: str) -> None:
+    print(f"[kubetune-test build {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def go_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("GOTOOLCHAIN", "local")
+    env.setdefault("CGO_ENABLED", "0")
+    # go.sum is committed; never let a build rewrite it silently.
+    env["GOFLAGS"] = " ".join(f for f in env.get("GOFLAGS", "").split() if not f.startswith("-mod=")) + " -mod=readonly"
+    return env
+
+
+def go_version() -> str:
+    out = subprocess.run(["go", "env", "GOVERSION"], capture_output=True, text=True, check=True, env=go_env())
+    return out.stdout.strip()
+
+
+def cache_key() -> str:
+    h = hashlib.sha256()
+    for sub in ("kube", "etcd", "helm"):
+        for name in sorted(os.listdir(GOMOD / sub)):
+            p = GOMOD / sub / name
+            if p.is_file():
+                h.update(f"{sub}/{name}\0".encode())
+                h.update(p.read_bytes())
+    h.update(BUILD_REVISION.encode())
+    return (
+        f"k8s-{KUBERNETES_VERSION}_etcd-{ETCD_VERSION}_helm-{HELM_VERSION}_{go_version()}_{h.hexdigest()[:10]}"
+    )
+
+
+def bin_dir() -> Path:
+    override = os.environ.get("KUBETUNE_TEST_BIN_DIR")
+    if override:
+        return Path(override)
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kubetune-test" / "bin"
+    return base / cache_key()
+
+
+def _kube_ldflags() -> str:
+    major, minor = KUBERNETES_VERSION.lstrip("v").split(".")[:2]
+    flags = ["-s", "-w"]
+    for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += [
+            f"-X {pkg}.gitVersion={KUBERNETES_VERSION}",
+            f"-X {pkg}.gitMajor={major}",
+            f"-X {pkg}.gitMinor={minor}",
+            f"-X {pkg}.gitTreeState=clean",
+            f"-X {pkg}.buildDate=1970-01-01T00:00:00Z",
+        ]
+    return " ".join(flags)
+
+
+def _helm_ldflags() -> str:
+    # helm's Makefile: the kube version it assumes for lint/template is client-go's minor,
+    # with major+1 (client-go v0.34 -> Kubernetes 1.34).
+    major, minor = KUBERNETES_VERSION.lstrip("v").split(".")[:2]
+    return " ".join(
+        [
+            "-s",
+            "-w",
+            f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",
+            "-X helm.sh/helm/v3/internal/version.gitTreeState=clean",
+            f"-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor={major}",
+            f"-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor={minor}",
+            f"-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor={major}",
+            f"-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor={minor}",
+        ]
+    )
+
+
+def _go_build(module_dir: Path, out_dir: Path, ldflags: str, packages: list[str]) -> None:
+    cmd = ["go", "build", "-trimpath", "-ldflags", ldflags, "-o", str(out_dir) + "/", *packages]
+    _log(f"in {module_dir.relative_to(HERE)}: {' '.join(cmd[:2])} ... {' '.join(packages)}")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=module_dir, env=go_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    for line in proc.stdout:
+        lines.append(line)
+        sys.stderr.write("    " + line)
+    rc = proc.wait()
+    if rc != 0:
+        raise RuntimeError(f"go build failed ({rc}) in {module_dir}:\n{''.join(lines[-50:])}")
+    _log(f"built {', '.join(Path(p).name for p in packages)} in {time.monotonic() - t0:.0f}s")
+    del last
+
+
+def _heartbeat(stop: list[bool], what: list[str]) -> None:
+    t0 = time.monotonic()
+    while not stop[0]:
+        time.sleep(30)
+        if not stop[0]:
+            _log(f"still building {what[0]} ... {time.monotonic() - t0:.0f}s elapsed")
+
+
+def ensure_binaries(verbose: bool = True) -> Path:
+    """Return the directory holding every binary in ALL_BINARIES, building what is missing."""
+    target = bin_dir()
+    if all((target / b).is_file() for b in ALL_BINARIES):
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    lock_path = target.parent / (target.name + ".lock")
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if shutil.which("go") is None:
+            raise RuntimeError("Go is needed to build the test control plane (go not on PATH)")
+        import threading
+
+        stop = [False]
+        what = ["binaries"]
+        hb = threading.Thread(target=_heartbeat, args=(stop, what), daemon=True)
+        hb.start()
+        t0 = time.monotonic()
+        try:
+            staging = target.parent / (target.name + ".partial")
+            staging.mkdir(exist_ok=True)
+            plan = [
+                ("etcd", GOMOD / "etcd", "-s -w", ["."], ("etcd",)),
+                ("kubernetes", GOMOD / "kube", _kube_ldflags(), [f"k8s.io/kubernetes/cmd/{b}" for b in KUBE_BINARIES], KUBE_BINARIES),
+                ("helm", GOMOD / "helm", _helm_ldflags(), ["helm.sh/helm/v3/cmd/helm"], ("helm",)),
+            ]
+            for name, mod, ldflags, pkgs, outs in plan:
+                if all((target / o).is_file() for o in outs):
+                    continue
+                what[0] = name
+                _log(f"building {name} (cold builds of kubernetes take tens of minutes on 2 cores)")
+                out = staging / name
+                out.mkdir(exist_ok=True)
+                _go_build(mod, out, ldflags, pkgs)
+                if name == "etcd":
+                    # the package "." is named after the wrapper module's last path element
+                    (out / "etcd").exists() or next(out.iterdir()).rename(out / "etcd")
+                for o in outs:
+                    os.replace(out / o, target / o)
+            shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            stop[0] = True
+        _log(f"all binaries in {target} ({time.monotonic() - t0:.0f}s)")
+    return target
+
+
+if __name__ == "__main__":
+    print(ensure_binaries())

@@ -1,0 +1,12 @@
+//go:build tools
+
+// Package tools keeps the control-plane commands in this module's graph so that
+// `go mod tidy` records every module they need in go.sum.
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubectl"
+)
