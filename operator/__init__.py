@@ -1,0 +1,1 @@
+"""kubetune.operator: the kopf operator that reconciles FineTuneJobs into Jobs and status."""

@@ -1,0 +1,1 @@
+"""kubetune.runtime: the FineTuneJob spec, the plan, data, models, stages, storage and the CLI."""

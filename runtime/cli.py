@@ -1,0 +1,207 @@
+"""`kubetune`: run, validate and inspect FineTuneJobs; also usable as `kubectl kubetune`.
+
+Heavy imports (torch, transformers) happen inside the commands that train or chat, so
+`kubetune validate`, `kubetune crd` and `--help` stay fast and work without the training stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import EXIT_BAD_INPUT, EXIT_FAILED, UserError
+
+EPILOG = """examples:
+  kubetune demo                                  # build a tiny model + data, fine-tune it, chat
+  kubetune validate examples/quickstart.yaml
+  kubetune run examples/quickstart.yaml --set stages.0.hyperparameters.maxSteps=50
+  kubetune chat --model saves/quickstart/sft/output --prompt "Who are you?"
+  kubetune export --model BASE --adapter saves/job/sft/output --out merged/
+  kubetune crd | kubectl apply -f -
+"""
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override a spec field, e.g. stages.0.hyperparameters.maxSteps=100 (repeatable; "
+        "paths are relative to spec; values are YAML)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubetune",
+        description="Fine-tune LLMs from one FineTuneJob YAML: locally (`kubetune run`) or on "
+        "Kubernetes (`kubectl apply`).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version="kubetune 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run every stage of a FineTuneJob on this machine")
+    p.add_argument("file", help="FineTuneJob YAML")
+    _add_overrides(p)
+    p.add_argument("--output-root", help="storage root when spec.storage.uri is unset (default ./saves/<name>)")
+    p.add_argument("--stage", help="run only this stage (its inputs must already exist)")
+    p.add_argument("--metrics-port", type=int, help="expose Prometheus metrics on this port")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+
+    p = sub.add_parser("validate", help="check a FineTuneJob offline, exactly as the cluster would")
+    p.add_argument("file", help="FineTuneJob YAML")
+    _add_overrides(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing when valid")
+
+    p = sub.add_parser("plan", help="print the resolved stages (what each reads and writes)")
+    p.add_argument("file", help="FineTuneJob YAML")
+    _add_overrides(p)
+    p.add_argument("--output-root", help="storage root when spec.storage.uri is unset")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+    sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition YAML")
+
+    p = sub.add_parser("demo", help="offline quickstart: tiny model + identity data → fine-tune → chat")
+    p.add_argument("--dir", default="kubetune-demo", help="where to put the model, data and outputs")
+    p.add_argument("--name", default="Kubi", help="the identity the model is taught")
+    p.add_argument("--creator", default="the kubetune team", help="who it says made it")
+    p.add_argument("--prepare-only", action="store_true", help="write the model, data and job file; do not train")
+
+    p = sub.add_parser("chat", help="talk to a base model, a trained adapter or an exported model")
+    p.add_argument("--model", required=True, help="model folder or id, or an adapter folder (its base is read from adapter_config.json)")
+    p.add_argument("--adapter", help="adapter folder to apply on top of --model")
+    p.add_argument("--template", help="named chat template for models without one")
+    p.add_argument("--prompt", help="answer this one prompt and exit (for scripts)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+
+    p = sub.add_parser("export", help="merge an adapter into its base model and save a standalone model")
+    p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + safetensors)")
+    p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
+
+    p = sub.add_parser("stage", help="run one resolved stage config (what runtime pods do)")
+    p.add_argument("--config", required=True, help="resolved stage JSON (from the operator's ConfigMap)")
+    p.add_argument("--metrics-port", type=int)
+    return parser
+
+
+def _cmd_validate(args) -> int:
+    from .spec import load_job
+
+    job = load_job(args.file, args.overrides)
+    if not args.quiet:
+        stages = " → ".join(f"{s.name} ({s.type}/{s.method})" if s.type != "export" else f"{s.name} (export)" for s in job.spec.stages)
+        print(f"{args.file}: valid FineTuneJob {job.metadata.name!r}: {stages}")
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from .plan import plan
+    from .spec import load_job
+
+    stages = plan(load_job(args.file, args.overrides), args.output_root)
+    if args.output == "json":
+        print(json.dumps([s.to_yaml_dict() for s in stages], indent=2))
+        return 0
+    for s in stages:
+        io = s.io
+        src = io.policy.model + (f" + adapter {io.policy.adapter}" if io.policy.adapter else "")
+        print(f"[{s.index + 1}/{s.count}] {s.name}: {s.stage.type}/{s.stage.method}")
+        print(f"    reads   {src}{' (merged first)' if io.merge_adapter else ''}")
+        if io.reference:
+            print(f"    ref     {io.reference.model}" + (f" + adapter {io.reference.adapter}" if io.reference.adapter else ""))
+        if io.reward:
+            print(f"    reward  {io.reward.model}" + (f" + adapter {io.reward.adapter}" if io.reward.adapter else ""))
+        if s.data:
+            print(f"    data    {', '.join(d.name + ' (' + d.source + ')' for d in s.data)}")
+        print(f"    writes  {io.output} ({io.output_kind})")
+    return 0
+
+
+def _cmd_crd(args) -> int:
+    from .crd import crd_yaml
+
+    sys.stdout.write(crd_yaml())
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from .local import run_job
+
+    return run_job(
+        args.file,
+        overrides=args.overrides,
+        output_root=args.output_root,
+        only_stage=args.stage,
+        metrics_port=args.metrics_port,
+        progress=not args.no_progress,
+    )
+
+
+def _cmd_stage(args) -> int:
+    from .local import run_stage_config
+
+    return run_stage_config(args.config, metrics_port=args.metrics_port)
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.dir), name=args.name, creator=args.creator, prepare_only=args.prepare_only)
+
+
+def _cmd_chat(args) -> int:
+    from .chat import chat_main
+
+    return chat_main(args)
+
+
+def _cmd_export(args) -> int:
+    from .export import export_model
+
+    out = export_model(args.adapter, args.out, base=args.model, dtype=args.dtype)
+    print(f"exported a standalone model to {out}")
+    return 0
+
+
+COMMANDS = {
+    "run": _cmd_run,
+    "validate": _cmd_validate,
+    "plan": _cmd_plan,
+    "crd": _cmd_crd,
+    "demo": _cmd_demo,
+    "chat": _cmd_chat,
+    "export": _cmd_export,
+    "stage": _cmd_stage,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,689 @@
+"""The FineTuneJob API (kubetune.io/v1alpha1): one pydantic model, the single source of truth.
+
+From these classes come the CRD's OpenAPI schema (every `description=` becomes `kubectl explain`
+text), the CEL rules the apiserver enforces (`CelRule`s declared next to the fields they guard),
+the offline validation of `kubetune validate` / `kubetune run`, and the resolved stage configs
+the operator hands to runtime pods. Field names are camelCase in YAML; Python uses snake_case.
+
+Defaults follow LLaMA-Factory where our users come from: LoRA rank 8, alpha 2×rank, dropout 0,
+all linear layers; cutoff length 2048; cosine schedule; nf4 with double quantisation; two
+trainable layers for freeze tuning; DPO beta 0.1 with the sigmoid loss. Defaults live here and
+only here: the CRD carries them in descriptions, not as server-side defaults, so that what a
+user applied is what Argo CD sees.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+from .errors import SpecError
+
+API_GROUP = "kubetune.io"
+API_VERSION = "v1alpha1"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+
+StageType = Literal[
+    "pt", "sft", "rm", "dpo", "kto", "orpo", "simpo", "ppo", "grpo", "rloo", "distill", "export"
+]
+STAGE_TYPES: tuple[str, ...] = StageType.__args__  # type: ignore[attr-defined]
+Method = Literal["lora", "qlora", "full", "freeze"]
+DatasetFormat = Literal["alpaca", "sharegpt", "messages", "text", "preference", "kto", "prompt"]
+TemplateName = Literal["chatml", "llama3", "alpaca", "qwen", "gemma", "mistral", "phi3"]
+TEMPLATE_NAMES: tuple[str, ...] = TemplateName.__args__  # type: ignore[attr-defined]
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+@dataclass(frozen=True)
+class CelRule:
+    """A cross-field rule, enforced twice from one declaration: by the apiserver as a CEL
+    `x-kubernetes-validations` entry, and offline by `check` (a Python twin of `rule`)."""
+
+    rule: str
+    message: str
+    check: Callable[[Any], bool]
+    field_path: str | None = None  # relative to the object the rule sits on, e.g. ".quantization"
+
+
+class Spec(BaseModel):
+    """Base of every API object: camelCase aliases, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_default=True
+    )
+    cel_rules: ClassVar[tuple[CelRule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_cel_rules(self):
+        for r in self.cel_rules:
+            if not r.check(self):
+                raise ValueError(r.message)
+        return self
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """The object as it is written in YAML: camelCase, without unset optional fields."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def _field(description: str, default: Any = ..., **kw: Any) -> Any:
+    return Field(default, description=description, **kw)
+
+
+# --------------------------------------------------------------------------------------- model
+
+
+class SecretKeyRef(Spec):
+    """A key of a Secret in the FineTuneJob's namespace."""
+
+    name: str = _field("Name of the Secret.", max_length=253)
+    key: str = _field("Key inside the Secret.", "token", max_length=253)
+
+
+class ModelSpec(Spec):
+    name: str = _field(
+        "The base model: a Hugging Face model id (org/name), a local folder, or an s3:// URI of "
+        "a folder written by save_pretrained.",
+        min_length=1,
+        max_length=512,
+    )
+    revision: str | None = _field(
+        "Model revision (branch, tag or commit) when `name` is a Hugging Face id.", None, max_length=128
+    )
+    token_secret_ref: SecretKeyRef | None = _field(
+        "Secret holding a Hugging Face token for gated models. Mounted as HF_TOKEN; never copied "
+        "into ConfigMaps, status or logs.",
+        None,
+    )
+    trust_remote_code: bool = _field(
+        "Allow the model repository's own Python code to run (Hugging Face trust_remote_code). "
+        "Default false.",
+        False,
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = _field(
+        "Weight dtype to load: auto (bf16 on GPUs that support it, else fp32 on CPU), bfloat16, "
+        "float16 or float32.",
+        "auto",
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = _field(
+        "Attention kernel: auto (SDPA, the fast default of PyTorch), sdpa, eager, "
+        "flash_attention_2 or flash_attention_3 (need the flash-attn package in the image).",
+        "auto",
+    )
+
+
+class DatasetTags(Spec):
+    """ShareGPT role tags (LLaMA-Factory dataset_info.json `tags`)."""
+
+    role_tag: str = _field("Key holding a message's role. Default `from`.", "from", max_length=64)
+    content_tag: str = _field("Key holding a message's text. Default `value`.", "value", max_length=64)
+    user_tag: str = _field("Role value of user turns. Default `human`.", "human", max_length=64)
+    assistant_tag: str = _field("Role value of assistant turns. Default `gpt`.", "gpt", max_length=64)
+    observation_tag: str = _field("Role value of tool results. Default `observation`.", "observation", max_length=64)
+    function_tag: str = _field("Role value of tool calls. Default `function_call`.", "function_call", max_length=64)
+    system_tag: str = _field("Role value of system turns. Default `system`.", "system", max_length=64)
+
+
+class DatasetSpec(Spec):
+    name: str = _field("A short name for the dataset, used in logs and errors.", pattern=DNS_LABEL, max_length=63)
+    source: str = _field(
+        "Where the data is: a local file or folder (json, jsonl, parquet, csv), file://, s3:// "
+        "(file or prefix), or a Hugging Face dataset id (hf://org/name or org/name; needs hub access).",
+        min_length=1,
+        max_length=1024,
+    )
+    format: DatasetFormat = _field(
+        "Record layout: alpaca (instruction/input/output/system/history), sharegpt "
+        "(conversations of from/value), messages (OpenAI role/content), text (plain text for pt), "
+        "preference (prompt/chosen/rejected), kto (prompt/completion/label), prompt (prompt only, "
+        "for online RL). Default alpaca.",
+        "alpaca",
+    )
+    ranking: bool = _field(
+        "Preference pairs in alpaca or sharegpt layout (LLaMA-Factory `ranking: true`): the "
+        "record carries `chosen` and `rejected` answers.",
+        False,
+    )
+    columns: dict[str, str] = _field(
+        "Column mapping as in LLaMA-Factory's dataset_info.json: our role name → the column in "
+        "the file. Roles: prompt, query, response, system, history, messages, text, chosen, "
+        "rejected, completion, kto_tag, tools.",
+        default_factory=dict,
+        max_length=32,
+    )
+    tags: DatasetTags = _field("ShareGPT role tags.", default_factory=DatasetTags)
+    split: str = _field("Split to read for Hugging Face datasets. Default train.", "train", max_length=64)
+    max_samples: int | None = _field("Use at most this many records (after loading).", None, ge=1)
+
+
+class LoraSpec(Spec):
+    rank: int = _field("LoRA rank r. Default 8.", 8, ge=1, le=4096)
+    alpha: int | None = _field("LoRA alpha. Default 2×rank.", None, ge=1)
+    dropout: float = _field("LoRA dropout. Default 0.", 0.0, ge=0.0, lt=1.0)
+    target: list[str] = _field(
+        "Modules to adapt: `all` (every linear layer but the output head) or module names such "
+        "as q_proj, v_proj. Default all.",
+        default_factory=lambda: ["all"],
+        max_length=64,
+    )
+    use_dora: bool = _field("Weight-decomposed LoRA (DoRA).", False)
+    use_rslora: bool = _field("Rank-stabilised LoRA scaling (alpha/sqrt(r)).", False)
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = _field(
+        "Adapter initialisation: default, gaussian, pissa (principal singular values, fast "
+        "variant with 16 subspace iterations), olora, loftq.",
+        "default",
+    )
+    loraplus_lr_ratio: float | None = _field(
+        "LoRA+: learning rate of the B matrices = ratio × learning rate (e.g. 16).", None, gt=0
+    )
+    modules_to_save: list[str] = _field(
+        "Extra modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head).",
+        default_factory=list,
+        max_length=32,
+    )
+
+    @property
+    def resolved_alpha(self) -> int:
+        return self.alpha if self.alpha is not None else 2 * self.rank
+
+
+class QuantizationSpec(Spec):
+    bits: Literal[4, 8] = _field("Quantise the frozen base weights to 4 or 8 bits (bitsandbytes).")
+    type: Literal["nf4", "fp4"] = _field("4-bit data type: nf4 (default) or fp4.", "nf4")
+    double_quantization: bool = _field("Quantise the quantisation constants too (saves ~0.4 bit/param).", True)
+
+
+class FreezeSpec(Spec):
+    trainable_layers: int = _field(
+        "Train the last N decoder layers (negative: the first N). Default 2.", 2, ge=-1024, le=1024
+    )
+    trainable_modules: list[str] = _field(
+        "Within those layers, train only modules whose name contains one of these (e.g. mlp, "
+        "self_attn); `all` trains whole layers. Default all.",
+        default_factory=lambda: ["all"],
+        max_length=32,
+    )
+    extra_modules: list[str] = _field(
+        "Modules outside the decoder layers to train too (e.g. embed_tokens, lm_head, norm).",
+        default_factory=list,
+        max_length=32,
+    )
+
+
+class Hyperparameters(Spec):
+    learning_rate: float | None = _field(
+        "Peak learning rate. Default 1e-4 for lora/qlora and 1e-5 for full/freeze; 5e-5 and 5e-6 "
+        "in preference and RL stages.",
+        None,
+        gt=0,
+        le=1,
+    )
+    epochs: float = _field("Training epochs. Default 3.", 3.0, gt=0)
+    max_steps: int | None = _field("Stop after this many optimizer steps (overrides epochs).", None, ge=1)
+    batch_size: int = _field("Per-device batch size. Default 1.", 1, ge=1, le=65536)
+    gradient_accumulation: int = _field("Gradient accumulation steps. Default 8.", 8, ge=1, le=65536)
+    cutoff_len: int = _field("Maximum tokens per sample (LLaMA-Factory cutoff_len). Default 2048.", 2048, ge=8)
+    packing: bool | None = _field(
+        "Pack several samples into one sequence without attention across their boundaries "
+        "(padding-free). Default true for pt, false for other stages.",
+        None,
+    )
+    lr_scheduler: Literal[
+        "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
+    ] = _field("Learning-rate schedule. Default cosine.", "cosine")
+    warmup_ratio: float = _field("Share of steps used for linear warm-up. Default 0.", 0.0, ge=0, le=1)
+    warmup_steps: int = _field("Warm-up steps (wins over warmupRatio when > 0).", 0, ge=0)
+    weight_decay: float = _field("Weight decay. Default 0.", 0.0, ge=0)
+    max_grad_norm: float = _field("Gradient clipping norm. Default 1.", 1.0, ge=0)
+    optimizer: Literal[
+        "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd", "lion_8bit"
+    ] | None = _field(
+        "Optimizer. Default adamw_torch_fused on GPUs, adamw_torch on CPU.", None
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = _field(
+        "Mixed precision: auto (bf16 where the GPU supports it, fp32 on CPU), bf16, fp16, fp32.", "auto"
+    )
+    gradient_checkpointing: bool = _field("Recompute activations in the backward pass to save memory. Default true.", True)
+    seed: int = _field("Random seed. Default 42.", 42, ge=0)
+    logging_steps: int = _field("Log loss every N steps. Default 5.", 5, ge=1)
+    val_size: float = _field(
+        "Hold out this share (0–1) or number (≥ 1) of samples for evaluation; 0 = no eval.", 0.0, ge=0
+    )
+    eval_steps: int | None = _field("Evaluate every N steps (default: at the end of each epoch).", None, ge=1)
+    neftune_alpha: float | None = _field("NEFTune noise alpha for SFT embeddings.", None, gt=0)
+
+
+class PreferenceSpec(Spec):
+    """Knobs of the preference stages (LLaMA-Factory pref_* keys)."""
+
+    beta: float = _field("Preference beta (DPO/KTO/ORPO/SimPO temperature). Default 0.1.", 0.1, gt=0)
+    loss_type: str = _field(
+        "DPO loss variant as TRL names it: sigmoid (default), ipo, hinge, robust, bco_pair, "
+        "exo_pair, nca_pair, apo_zero, apo_down, sppo_hard, aot, aot_pair, discopop.",
+        "sigmoid",
+        max_length=32,
+    )
+    ftx: float = _field("Weight of an added SFT loss on the chosen answer (pref_ftx). Default 0.", 0.0, ge=0)
+    label_smoothing: float = _field("Robust-DPO label smoothing (0–0.5).", 0.0, ge=0, le=0.5)
+    simpo_gamma: float = _field("SimPO target reward margin gamma. Default 0.5.", 0.5, ge=0)
+    desirable_weight: float = _field("KTO weight of desirable examples. Default 1.", 1.0, gt=0)
+    undesirable_weight: float = _field("KTO weight of undesirable examples. Default 1.", 1.0, gt=0)
+
+
+class RewardSpec(Spec):
+    """Where rewards come from in the online RL stages (grpo, rloo, ppo)."""
+
+    model_stage: str | None = _field(
+        "Use the reward model written by this earlier `rm` stage of the same job.", None, max_length=40
+    )
+    functions: list[str] = _field(
+        "Built-in reward functions: exact_match (completion equals the `answer` column), "
+        "format (completion matches `pattern`), length (penalty per token over `maxLength`), or "
+        "the import path module:function of a function installed in the image.",
+        default_factory=list,
+        max_length=16,
+    )
+    pattern: str | None = _field("Regular expression for the `format` reward.", None, max_length=1024)
+    reference_column: str = _field("Column with the reference answer for exact_match. Default answer.", "answer", max_length=64)
+    max_length: int = _field("Length reward: completions longer than this many tokens are penalised.", 256, ge=1)
+    num_generations: int = _field("Completions sampled per prompt. Default 4.", 4, ge=2, le=256)
+    max_new_tokens: int = _field("Maximum tokens generated per completion. Default 64.", 64, ge=1)
+    temperature: float = _field("Sampling temperature for rollouts. Default 1.", 1.0, gt=0)
+    kl_coef: float = _field("KL penalty coefficient to the reference policy.", 0.05, ge=0)
+
+
+class StageSpec(Spec):
+    name: str = _field(
+        "Stage name, unique in the job; becomes part of child object names.", pattern=DNS_LABEL, max_length=40
+    )
+    type: StageType = _field(
+        "What the stage does: pt (continued pre-training), sft, rm (reward model), dpo, kto, "
+        "orpo, simpo, ppo, grpo, rloo, distill, or export (merge adapters into a standalone model)."
+    )
+    method: Method = _field(
+        "How weights are trained: lora (default), qlora (LoRA on a 4/8-bit base, needs "
+        "quantization.bits), full, or freeze (only the last layers).",
+        "lora",
+    )
+    lora: LoraSpec = _field("LoRA settings (lora and qlora).", default_factory=LoraSpec)
+    quantization: QuantizationSpec | None = _field("Base-model quantisation (qlora).", None)
+    freeze: FreezeSpec = _field("Freeze-tuning settings (method freeze).", default_factory=FreezeSpec)
+    hyperparameters: Hyperparameters = _field("Optimisation settings.", default_factory=Hyperparameters)
+    preference: PreferenceSpec = _field("Preference-stage settings (dpo, kto, orpo, simpo).", default_factory=PreferenceSpec)
+    reward: RewardSpec | None = _field("Reward settings of online RL stages (grpo, rloo, ppo).", None)
+    teacher: ModelSpec | None = _field("Teacher model of a distill stage.", None)
+    data: list[DatasetSpec] | None = _field(
+        "Datasets of this stage; default: the job's `data`.", None, max_length=32
+    )
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="self.method != 'qlora' || has(self.quantization)",
+            message="method qlora needs quantization.bits (4 or 8)",
+            check=lambda s: s.method != "qlora" or s.quantization is not None,
+            field_path=".method",
+        ),
+        CelRule(
+            rule="self.type != 'distill' || has(self.teacher)",
+            message="a distill stage needs `teacher` (the teacher model)",
+            check=lambda s: s.type != "distill" or s.teacher is not None,
+            field_path=".type",
+        ),
+        CelRule(
+            rule="!(self.type in ['grpo', 'rloo', 'ppo']) || (has(self.reward) && "
+            "(has(self.reward.modelStage) || size(self.reward.functions) > 0))",
+            message="grpo, rloo and ppo stages need reward.modelStage (an earlier rm stage) or reward.functions",
+            check=lambda s: s.type not in ("grpo", "rloo", "ppo")
+            or (s.reward is not None and (s.reward.model_stage is not None or len(s.reward.functions) > 0)),
+            field_path=".reward",
+        ),
+    )
+
+
+class Toleration(Spec):
+    key: str | None = _field("Taint key.", None, max_length=316)
+    operator: Literal["Exists", "Equal"] | None = _field("Exists or Equal.", None)
+    value: str | None = _field("Taint value.", None, max_length=256)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = _field("Taint effect.", None)
+    toleration_seconds: int | None = _field("For NoExecute: how long to stay bound.", None)
+
+
+class ResourcesSpec(Spec):
+    nodes: int = _field("Number of nodes (pods) per stage. Default 1.", 1, ge=1, le=1024)
+    gpus_per_node: int = _field(
+        "GPUs per node (nvidia.com/gpu). 0 trains on CPU. Default 1 in a cluster; local mode uses "
+        "what the machine has.",
+        1,
+        ge=0,
+        le=64,
+    )
+    strategy: Literal["ddp", "fsdp"] = _field("Multi-GPU strategy when more than one process trains. Default ddp.", "ddp")
+    cpu: str | None = _field("CPU request and limit of each training pod (e.g. 8).", None, max_length=32)
+    memory: str | None = _field("Memory request and limit of each training pod (e.g. 64Gi).", None, max_length=32)
+    runtime_class_name: str | None = _field("RuntimeClass of the training pods (e.g. nvidia).", None, max_length=253)
+    node_selector: dict[str, str] = _field("Node selector of the training pods.", default_factory=dict, max_length=64)
+    tolerations: list[Toleration] = _field("Tolerations of the training pods.", default_factory=list, max_length=64)
+    priority_class_name: str | None = _field("PriorityClass of the training pods.", None, max_length=253)
+    image: str | None = _field("Runtime image; default: the operator's configured runtime image.", None, max_length=1024)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = _field("Image pull policy.", None)
+
+
+class StorageSpec(Spec):
+    uri: str | None = _field(
+        "Where checkpoints and outputs go: s3://bucket/prefix/, file:// or a local path. Default "
+        "(local mode): ./saves/<job name>/.",
+        None,
+        max_length=1024,
+    )
+    endpoint: str | None = _field("S3 endpoint URL for MinIO, Ceph RGW and other S3-compatible servers.", None, max_length=1024)
+    region: str | None = _field("S3 region.", None, max_length=64)
+    addressing_style: Literal["path", "virtual", "auto"] = _field("S3 addressing style. Default path (MinIO, Ceph).", "path")
+    credentials_secret_ref: SecretKeyRef | None = _field(
+        "Secret with the S3 keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (its `key` is "
+        "ignored); injected as environment variables, never copied.",
+        None,
+    )
+
+
+class CheckpointSpec(Spec):
+    every_steps: int = _field("Save (and upload) a checkpoint every N optimizer steps. Default 200.", 200, ge=1)
+    keep: int = _field("Keep the last N committed checkpoints of each stage. Default 3.", 3, ge=1, le=1000)
+
+
+class RunPolicy(Spec):
+    backoff_limit: int = _field("Retries of a failed stage pod (resuming from checkpoints). Default 3.", 3, ge=0, le=100)
+    active_deadline_seconds: int | None = _field("Fail a stage that runs longer than this.", None, ge=1)
+    ttl_seconds_after_finished: int | None = _field(
+        "Delete the child Jobs/Pods this long after the FineTuneJob finished (outputs stay).", None, ge=0
+    )
+
+
+class FineTuneJobSpec(Spec):
+    model: ModelSpec = _field("The base model.")
+    data: list[DatasetSpec] = _field(
+        "Datasets used by every stage that has no `data` of its own.", default_factory=list, max_length=32
+    )
+    template: TemplateName | None = _field(
+        "Chat template: default the tokenizer's own; or a named one for base models without "
+        f"one: {', '.join(TEMPLATE_NAMES)}.",
+        None,
+    )
+    stages: list[StageSpec] = _field("Stages, run in order; each reads the previous one's output.", min_length=1, max_length=16)
+    resources: ResourcesSpec = _field("Compute resources and placement.", default_factory=ResourcesSpec)
+    storage: StorageSpec = _field("Checkpoint and output storage.", default_factory=StorageSpec)
+    checkpoint: CheckpointSpec = _field("Checkpoint policy.", default_factory=CheckpointSpec)
+    run_policy: RunPolicy = _field("Retries, deadlines and clean-up.", default_factory=RunPolicy)
+    suspend: bool = _field(
+        "Suspend the job: running pods stop, progress and checkpoints stay; false resumes from the "
+        "last checkpoint.",
+        False,
+    )
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="self.stages.all(s, self.stages.exists_one(t, t.name == s.name))",
+            message="stage names must be unique",
+            check=lambda s: len({st.name for st in s.stages}) == len(s.stages),
+            field_path=".stages",
+        ),
+        CelRule(
+            rule="self.stages[0].type != 'export'",
+            message="the first stage cannot be export: there is nothing to merge yet",
+            check=lambda s: s.stages[0].type != "export",
+            field_path=".stages",
+        ),
+        CelRule(
+            rule="self.stages.all(s, s.type == 'export' || (has(self.data) && size(self.data) > 0) || (has(s.data) && size(s.data) > 0))",
+            message="every training stage needs data: set spec.data or the stage's data",
+            check=lambda s: all(st.type == "export" or s.data or st.data for st in s.stages),
+            field_path=".data",
+        ),
+        CelRule(
+            rule="self.stages.all(s, !has(s.reward) || !has(s.reward.modelStage) || "
+            "self.stages.exists(t, t.name == s.reward.modelStage && t.type == 'rm'))",
+            message="reward.modelStage must name an rm stage of this job",
+            check=lambda s: all(
+                st.reward is None
+                or st.reward.model_stage is None
+                or any(t.name == st.reward.model_stage and t.type == "rm" for t in s.stages)
+                for st in s.stages
+            ),
+            field_path=".stages",
+        ),
+    )
+
+
+# -------------------------------------------------------------------------------------- status
+
+
+class Condition(Spec):
+    """metav1.Condition."""
+
+    type: str = _field("Condition type: Validated, Running, Succeeded, Failed, Suspended.")
+    status: Literal["True", "False", "Unknown"] = _field("True, False or Unknown.")
+    reason: str = _field("CamelCase reason.")
+    message: str = _field("Human-readable details.", "")
+    last_transition_time: str = _field("When the status last changed (RFC 3339).")
+    observed_generation: int | None = _field("The spec generation this condition was set for.", None)
+
+
+class StageRef(Spec):
+    name: str = _field("Current stage name.")
+    index: int = _field("Current stage index (0-based).")
+    count: int = _field("Number of stages.")
+
+
+class Progress(Spec):
+    step: int | None = _field("Optimizer steps done in the current stage.", None)
+    total_steps: int | None = _field("Optimizer steps the current stage will take.", None)
+    percent: float | None = _field("step / totalSteps × 100.", None)
+    epoch: float | None = _field("Current epoch (fractional).", None)
+    loss: float | None = _field("Latest training loss.", None)
+    learning_rate: float | None = _field("Latest learning rate.", None)
+    tokens_per_second: float | None = _field("Training throughput.", None)
+    eta_seconds: float | None = _field("Estimated seconds to the end of the stage.", None)
+
+
+class ArtifactRef(Spec):
+    uri: str = _field("Where it is stored.")
+    step: int | None = _field("Optimizer step of a checkpoint.", None)
+
+
+class StageRecord(Spec):
+    name: str = _field("Stage name.")
+    type: str = _field("Stage type.")
+    phase: str = _field("Pending, Running, Succeeded, Failed.")
+    start_time: str | None = _field("When the stage's first pod started.", None)
+    completion_time: str | None = _field("When the stage finished.", None)
+    checkpoint: ArtifactRef | None = _field("Latest committed checkpoint.", None)
+    output: ArtifactRef | None = _field("The stage's output.", None)
+    restarts: int = _field("Failed pods retried in this stage.", 0)
+    message: str | None = _field("Why it failed.", None)
+
+
+class FineTuneJobStatus(Spec):
+    observed_generation: int | None = _field("The spec generation the status reflects.", None)
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"] | None = _field(
+        "Summary for printer columns; the conditions are the truth.", None
+    )
+    conditions: list[Condition] = _field("Validated, Running, Succeeded, Failed, Suspended.", default_factory=list)
+    stage: StageRef | None = _field("The stage running now (or the last one).", None)
+    stages: list[StageRecord] = _field("Per-stage history.", default_factory=list)
+    progress: Progress | None = _field("Progress of the current stage, read from its rank-0 pod.", None)
+    checkpoint: ArtifactRef | None = _field("Latest committed checkpoint of the current stage.", None)
+    output: ArtifactRef | None = _field("The final output (the last stage's).", None)
+    restart_count: int = _field("Failed pods retried, all stages together.", 0)
+    start_time: str | None = _field("When the first stage started.", None)
+    completion_time: str | None = _field("When the job finished.", None)
+    eta: str | None = _field("ETA of the current stage, human readable (printer column).", None)
+    progress_text: str | None = _field("Progress of the current stage as `NN%` (printer column).", None)
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metav1.ObjectMeta that the spec model reads; the rest passes through."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(..., pattern=DNS_LABEL, max_length=63, description="Job name (a DNS label).")
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class FineTuneJob(Spec):
+    """A fine-tuning job: a base model, data and an ordered list of stages."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    api_version: Literal["kubetune.io/v1alpha1"] = Field(
+        f"{API_GROUP}/{API_VERSION}", alias="apiVersion", description="kubetune.io/v1alpha1"
+    )
+    kind: Literal["FineTuneJob"] = Field(KIND, description="FineTuneJob")
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: dict[str, Any] | None = None  # ignored on input: the operator owns it
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def _alias_path(loc: tuple[Any, ...]) -> str:
+    """pydantic error location → `spec.stages[0].hyperparameters.learningRate`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The camelCase field names valid at `loc` (for 'did you mean' hints)."""
+    model: Any = FineTuneJob
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = None
+        for name, f in model.model_fields.items():
+            if part in (name, f.alias):
+                field = f
+                break
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+    if model is None:
+        return []
+    return [f.alias or n for n, f in model.model_fields.items() if not n.startswith("_")]
+
+
+def _model_of(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        m = _model_of(arg)
+        if m is not None:
+            return m
+    return None
+
+
+def _cel_field_paths() -> dict[str, str]:
+    paths = {}
+    for model in (StageSpec, FineTuneJobSpec):
+        for r in model.cel_rules:
+            if r.field_path:
+                paths[r.message] = r.field_path
+    return paths
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    """One line per problem: the field path, what is wrong, and what would be valid."""
+    problems = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = _alias_path(loc) or "(top level)"
+        kind = e["type"]
+        msg = e["msg"]
+        if kind == "extra_forbidden":
+            field = str(loc[-1])
+            valid = _fields_at(loc[:-1])
+            near = difflib.get_close_matches(field, valid, n=1)
+            hint = f" (did you mean `{near[0]}`?)" if near else ""
+            valid_txt = f"; valid fields: {', '.join(valid)}" if valid else ""
+            msg = f"unknown field `{field}`{hint}{valid_txt}"
+        elif kind == "missing":
+            msg = "required field is missing"
+        elif kind == "literal_error":
+            got = e.get("input")
+            msg = f"{msg} (got {got!r})"
+        elif kind == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            field_path = _CEL_FIELD_PATHS.get(msg)
+            if field_path:
+                path += field_path
+        elif kind == "string_pattern_mismatch" and "name" in path:
+            msg = "must be a DNS label: lowercase letters, digits and '-', starting and ending with a letter or digit"
+        elif "input" in e and kind not in ("model_type", "dict_type"):
+            msg = f"{msg} (got {e['input']!r})"
+        problems.append(f"{path}: {msg}")
+    return problems
+
+
+_CEL_FIELD_PATHS = _cel_field_paths()
+
+
+def parse_job(doc: Any, source: str | None = None) -> FineTuneJob:
+    """Validate a FineTuneJob document (already parsed YAML). Raises SpecError."""
+    if not isinstance(doc, dict):
+        raise SpecError([f"expected a FineTuneJob mapping, got {type(doc).__name__}"], source)
+    doc = dict(doc)
+    api_version = doc.get("apiVersion")
+    if api_version is not None and api_version != f"{API_GROUP}/{API_VERSION}":
+        raise SpecError([f"apiVersion: expected {API_GROUP}/{API_VERSION} (got {api_version!r})"], source)
+    kind = doc.get("kind")
+    if kind is not None and kind != KIND:
+        raise SpecError([f"kind: expected {KIND} (got {kind!r})"], source)
+    try:
+        return FineTuneJob.model_validate(doc)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err), source) from None
+
+
+def load_job_document(path: str | Path) -> dict[str, Any]:
+    """Read a FineTuneJob YAML file into a plain mapping. Raises SpecError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError([f"file not found: {p}"], str(p))
+    try:
+        docs = [d for d in yaml.safe_load_all(p.read_text(encoding="utf-8")) if d is not None]
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError([f"not valid YAML{where}: {getattr(err, 'problem', err)}"], str(p)) from None
+    jobs = [d for d in docs if isinstance(d, dict) and d.get("kind", KIND) == KIND]
+    if len(jobs) != 1:
+        raise SpecError([f"expected exactly one FineTuneJob document, found {len(jobs)}"], str(p))
+    return jobs[0]
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> FineTuneJob:
+    """Read and validate a FineTuneJob YAML file, applying `--set path=value` overrides first."""
+    doc = load_job_document(path)
+    if overrides:
+        from .overrides import apply_overrides
+
+        doc = apply_overrides(doc, overrides, source=str(path))
+    return parse_job(doc, str(path))
+
+
+def default_learning_rate(stage: StageSpec) -> float:
+    """LLaMA-Factory-style defaults by stage and method."""
+    if stage.type in ("dpo", "kto", "orpo", "simpo", "ppo", "grpo", "rloo"):
+        return 5e-6 if stage.method in ("full", "freeze") else 5e-5
+    return 1e-5 if stage.method in ("full", "freeze") else 1e-4
+
