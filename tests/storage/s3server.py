@@ -1,0 +1,94 @@
+"""A REAL S3 server for the storage tests: moto's standalone server as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+HOST = "127.0.0.1"
+TEST_KEY_ID = "AKIAKUBETUNETESTKEY1"
+TEST_SECRET = "kubetune-test-secret-do-not-print"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class MotoServer:
+    """A `python -m moto.server` subprocess on a free port."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.endpoint = f"http://{HOST}:{self.port}"
+        self._log = open(log_dir / f"moto-{self.port}.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(self.port)],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **(env or {})})
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"moto server exited with {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("moto server did not answer in time")
+
+    def pause(self) -> None:
+        """Simulate an outage without losing the in-memory state (SIGSTOP)."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def moto_api(self, path: str, data: bytes) -> None:
+        req = urllib.request.Request(f"{self.endpoint}/moto-api/{path}", data=data,
+                                     method="POST", headers={"Content-Type": "text/plain"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self._log.close()
+        assert self.proc.poll() is not None
+
+
+def boto_client(endpoint: str, key_id: str = TEST_KEY_ID, secret: str = TEST_SECRET):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                        aws_access_key_id=key_id, aws_secret_access_key=secret,
+                        config=Config(s3={"addressing_style": "path"}))
+
+
+def make_bucket(endpoint: str) -> str:
+    """Create a fresh bucket with a unique name; return the name."""
+    name = f"kt-{uuid.uuid4().hex[:12]}"
+    boto_client(endpoint).create_bucket(Bucket=name)
+    return name
