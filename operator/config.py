@@ -1,0 +1,107 @@
+"""Operator configuration: flags, with environment variables as their defaults.
+
+Every setting has a flag and a `KUBETUNE_OPERATOR_*` variable (the Helm chart sets the
+variables); flags win. Nothing here talks to the cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+
+DEFAULT_RUNTIME_IMAGE = "ghcr.io/kubetune/runtime:0.1.0"
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorConfig:
+    runtime_image: str = DEFAULT_RUNTIME_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    namespaces: tuple[str, ...] = ()  # empty: every namespace (cluster-wide)
+    metrics_port: int = 8080  # the operator's own Prometheus /metrics (0 = off)
+    health_port: int = 8081  # kopf liveness endpoint /healthz (0 = off)
+    runtime_metrics_port: int = 9400  # where runtime pods serve /metrics and /progress
+    poll_interval: float = 5.0  # seconds between reconciles (and /progress polls) of a job
+    progress_timeout: float = 2.0  # seconds one /progress request may take
+    peering: str = "kubetune"  # kopf peering object; two replicas never both act
+    priority: int | None = None  # peering priority; None: random, so exactly one replica leads
+    standalone: bool = False  # no peering at all (one replica only, e.g. tests)
+    runtime_command: tuple[str, ...] = ("python", "-m", "kubetune.runtime", "stage")
+    service_account: str | None = None  # ServiceAccount of training pods (no API rights needed)
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"KUBETUNE_OPERATOR_{name}", default)
+
+
+def _bool_env(name: str) -> bool:
+    return _env(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = OperatorConfig()
+    p = argparse.ArgumentParser(
+        prog="kubetune operator",
+        description="Run the kubetune operator: reconcile FineTuneJobs into Jobs and status.",
+    )
+    p.add_argument("--runtime-image", default=_env("RUNTIME_IMAGE", d.runtime_image),
+                   help="default runtime image of training pods (env KUBETUNE_OPERATOR_RUNTIME_IMAGE)")
+    p.add_argument("--image-pull-policy", choices=["Always", "IfNotPresent", "Never"],
+                   default=_env("IMAGE_PULL_POLICY", d.image_pull_policy),
+                   help="default pull policy of the runtime image (env KUBETUNE_OPERATOR_IMAGE_PULL_POLICY)")
+    p.add_argument("-n", "--namespace", action="append", dest="namespaces", default=None,
+                   help="namespace to watch; repeat for several; default: all namespaces "
+                        "(env KUBETUNE_OPERATOR_NAMESPACES, comma-separated)")
+    p.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (the default)")
+    p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", str(d.metrics_port))),
+                   help="port of the operator's Prometheus /metrics; 0 turns it off (env KUBETUNE_OPERATOR_METRICS_PORT)")
+    p.add_argument("--health-port", type=int, default=int(_env("HEALTH_PORT", str(d.health_port))),
+                   help="port of the liveness endpoint /healthz; 0 turns it off (env KUBETUNE_OPERATOR_HEALTH_PORT)")
+    p.add_argument("--runtime-metrics-port", type=int,
+                   default=int(_env("RUNTIME_METRICS_PORT", str(d.runtime_metrics_port))),
+                   help="port runtime pods serve /metrics and /progress on (env KUBETUNE_OPERATOR_RUNTIME_METRICS_PORT)")
+    p.add_argument("--poll-interval", type=float, default=float(_env("POLL_INTERVAL", str(d.poll_interval))),
+                   help="seconds between reconciles and progress polls of each job (env KUBETUNE_OPERATOR_POLL_INTERVAL)")
+    p.add_argument("--peering", default=_env("PEERING", d.peering),
+                   help="kopf peering name; replicas with the same name never act together (env KUBETUNE_OPERATOR_PEERING)")
+    p.add_argument("--priority", type=int, default=None,
+                   help="peering priority (default random: the highest live replica acts, the others pause)")
+    p.add_argument("--standalone", action="store_true", default=_bool_env("STANDALONE"),
+                   help="no peering: only for a single replica (env KUBETUNE_OPERATOR_STANDALONE)")
+    p.add_argument("--service-account", default=_env("SERVICE_ACCOUNT", "") or None,
+                   help="ServiceAccount for training pods (default: the namespace's default)")
+    p.add_argument("--runtime-command", default=_env("RUNTIME_COMMAND", " ".join(d.runtime_command)),
+                   help="command that runs one stage inside the runtime image; `--config <stage.json>` is "
+                        "appended (env KUBETUNE_OPERATOR_RUNTIME_COMMAND)")
+    p.add_argument("--log-format", choices=["json", "plain"], default=_env("LOG_FORMAT", "json"),
+                   help="structured JSON logs (default) or plain text (env KUBETUNE_OPERATOR_LOG_FORMAT)")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[OperatorConfig, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
+    namespaces: tuple[str, ...] = ()
+    if not args.all_namespaces:
+        if args.namespaces:
+            namespaces = tuple(args.namespaces)
+        elif _env("NAMESPACES", ""):
+            namespaces = tuple(n.strip() for n in _env("NAMESPACES", "").split(",") if n.strip())
+    if args.poll_interval <= 0:
+        raise SystemExit("kubetune operator: --poll-interval must be > 0")
+    cfg = OperatorConfig(
+        runtime_image=args.runtime_image,
+        image_pull_policy=args.image_pull_policy,
+        namespaces=namespaces,
+        metrics_port=args.metrics_port,
+        health_port=args.health_port,
+        runtime_metrics_port=args.runtime_metrics_port,
+        poll_interval=args.poll_interval,
+        peering=args.peering,
+        priority=args.priority,
+        standalone=args.standalone,
+        service_account=args.service_account,
+        runtime_command=tuple(shlex.split(args.runtime_command)),
+    )
+    return cfg, args

@@ -1,0 +1,297 @@
+"""Pure builders: a FineTuneJob and one of its resolved stages → the child objects.
+
+Per stage: a ConfigMap holding the resolved stage config (`stage.json`, no secrets), a
+batch/v1 Job running the runtime, and — when a stage spans several nodes — a headless Service
+that gives the pods stable DNS names for the rendezvous. No I/O here; the handlers apply what
+these functions return.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from kubetune.runtime.errors import EXIT_BAD_INPUT, TERMINATION_MESSAGE_PATH
+from kubetune.runtime.plan import ResolvedStage
+from kubetune.runtime.spec import API_GROUP, API_VERSION, KIND, FineTuneJob
+
+from .config import OperatorConfig
+
+LABEL_JOB = "kubetune.io/job"
+LABEL_STAGE = "kubetune.io/stage"
+LABEL_STAGE_INDEX = "kubetune.io/stage-index"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "kubetune-operator"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+ANNOTATION_CONFIG_HASH = "kubetune.io/config-hash"
+
+CONTAINER = "trainer"
+CONFIG_KEY = "stage.json"
+CONFIG_DIR = "/etc/kubetune"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
+SCRATCH_DIR = "/var/tmp/kubetune"  # emptyDir: model downloads, caches, temp files (non-root writable)
+RENDEZVOUS_PORT = 29500
+GPU_RESOURCE = "nvidia.com/gpu"
+
+# Kubernetes limits: Job names are DNS labels (63), but an Indexed Job's pod hostname is
+# `<job>-<index>` and pod names add a 5-char suffix; keep child names short enough for both.
+MAX_CHILD_NAME = 52
+
+
+def _truncate(name: str, limit: int) -> str:
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: limit - 9].rstrip('-')}-{digest}"
+
+
+def child_name(job_name: str, stage_name: str) -> str:
+    """`<job>-<stage>`, deterministic; truncated with a hash suffix when too long."""
+    return _truncate(f"{job_name}-{stage_name}", MAX_CHILD_NAME)
+
+
+def service_name(job_name: str, stage_name: str) -> str:
+    """Headless Service of a multi-node stage (a DNS-1035 label: starts with a letter)."""
+    name = child_name(job_name, stage_name)
+    return name if name[0].isalpha() else _truncate(f"s-{name}", MAX_CHILD_NAME)
+
+
+def stage_config(stage: ResolvedStage) -> dict[str, Any]:
+    """What the runtime pod reads from stage.json."""
+    return stage.to_yaml_dict()
+
+
+def stage_config_json(stage: ResolvedStage) -> str:
+    return json.dumps(stage_config(stage), sort_keys=True, indent=1)
+
+
+def config_hash(stage: ResolvedStage) -> str:
+    return hashlib.sha256(stage_config_json(stage).encode()).hexdigest()[:16]
+
+
+def labels(job: FineTuneJob, stage: ResolvedStage) -> dict[str, str]:
+    return {
+        LABEL_JOB: job.metadata.name,
+        LABEL_STAGE: stage.name,
+        LABEL_STAGE_INDEX: str(stage.index),
+        LABEL_MANAGED_BY: MANAGED_BY,
+    }
+
+
+def owner_reference(job: FineTuneJob, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "name": job.metadata.name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(job: FineTuneJob, stage: ResolvedStage, uid: str, name: str, **extra_labels: str) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "labels": {**labels(job, stage), **extra_labels},
+        "ownerReferences": [owner_reference(job, uid)],
+    }
+    if job.metadata.namespace:
+        meta["namespace"] = job.metadata.namespace
+    return meta
+
+
+def build_configmap(job: FineTuneJob, stage: ResolvedStage, uid: str) -> dict[str, Any]:
+    """The resolved stage config. Holds no secret: credentials stay Secret references."""
+    meta = _metadata(job, stage, uid, child_name(job.metadata.name, stage.name))
+    meta["annotations"] = {ANNOTATION_CONFIG_HASH: config_hash(stage)}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {CONFIG_KEY: stage_config_json(stage)}}
+
+
+def build_service(job: FineTuneJob, stage: ResolvedStage, uid: str) -> dict[str, Any] | None:
+    """Headless Service for the pods of a multi-node stage (None for one node)."""
+    if stage.resources.nodes <= 1:
+        return None
+    meta = _metadata(job, stage, uid, service_name(job.metadata.name, stage.name))
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,  # the rendezvous happens before anything is ready
+            "selector": {LABEL_JOB: job.metadata.name, LABEL_STAGE: stage.name},
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT}],
+        },
+    }
+
+
+def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def _env(job: FineTuneJob, stage: ResolvedStage, config: OperatorConfig) -> list[dict[str, Any]]:
+    spec = job.spec
+    env: list[dict[str, Any]] = [
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "KUBETUNE_METRICS_PORT", "value": str(config.runtime_metrics_port)},
+        {"name": "KUBETUNE_JOB", "value": job.metadata.name},
+        {"name": "KUBETUNE_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "KUBETUNE_STAGE", "value": stage.name},
+        {"name": "KUBETUNE_STAGE_INDEX", "value": str(stage.index)},
+        {"name": "KUBETUNE_CONFIG", "value": CONFIG_PATH},
+        {"name": "KUBETUNE_NODES", "value": str(stage.resources.nodes)},
+        {
+            "name": "KUBETUNE_NODE_RANK",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}},
+        },
+        {"name": "KUBETUNE_SCRATCH", "value": SCRATCH_DIR},
+        {"name": "HF_HOME", "value": f"{SCRATCH_DIR}/hf"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if stage.resources.nodes > 1:
+        svc = service_name(job.metadata.name, stage.name)
+        head = f"{child_name(job.metadata.name, stage.name)}-0.{svc}"
+        env += [
+            {"name": "MASTER_ADDR", "value": head},
+            {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        ]
+    storage = spec.storage
+    if storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+    if storage.region:
+        env.append({"name": "AWS_DEFAULT_REGION", "value": storage.region})
+    if storage.credentials_secret_ref is not None:
+        ref = storage.credentials_secret_ref.name
+        env += [_secret_env("AWS_ACCESS_KEY_ID", ref, "AWS_ACCESS_KEY_ID"),
+                _secret_env("AWS_SECRET_ACCESS_KEY", ref, "AWS_SECRET_ACCESS_KEY")]
+    if spec.model.token_secret_ref is not None:
+        env.append(_secret_env("HF_TOKEN", spec.model.token_secret_ref.name, spec.model.token_secret_ref.key))
+    return env
+
+
+def _resources(stage: ResolvedStage) -> dict[str, Any]:
+    r = stage.resources
+    limits: dict[str, str] = {}
+    requests: dict[str, str] = {}
+    if r.gpus_per_node > 0:
+        limits[GPU_RESOURCE] = str(r.gpus_per_node)
+    if r.cpu:
+        limits["cpu"] = requests["cpu"] = r.cpu
+    if r.memory:
+        limits["memory"] = requests["memory"] = r.memory
+    out: dict[str, Any] = {}
+    if limits:
+        out["limits"] = limits
+    if requests:
+        out["requests"] = requests
+    return out
+
+
+SECURITY_CONTEXT = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+POD_SECURITY_CONTEXT = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "fsGroup": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """Bad input (exit 42) fails the stage at once; evictions and preemptions cost no retry."""
+    return {
+        "rules": [
+            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                 "values": [EXIT_BAD_INPUT]}},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        ]
+    }
+
+
+def build_job(
+    job: FineTuneJob, stage: ResolvedStage, uid: str, config: OperatorConfig, suspend: bool = False
+) -> dict[str, Any]:
+    """The batch/v1 Job of one stage: one pod per node, Indexed, never restarted in place."""
+    name = child_name(job.metadata.name, stage.name)
+    extra_labels = {k: v for k, v in job.metadata.labels.items() if k in (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL)}
+    meta = _metadata(job, stage, uid, name, **extra_labels)
+    meta["annotations"] = {ANNOTATION_CONFIG_HASH: config_hash(stage)}
+    r = stage.resources
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": r.image or config.runtime_image,
+        "imagePullPolicy": r.image_pull_policy or config.image_pull_policy,
+        "command": [*config.runtime_command, "--config", CONFIG_PATH],
+        "env": _env(job, stage, config),
+        "ports": [{"name": "metrics", "containerPort": config.runtime_metrics_port}],
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "scratch", "mountPath": SCRATCH_DIR},
+        ],
+        "securityContext": SECURITY_CONTEXT,
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if r.nodes > 1:
+        container["ports"].append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT})
+    resources = _resources(stage)
+    if resources:
+        container["resources"] = resources
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "volumes": [{"name": "config", "configMap": {"name": name}}, {"name": "scratch", "emptyDir": {}}],
+        "securityContext": POD_SECURITY_CONTEXT,
+        "automountServiceAccountToken": False,  # training pods need no API rights
+        "enableServiceLinks": False,
+    }
+    if config.service_account:
+        pod_spec["serviceAccountName"] = config.service_account
+    if r.runtime_class_name:
+        pod_spec["runtimeClassName"] = r.runtime_class_name
+    if r.node_selector:
+        pod_spec["nodeSelector"] = dict(r.node_selector)
+    if r.tolerations:
+        pod_spec["tolerations"] = [t.to_yaml_dict() for t in r.tolerations]
+    if r.priority_class_name:
+        pod_spec["priorityClassName"] = r.priority_class_name
+    if r.nodes > 1:
+        pod_spec["subdomain"] = service_name(job.metadata.name, stage.name)
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": r.nodes,
+        "parallelism": r.nodes,
+        "backoffLimit": job.spec.run_policy.backoff_limit,
+        "podFailurePolicy": pod_failure_policy(),
+        "suspend": bool(suspend),
+        "template": {
+            "metadata": {"labels": dict(meta["labels"]), "annotations": dict(meta["annotations"])},
+            "spec": pod_spec,
+        },
+    }
+    if r.nodes > 1:
+        # a lost node breaks the rendezvous: replace pods only once they are fully gone
+        job_spec["podReplacementPolicy"] = "Failed"
+    if job.spec.run_policy.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = job.spec.run_policy.active_deadline_seconds
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def build_children(
+    job: FineTuneJob, stage: ResolvedStage, uid: str, config: OperatorConfig, suspend: bool = False
+) -> list[dict[str, Any]]:
+    """ConfigMap, Service (multi-node only) and Job of a stage, in creation order."""
+    out = [build_configmap(job, stage, uid)]
+    svc = build_service(job, stage, uid)
+    if svc is not None:
+        out.append(svc)
+    out.append(build_job(job, stage, uid, config, suspend=suspend))
+    return out

@@ -1,0 +1,230 @@
+"""Pure status helpers: conditions, progress, and reading Job/Pod state.
+
+Kubernetes conventions: conditions have the metav1.Condition shape, `lastTransitionTime`
+changes only when a condition's status changes, and every condition carries the generation it
+was computed for. `phase` is a convenience for printer columns; the conditions are the truth.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from typing import Any
+
+CONDITION_TYPES = ("Validated", "Running", "Succeeded", "Failed", "Suspended")
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+# Job condition reasons → our Failed reasons.
+_JOB_FAILURE_REASONS = {
+    "PodFailurePolicy": "BadInput",
+    "BackoffLimitExceeded": "BackoffLimitExceeded",
+    "DeadlineExceeded": "DeadlineExceeded",
+    "MaxFailedIndexesExceeded": "BackoffLimitExceeded",
+}
+MAX_MESSAGE = 2048
+
+
+def now_utc() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+
+
+def rfc3339(t: dt.datetime) -> str:
+    return t.astimezone(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(s: str | None) -> dt.datetime | None:
+    if not s:
+        return None
+    try:
+        return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------------- conditions
+
+
+def get_condition(conditions: list[dict[str, Any]] | None, type_: str) -> dict[str, Any] | None:
+    for c in conditions or []:
+        if c.get("type") == type_:
+            return c
+    return None
+
+
+def set_condition(
+    conditions: list[dict[str, Any]],
+    type_: str,
+    status: bool | str,
+    reason: str,
+    message: str,
+    generation: int | None,
+    now: dt.datetime,
+) -> list[dict[str, Any]]:
+    """A new list with `type_` set; lastTransitionTime kept unless the status changed."""
+    value = status if isinstance(status, str) else ("True" if status else "False")
+    old = get_condition(conditions, type_)
+    ltt = old["lastTransitionTime"] if old and old.get("status") == value and old.get("lastTransitionTime") else rfc3339(now)
+    new = {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message[:MAX_MESSAGE],
+        "lastTransitionTime": ltt,
+    }
+    if generation is not None:
+        new["observedGeneration"] = generation
+    out = [c for c in conditions if c.get("type") != type_]
+    out.append(new)
+    order = {t: i for i, t in enumerate(CONDITION_TYPES)}
+    return sorted(out, key=lambda c: order.get(c.get("type", ""), len(order)))
+
+
+def condition_true(conditions: list[dict[str, Any]] | None, type_: str) -> bool:
+    c = get_condition(conditions, type_)
+    return bool(c and c.get("status") == "True")
+
+
+# ------------------------------------------------------------------------------------ progress
+
+
+def format_duration(seconds: float | None) -> str | None:
+    """1830 → '30m', 5400 → '1h30m', 42 → '42s', 90000 → '1d1h'."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return None
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    m = s // 60
+    if m < 60:
+        return f"{m}m"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h}h{m}m" if m else f"{h}h"
+    d, h = divmod(h, 24)
+    return f"{d}d{h}h" if h else f"{d}d"
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def _int(v: Any) -> int | None:
+    n = _num(v)
+    return int(n) if n is not None else None
+
+
+def progress_from_report(report: dict[str, Any]) -> dict[str, Any]:
+    """The runtime's /progress JSON → status.progress (only the fields that are present)."""
+    step, total = _int(report.get("step")), _int(report.get("totalSteps"))
+    out: dict[str, Any] = {
+        "step": step,
+        "totalSteps": total,
+        "percent": round(min(100.0, 100.0 * step / total), 1) if step is not None and total else None,
+        "epoch": _num(report.get("epoch")),
+        "loss": _num(report.get("loss")),
+        "learningRate": _num(report.get("learningRate")),
+        "tokensPerSecond": _num(report.get("tokensPerSecond")),
+        "etaSeconds": _num(report.get("etaSeconds")),
+    }
+    if report.get("phase") == "finished":
+        out["etaSeconds"] = 0.0
+        if total:
+            out["step"], out["percent"] = max(step or 0, total), 100.0
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def progress_text(progress: dict[str, Any] | None) -> str | None:
+    if not progress or progress.get("percent") is None:
+        return None
+    return f"{int(progress['percent'])}%"
+
+
+def artifact(ref: Any) -> dict[str, Any] | None:
+    """{"uri", "step"} from a report's checkpoint/output (None when absent or malformed)."""
+    if not isinstance(ref, dict) or not isinstance(ref.get("uri"), str) or not ref["uri"]:
+        return None
+    out: dict[str, Any] = {"uri": ref["uri"]}
+    step = _int(ref.get("step"))
+    if step is not None:
+        out["step"] = step
+    return out
+
+
+# ---------------------------------------------------------------------------- Job/Pod reading
+
+
+def job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for c in (job.get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_ and c.get("status") == "True":
+            return c
+    return None
+
+
+def job_complete(job: dict[str, Any]) -> bool:
+    return job_condition(job, "Complete") is not None
+
+
+def job_failed(job: dict[str, Any]) -> bool:
+    return job_condition(job, "Failed") is not None
+
+
+def job_failure_reason(job: dict[str, Any]) -> str:
+    c = job_condition(job, "Failed") or {}
+    return _JOB_FAILURE_REASONS.get(c.get("reason", ""), c.get("reason") or "StageFailed")
+
+
+def job_failure_message(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
+    """The most recent failed pod's termination message, else the Job's own condition message."""
+    best: tuple[str, str] | None = None
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+            if not term or term.get("exitCode", 0) == 0:
+                continue
+            msg = (term.get("message") or "").strip()
+            text = msg or f"container {cs.get('name')} exited with code {term.get('exitCode')} ({term.get('reason', 'Error')})"
+            key = term.get("finishedAt") or ""
+            if best is None or key >= best[0]:
+                best = (key, text)
+    if best:
+        return best[1]
+    c = job_condition(job, "Failed") or {}
+    return c.get("message") or c.get("reason") or "the stage's Job failed"
+
+
+def pod_index(pod: dict[str, Any]) -> str | None:
+    meta = pod.get("metadata") or {}
+    return (meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index") or (
+        meta.get("labels") or {}
+    ).get("batch.kubernetes.io/job-completion-index")
+
+
+def rank0_pod(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The running pod of completion index 0 (or the only running pod), newest first."""
+    running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"
+               and not (p.get("metadata") or {}).get("deletionTimestamp")]
+    ranked = [p for p in running if pod_index(p) in ("0", None)]
+    ranked.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "", reverse=True)
+    return ranked[0] if ranked else None
+
+
+def pods_running(pods: list[dict[str, Any]]) -> int:
+    return sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Running")
+
+
+def pending_reason(pods: list[dict[str, Any]]) -> str | None:
+    """Why a pod is not running yet: Unschedulable message or a container's waiting reason."""
+    for p in pods:
+        st = p.get("status") or {}
+        if st.get("phase") != "Pending":
+            continue
+        for c in st.get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False":
+                return f"{c.get('reason', 'Unschedulable')}: {c.get('message', '')}".strip(": ")
+        for cs in st.get("containerStatuses") or []:
+            w = (cs.get("state") or {}).get("waiting")
+            if w and w.get("reason") not in (None, "ContainerCreating", "PodInitializing"):
+                return f"{w['reason']}: {w.get('message', '')}".strip(": ")
+    return None

@@ -1,0 +1,152 @@
+"""spec → child manifests, with no API server."""
+
+from __future__ import annotations
+
+import json
+
+from operator_builders import UID, ftj, config  # noqa: F401 (config is a fixture)
+
+from kubetune.operator import manifests as m
+from kubetune.operator.config import OperatorConfig
+from kubetune.operator.reconcile import job_document
+from kubetune.runtime.plan import plan
+from kubetune.runtime.spec import parse_job
+
+
+def build(body, config, index=0, suspend=False):
+    job = parse_job(job_document(body))
+    stage = plan(job)[index]
+    return job, stage, m.build_children(job, stage, UID, config, suspend=suspend)
+
+
+def test_children_of_a_one_node_stage(config):
+    job, stage, children = build(ftj(), config)
+    assert [c["kind"] for c in children] == ["ConfigMap", "Job"]
+    cm, j = children
+    assert cm["metadata"]["name"] == j["metadata"]["name"] == "llama-sft"
+    for obj in children:
+        assert obj["metadata"]["namespace"] == "ml"
+        assert obj["metadata"]["labels"][m.LABEL_JOB] == "llama"
+        assert obj["metadata"]["labels"][m.LABEL_STAGE] == "sft"
+        (ref,) = obj["metadata"]["ownerReferences"]
+        assert ref == {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "name": "llama", "uid": UID,
+                       "controller": True, "blockOwnerDeletion": True}
+    # the ConfigMap is the resolved stage, exactly what the runtime validates
+    cfg = json.loads(cm["data"]["stage.json"])
+    assert cfg == stage.to_yaml_dict()
+    assert cfg["io"]["output"] == "s3://ckpt/llama/sft/output"
+    spec = j["spec"]
+    assert spec["backoffLimit"] == 3 and spec["completions"] == spec["parallelism"] == 1
+    assert spec["completionMode"] == "Indexed" and spec["suspend"] is False
+    assert "activeDeadlineSeconds" not in spec and "ttlSecondsAfterFinished" not in spec
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod["volumes"][0] == {"name": "config", "configMap": {"name": "llama-sft"}}
+    assert spec["template"]["metadata"]["labels"][m.LABEL_STAGE] == "sft"
+    (c,) = pod["containers"]
+    assert c["image"] == "registry.example/kubetune/runtime:1" and c["imagePullPolicy"] == "IfNotPresent"
+    assert c["command"] == ["python", "-m", "kubetune.runtime", "stage", "--config", "/etc/kubetune/stage.json"]
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert c["terminationMessagePath"] == "/dev/termination-log"
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    for key in ("runtimeClassName", "nodeSelector", "tolerations", "priorityClassName", "subdomain"):
+        assert key not in pod
+
+
+def test_pod_environment_carries_secret_references_only(config):
+    _, _, (cm, j) = build(ftj(), config)
+    env = {e["name"]: e for e in j["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env["KUBETUNE_METRICS_PORT"]["value"] == "9400"
+    assert env["KUBETUNE_JOB"]["value"] == "llama" and env["KUBETUNE_STAGE"]["value"] == "sft"
+    assert env["KUBETUNE_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.storage:9000"
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {"secretKeyRef": {"name": "s3", "key": "AWS_ACCESS_KEY_ID"}}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "s3", "key": "AWS_SECRET_ACCESS_KEY"}}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    assert all("value" not in e for e in env.values() if e["name"] in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY"))
+    assert "MASTER_ADDR" not in env
+    # the ConfigMap names the secret's reference at most, never a secret value
+    text = cm["data"]["stage.json"]
+    assert "AWS_SECRET_ACCESS_KEY" not in text
+
+
+def test_placement_policy_and_passthrough(config):
+    body = ftj({
+        "resources": {"gpusPerNode": 4, "cpu": "16", "memory": "128Gi", "runtimeClassName": "nvidia",
+                      "nodeSelector": {"nvidia.com/gpu.product": "GB10"},
+                      "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                      "priorityClassName": "training", "image": "my/runtime:2", "imagePullPolicy": "Always"},
+        "runPolicy": {"backoffLimit": 5, "activeDeadlineSeconds": 7200, "ttlSecondsAfterFinished": 60},
+    }, labels={"kueue.x-k8s.io/queue-name": "gpu-queue", "team": "nlp"})
+    _, _, (_, j) = build(body, config, suspend=True)
+    spec, pod = j["spec"], j["spec"]["template"]["spec"]
+    assert spec["backoffLimit"] == 5 and spec["activeDeadlineSeconds"] == 7200 and spec["suspend"] is True
+    # the TTL is the operator's (children go after the whole FineTuneJob ends), not each Job's
+    assert "ttlSecondsAfterFinished" not in spec
+    assert j["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert "team" not in j["metadata"]["labels"]
+    c = pod["containers"][0]
+    assert c["image"] == "my/runtime:2" and c["imagePullPolicy"] == "Always"
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": "4", "cpu": "16", "memory": "128Gi"},
+                              "requests": {"cpu": "16", "memory": "128Gi"}}
+    assert pod["runtimeClassName"] == "nvidia" and pod["priorityClassName"] == "training"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "GB10"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def test_pod_failure_policy_fails_fast_on_bad_input_and_ignores_disruptions(config):
+    _, _, (_, j) = build(ftj(), config)
+    rules = j["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [42]}}
+    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+
+
+def test_cpu_only_stage_has_no_gpu_limit(config):
+    _, _, (_, j) = build(ftj({"resources": {"gpusPerNode": 0}}), config)
+    assert "resources" not in j["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_multi_node_stage_gets_a_headless_service(config):
+    _, _, children = build(ftj({"resources": {"nodes": 2, "gpusPerNode": 8}}), config)
+    assert [c["kind"] for c in children] == ["ConfigMap", "Service", "Job"]
+    svc, j = children[1], children[2]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {m.LABEL_JOB: "llama", m.LABEL_STAGE: "sft"}
+    assert j["spec"]["completions"] == j["spec"]["parallelism"] == 2
+    pod = j["spec"]["template"]["spec"]
+    assert pod["subdomain"] == svc["metadata"]["name"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["MASTER_ADDR"]["value"] == "llama-sft-0.llama-sft" and env["KUBETUNE_NODES"]["value"] == "2"
+
+
+def test_names_are_deterministic_and_bounded():
+    assert m.child_name("llama", "sft") == "llama-sft"
+    long = m.child_name("a" * 63, "stage-" + "b" * 34)
+    assert len(long) <= m.MAX_CHILD_NAME and long == m.child_name("a" * 63, "stage-" + "b" * 34)
+    assert long != m.child_name("a" * 63, "stage-" + "c" * 34)
+    assert m.service_name("1job", "sft")[0].isalpha()
+
+
+def test_operator_defaults_and_runtime_command_override():
+    cfg = OperatorConfig(runtime_image="img:1", image_pull_policy="Never", runtime_metrics_port=9500,
+                         runtime_command=("python", "/opt/fake.py"))
+    _, _, (_, j) = build(ftj(), cfg)
+    c = j["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["python", "/opt/fake.py", "--config", "/etc/kubetune/stage.json"]
+    assert c["imagePullPolicy"] == "Never"
+    assert {"name": "KUBETUNE_METRICS_PORT", "value": "9500"} in c["env"]
+
+
+def test_second_stage_config_reads_the_first_stage_output(config):
+    stages = [{"name": "sft", "type": "sft"}, {"name": "dpo", "type": "dpo"}, {"name": "merge", "type": "export"}]
+    job, stage, (cm, j) = build(ftj(stages=stages), config, index=1)
+    cfg = json.loads(cm["data"]["stage.json"])
+    assert cfg["index"] == 1 and cfg["count"] == 3
+    assert cfg["io"]["policy"]["adapter"] == "s3://ckpt/llama/sft/output"
+    assert j["metadata"]["name"] == "llama-dpo"
+    assert j["metadata"]["annotations"][m.ANNOTATION_CONFIG_HASH] == m.config_hash(stage)

@@ -1,0 +1,327 @@
+"""(FineTuneJob, observed Jobs/Pods, progress) → status, actions and events; no API server."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from operator_builders import NOW, UID, ftj, k8s_job, pod, config  # noqa: F401 (config is a fixture)
+
+from kubetune.operator import status as s
+from kubetune.operator.reconcile import Observed, merge_patch, next_check_seconds, reconcile
+
+LATER = NOW + dt.timedelta(minutes=5)
+THREE = [{"name": "sft", "type": "sft"}, {"name": "dpo", "type": "dpo"}, {"name": "merge", "type": "export"}]
+
+
+def cond(status, type_):
+    c = s.get_condition(status["conditions"], type_)
+    assert c is not None, f"no {type_} condition"
+    return c
+
+
+def step(body, observed, config, now=NOW):
+    """Reconcile, then write the status back as the API would (for multi-step scenarios)."""
+    d = reconcile(body, observed, config, now=now)
+    body = dict(body, status=d.status)
+    return body, d
+
+
+def verbs(d):
+    return [(a.verb, a.kind, a.name) for a in d.actions]
+
+
+def test_first_reconcile_creates_config_and_job_and_sets_every_condition(config):
+    d = reconcile(ftj(), Observed(), config, now=NOW)
+    assert verbs(d) == [("create", "ConfigMap", "llama-sft"), ("create", "Job", "llama-sft")]
+    st = d.status
+    assert st["phase"] == "Pending" and st["observedGeneration"] == 1
+    assert st["stage"] == {"name": "sft", "index": 0, "count": 1}
+    assert {c["type"] for c in st["conditions"]} == {"Validated", "Running", "Succeeded", "Failed", "Suspended"}
+    assert cond(st, "Validated")["status"] == "True" and cond(st, "Validated")["reason"] == "Valid"
+    assert cond(st, "Running")["status"] == "False"
+    assert all(c["observedGeneration"] == 1 and c["lastTransitionTime"] == "2025-06-01T12:00:00Z"
+               for c in st["conditions"])
+    assert st["stages"] == [{"name": "sft", "type": "sft", "phase": "Pending", "restarts": 0,
+                             "startTime": "2025-06-01T12:00:00Z"}]
+    assert st["startTime"] == "2025-06-01T12:00:00Z" and st["restartCount"] == 0
+    assert [(e.type, e.reason) for e in d.events] == [("Normal", "StageStarted")]
+
+
+def test_reconcile_is_idempotent_once_children_exist(config):
+    body, _ = step(ftj(), Observed(), config)
+    obs = Observed(jobs={"llama-sft": k8s_job("llama-sft", active=1)},
+                   configmaps={"llama-sft": _cm(body, config)},
+                   pods={"llama-sft": [pod("llama-sft", "Pending")]})
+    body, d = step(body, obs, config, now=LATER)
+    assert d.actions == [] and d.events == []
+    again = reconcile(body, obs, config, now=LATER + dt.timedelta(seconds=30))
+    assert again.actions == [] and again.events == []
+    assert merge_patch(body["status"], again.status) == {}
+
+
+def _cm(body, config):
+    from kubetune.operator import manifests as m
+    from kubetune.operator.reconcile import job_document
+    from kubetune.runtime.plan import plan
+    from kubetune.runtime.spec import parse_job
+
+    job = parse_job(job_document(body))
+    return m.build_configmap(job, plan(job)[body["status"]["stage"]["index"]], UID)
+
+
+def test_running_with_progress_from_rank0(config):
+    body, _ = step(ftj(), Observed(), config)
+    report = {"job": "llama", "stage": "sft", "rank": 0, "phase": "running", "step": 420, "totalSteps": 1200,
+              "epoch": 1.05, "loss": 0.91, "learningRate": 1e-4, "tokensPerSecond": 5210.5, "etaSeconds": 1830,
+              "checkpoint": {"uri": "s3://ckpt/llama/sft/checkpoints/checkpoint-400", "step": 400},
+              "output": None, "updatedAt": "2025-06-01T12:04:59Z"}
+    obs = Observed(jobs={"llama-sft": k8s_job("llama-sft", active=1)}, configmaps={"llama-sft": _cm(body, config)},
+                   pods={"llama-sft": [pod("llama-sft", "Running")]}, progress=report)
+    body, d = step(body, obs, config, now=LATER)
+    st = d.status
+    assert st["phase"] == "Running"
+    running = cond(st, "Running")
+    assert running["status"] == "True" and running["reason"] == "StageRunning"
+    assert running["lastTransitionTime"] == "2025-06-01T12:05:00Z"
+    assert cond(st, "Validated")["lastTransitionTime"] == "2025-06-01T12:00:00Z"  # unchanged status keeps its time
+    assert st["progress"] == {"step": 420, "totalSteps": 1200, "percent": 35.0, "epoch": 1.05, "loss": 0.91,
+                              "learningRate": 1e-4, "tokensPerSecond": 5210.5, "etaSeconds": 1830.0}
+    assert st["progressText"] == "35%" and st["eta"] == "30m"
+    assert st["checkpoint"] == {"uri": "s3://ckpt/llama/sft/checkpoints/checkpoint-400", "step": 400}
+    assert st["stages"][0]["phase"] == "Running" and st["stages"][0]["checkpoint"] == st["checkpoint"]
+    assert {e.reason for e in d.events} == {"StageRunning", "CheckpointCommitted"}
+    # a poll without a report keeps the last progress
+    obs.progress = None
+    _, d2 = step(body, obs, config, now=LATER)
+    assert d2.status["progress"]["step"] == 420 and d2.events == []
+
+
+def test_stage_success_advances_to_the_next_stage_in_the_same_pass(config):
+    body, _ = step(ftj(stages=THREE), Observed(), config)
+    done = k8s_job("llama-sft", conditions=[("Complete", "")], completion_time="2025-06-01T12:04:00Z")
+    body, d = step(body, Observed(jobs={"llama-sft": done}, configmaps={"llama-sft": {}}), config, now=LATER)
+    assert ("create", "Job", "llama-dpo") in verbs(d) and ("create", "ConfigMap", "llama-dpo") in verbs(d)
+    st = d.status
+    assert st["stage"] == {"name": "dpo", "index": 1, "count": 3}
+    assert st["stages"][0]["phase"] == "Succeeded"
+    assert st["stages"][0]["completionTime"] == "2025-06-01T12:04:00Z"
+    assert st["stages"][0]["output"] == {"uri": "s3://ckpt/llama/sft/output"}
+    assert st["stages"][1]["phase"] == "Pending" and "progress" not in st
+    assert [e.reason for e in d.events] == ["StageSucceeded", "StageStarted"]
+
+
+def test_last_stage_success_is_job_success(config):
+    body, _ = step(ftj(stages=THREE[:2]), Observed(), config)
+    body["status"]["stages"][0].update(phase="Succeeded", output={"uri": "s3://ckpt/llama/sft/output"})
+    body["status"]["stage"] = {"name": "dpo", "index": 1, "count": 2}
+    body["status"]["progress"] = {"step": 90, "totalSteps": 100, "percent": 90.0, "loss": 0.4}
+    done = k8s_job("llama-dpo", conditions=[("Complete", "")], completion_time="2025-06-01T12:05:00Z")
+    body, d = step(body, Observed(jobs={"llama-dpo": done}), config, now=LATER)
+    st = d.status
+    assert st["phase"] == "Succeeded" and cond(st, "Succeeded")["status"] == "True"
+    assert cond(st, "Running")["status"] == "False" and cond(st, "Failed")["status"] == "False"
+    assert st["output"] == {"uri": "s3://ckpt/llama/dpo/output"}
+    assert st["completionTime"] == "2025-06-01T12:05:00Z"
+    assert st["progress"]["percent"] == 100.0 and st["progress"]["step"] == 100 and st["progressText"] == "100%"
+    assert "eta" not in st and d.actions == []
+    assert [e.reason for e in d.events] == ["StageSucceeded", "Succeeded"]
+
+
+def test_bad_input_failure_carries_the_termination_message(config):
+    body, _ = step(ftj(), Observed(), config)
+    failed = k8s_job("llama-sft", conditions=[("Failed", "PodFailurePolicy")], failed=1)
+    msg = "data[0].source: s3://datasets/identity.json: record 3 has no `output` (format alpaca)"
+    obs = Observed(jobs={"llama-sft": failed}, pods={"llama-sft": [pod("llama-sft", "Failed", exit_code=42, message=msg)]})
+    body, d = step(body, obs, config, now=LATER)
+    st = d.status
+    assert st["phase"] == "Failed"
+    f = cond(st, "Failed")
+    assert f["status"] == "True" and f["reason"] == "BadInput"
+    assert msg in f["message"] and "retries" not in f["message"]
+    assert st["stages"][0]["phase"] == "Failed" and st["stages"][0]["message"] == msg
+    assert st["completionTime"] == "2025-06-01T12:05:00Z"
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "Failed")]
+    # terminal: nothing is recreated even if the Job disappears
+    _, d2 = step(body, Observed(), config, now=LATER)
+    assert d2.actions == [] and d2.status["phase"] == "Failed"
+
+
+def test_retries_are_counted_and_reported(config):
+    body, _ = step(ftj(), Observed(), config)
+    obs = Observed(jobs={"llama-sft": k8s_job("llama-sft", failed=1, active=1)},
+                   configmaps={"llama-sft": _cm(body, config)},
+                   pods={"llama-sft": [pod("llama-sft", "Failed", exit_code=1, message="CUDA error"),
+                                       pod("llama-sft", "Running", ip="10.0.0.6")]})
+    body, d = step(body, obs, config, now=LATER)
+    assert d.status["restartCount"] == 1 and d.status["stages"][0]["restarts"] == 1
+    retried = [e for e in d.events if e.reason == "PodRetried"]
+    assert retried and "CUDA error" in retried[0].message and "retry 1 of 3" in retried[0].message
+    _, d2 = step(body, obs, config, now=LATER)
+    assert not [e for e in d2.events if e.reason == "PodRetried"]
+    # exhausted retries
+    obs.jobs["llama-sft"] = k8s_job("llama-sft", conditions=[("Failed", "BackoffLimitExceeded")], failed=4)
+    _, d3 = step(body, obs, config, now=LATER)
+    assert cond(d3.status, "Failed")["reason"] == "BackoffLimitExceeded"
+    assert "after 4 retries" in cond(d3.status, "Failed")["message"]
+
+
+def test_deleted_job_is_recreated_and_orphan_is_adopted(config):
+    body, _ = step(ftj(), Observed(), config)
+    obs = Observed(jobs={"llama-sft": k8s_job("llama-sft", active=1)}, configmaps={"llama-sft": _cm(body, config)},
+                   pods={"llama-sft": [pod("llama-sft", "Running")]})
+    body, _ = step(body, obs, config, now=LATER)
+    _, d = step(body, Observed(configmaps={"llama-sft": _cm(body, config)}), config, now=LATER)
+    assert verbs(d) == [("create", "Job", "llama-sft")]
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "JobRecreated")]
+    orphan = Observed(jobs={"llama-sft": k8s_job("llama-sft", owned=False, active=1)},
+                      configmaps={"llama-sft": _cm(body, config)}, pods={"llama-sft": [pod("llama-sft", "Running")]})
+    _, d = step(body, orphan, config, now=LATER)
+    assert verbs(d) == [("patch", "Job", "llama-sft")]
+    assert d.actions[0].body["metadata"]["ownerReferences"][0]["uid"] == UID
+
+
+def test_job_of_an_older_incarnation_is_deleted_first(config):
+    old = k8s_job("llama-sft")
+    old["metadata"]["ownerReferences"][0]["uid"] = "old-uid"
+    d = reconcile(ftj(), Observed(jobs={"llama-sft": old}), config, now=NOW)
+    assert ("delete", "Job", "llama-sft") in verbs(d) and ("create", "Job", "llama-sft") not in verbs(d)
+
+
+def test_configmap_follows_the_spec(config):
+    body, _ = step(ftj(), Observed(), config)
+    stale = _cm(body, config)
+    stale["data"] = {"stage.json": "{}"}
+    _, d = step(body, Observed(jobs={"llama-sft": k8s_job("llama-sft", active=1)}, configmaps={"llama-sft": stale}),
+                config)
+    (a,) = d.actions
+    assert (a.verb, a.kind) == ("patch", "ConfigMap") and a.body["data"] == _cm(body, config)["data"]
+
+
+def test_suspend_and_resume(config):
+    body, _ = step(ftj(), Observed(), config)
+    body["status"]["progress"] = {"step": 10, "totalSteps": 100, "percent": 10.0}
+    running = Observed(jobs={"llama-sft": k8s_job("llama-sft", active=1)}, configmaps={"llama-sft": _cm(body, config)},
+                       pods={"llama-sft": [pod("llama-sft", "Running")]})
+    body, _ = step(body, running, config)
+    body["spec"]["suspend"] = True
+    body["metadata"]["generation"] = 2
+    body, d = step(body, running, config, now=LATER)
+    assert [(a.verb, a.body) for a in d.actions] == [("patch", {"spec": {"suspend": True}})]
+    st = d.status
+    assert st["phase"] == "Suspended" and cond(st, "Suspended")["status"] == "True"
+    assert cond(st, "Suspended")["observedGeneration"] == 2 and cond(st, "Running")["status"] == "False"
+    assert st["progress"]["step"] == 10
+    assert [e.reason for e in d.events] == ["Suspended"]
+    suspended = Observed(jobs={"llama-sft": k8s_job("llama-sft", suspend=True)}, configmaps=running.configmaps)
+    body, d = step(body, suspended, config, now=LATER)
+    assert d.actions == [] and d.events == []
+    body["spec"]["suspend"] = False
+    body, d = step(body, suspended, config, now=LATER)
+    assert [(a.verb, a.body) for a in d.actions] == [("patch", {"spec": {"suspend": False}})]
+    assert d.status["phase"] == "Pending" and cond(d.status, "Suspended")["status"] == "False"
+    assert [e.reason for e in d.events] == ["Resumed"]
+
+
+def test_kueue_jobs_start_suspended_and_user_suspend_deletes_them(config):
+    labels = {"kueue.x-k8s.io/queue-name": "gpus"}
+    d = reconcile(ftj(labels=labels), Observed(), config, now=NOW)
+    job = [a for a in d.actions if a.kind == "Job"][0].body
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpus"
+    body = ftj(labels=labels, status=d.status)
+    queued = Observed(jobs={"llama-sft": k8s_job("llama-sft", suspend=True)}, configmaps={"llama-sft": _cm(body, config)})
+    body, d = step(body, queued, config)
+    assert d.actions == [] and cond(d.status, "Running")["reason"] == "Queued"  # never unsuspends a Kueue Job
+    body["spec"]["suspend"] = True
+    body, d = step(body, Observed(jobs={"llama-sft": k8s_job("llama-sft")}, configmaps=queued.configmaps), config)
+    assert verbs(d) == [("delete", "Job", "llama-sft")] and d.status["phase"] == "Suspended"
+    body, d = step(body, Observed(configmaps=queued.configmaps), config)
+    assert d.actions == []
+    body["spec"]["suspend"] = False
+    _, d = step(body, Observed(configmaps=queued.configmaps), config)
+    assert verbs(d) == [("create", "Job", "llama-sft")] and d.actions[0].body["spec"]["suspend"] is True
+    assert [e.reason for e in d.events] == ["Resumed"]
+
+
+@pytest.mark.parametrize("spec,reason,needle", [
+    ({"storage": {}}, "StorageRequired", "spec.storage.uri"),
+    ({"stages": [{"name": "sft", "type": "sft", "method": "qlora"}]}, "InvalidSpec", "quantization"),
+    ({"stages": [{"name": "sft", "type": "sft", "learningRate": 1}]}, "InvalidSpec", "learningRate"),
+])
+def test_invalid_spec_is_a_condition_not_a_crash(config, spec, reason, needle):
+    d = reconcile(ftj(spec), Observed(), config, now=NOW)
+    assert d.actions == []
+    v = cond(d.status, "Validated")
+    assert v["status"] == "False" and v["reason"] == reason and needle in v["message"]
+    assert cond(d.status, "Failed")["reason"] == reason and d.status["phase"] == "Failed"
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", reason)]
+    # fixing the spec starts the job
+    body = ftj(status=d.status, generation=2)
+    d2 = reconcile(body, Observed(), config, now=LATER)
+    assert ("create", "Job", "llama-sft") in verbs(d2)
+    assert cond(d2.status, "Validated")["status"] == "True" and cond(d2.status, "Failed")["status"] == "False"
+
+
+def test_spec_change_after_success_does_not_retrain(config):
+    body, _ = step(ftj(), Observed(), config)
+    done = Observed(jobs={"llama-sft": k8s_job("llama-sft", conditions=[("Complete", "")])})
+    body, _ = step(body, done, config, now=LATER)
+    assert body["status"]["phase"] == "Succeeded"
+    body["spec"]["stages"][0]["hyperparameters"] = {"epochs": 5}
+    body["metadata"]["generation"] = 2
+    body, d = step(body, done, config, now=LATER)
+    assert d.actions == [] and d.status["phase"] == "Succeeded" and d.status["observedGeneration"] == 2
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "SpecChangeIgnored")]
+    assert cond(d.status, "Succeeded")["observedGeneration"] == 2
+    _, d = step(body, done, config, now=LATER)
+    assert d.events == []
+
+
+def test_ttl_deletes_children_after_the_job_finished(config):
+    body, _ = step(ftj({"runPolicy": {"ttlSecondsAfterFinished": 600}}), Observed(), config)
+    done = Observed(jobs={"llama-sft": k8s_job("llama-sft", conditions=[("Complete", "")],
+                                               completion_time="2025-06-01T12:00:00Z")},
+                    configmaps={"llama-sft": {"metadata": {"name": "llama-sft", "ownerReferences": [{"kind": "FineTuneJob", "uid": UID}]}}})
+    body, _ = step(body, done, config, now=NOW)
+    assert next_check_seconds(body, now=NOW) == 600
+    _, d = step(body, done, config, now=NOW + dt.timedelta(seconds=599))
+    assert d.actions == []
+    _, d = step(body, done, config, now=NOW + dt.timedelta(seconds=600))
+    assert sorted(verbs(d)) == [("delete", "ConfigMap", "llama-sft"), ("delete", "Job", "llama-sft")]
+    assert [e.reason for e in d.events] == ["ChildrenDeleted"] and d.status["phase"] == "Succeeded"
+
+
+def test_children_of_removed_stages_are_deleted(config):
+    body, _ = step(ftj(stages=THREE), Observed(), config)
+    body["spec"]["stages"] = [{"name": "sft", "type": "sft"}]
+    extra = k8s_job("llama-dpo")
+    obs = Observed(jobs={"llama-sft": k8s_job("llama-sft", active=1), "llama-dpo": extra},
+                   configmaps={"llama-sft": _cm(body, config)})
+    _, d = step(body, obs, config)
+    assert verbs(d) == [("delete", "Job", "llama-dpo")]
+
+
+def test_pending_reason_names_the_scheduler_message(config):
+    body, _ = step(ftj(), Observed(), config)
+    p = pod("llama-sft", "Pending")
+    p["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                  "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."}]
+    _, d = step(body, Observed(jobs={"llama-sft": k8s_job("llama-sft", active=1)},
+                               configmaps={"llama-sft": _cm(body, config)}, pods={"llama-sft": [p]}), config)
+    assert "Insufficient nvidia.com/gpu" in cond(d.status, "Running")["message"]
+
+
+def test_helpers():
+    assert [s.format_duration(x) for x in (42, 1830, 5400, 3600, 90000, None, -1)] == \
+        ["42s", "30m", "1h30m", "1h", "1d1h", None, None]
+    assert s.progress_from_report({"phase": "finished", "step": 7, "totalSteps": 10}) == \
+        {"step": 10, "totalSteps": 10, "percent": 100.0, "etaSeconds": 0.0}
+    assert s.progress_from_report({"step": "x", "loss": float("nan")}) == {}
+    assert merge_patch({"a": 1, "b": {"c": 1, "d": 2}}, {"b": {"c": 1}, "e": 3}) == {"a": None, "b": {"d": None}, "e": 3}
+    conds = s.set_condition([], "Running", True, "R", "m", 1, NOW)
+    again = s.set_condition(conds, "Running", True, "R2", "m2", 2, LATER)
+    assert again[0]["lastTransitionTime"] == "2025-06-01T12:00:00Z" and again[0]["reason"] == "R2"
+    flipped = s.set_condition(again, "Running", False, "R3", "", 2, LATER)
+    assert flipped[0]["lastTransitionTime"] == "2025-06-01T12:05:00Z"
+    pods = [pod("j", "Running", index="1", ip="10.0.0.9"), pod("j", "Running", index="0", ip="10.0.0.8")]
+    assert s.rank0_pod(pods)["status"]["podIP"] == "10.0.0.8"
