@@ -1,0 +1,1 @@
+"""Datasets: loading files and sources, converting formats, chat templates, tokenization."""

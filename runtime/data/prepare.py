@@ -1,0 +1,117 @@
+"""Load a stage's datasets, convert them, and tokenize SFT/PT data for TRL.
+
+SFT conversations are tokenized here in batches through the tokenizer's own chat template
+(`apply_chat_template(..., return_assistant_tokens_mask=True)`), giving `input_ids` and
+`assistant_masks`; TRL's SFTTrainer then builds labels (assistant-only loss), truncates and packs.
+For a template without `{% generation %}` markers (most model hubs' templates) the assistant
+spans are found by rendering each conversation's prefixes and mapping their character offsets
+to tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import DataError
+from ..spec import DatasetSpec
+from .formats import Kind, to_examples
+from .loaders import load_records
+from .templates import has_generation_markers
+
+log = logging.getLogger(__name__)
+
+KIND_OF_STAGE: dict[str, Kind] = {
+    "pt": "text",
+    "sft": "conversation",
+    "distill": "conversation",
+    "rm": "preference",
+    "dpo": "preference",
+    "orpo": "preference",
+    "simpo": "preference",
+    "kto": "kto",
+    "grpo": "prompt",
+    "rloo": "prompt",
+    "ppo": "prompt",
+}
+
+
+def load_examples(
+    datasets: list[DatasetSpec], kind: Kind, base_dir: Path | None = None, fetch: Callable[[str], Path] | None = None
+) -> list[dict[str, Any]]:
+    """Every dataset of a stage, converted to `kind` examples and concatenated in order."""
+    examples: list[dict[str, Any]] = []
+    for ds in datasets:
+        records = load_records(ds, base_dir, fetch)
+        examples += to_examples(records, ds, kind)
+    return examples
+
+
+def tokenize_text(examples: list[dict[str, Any]], tokenizer, batch_size: int = 1000) -> dict[str, list]:
+    """Plain text → input_ids, each document closed with EOS (pre-training)."""
+    eos = tokenizer.eos_token or ""
+    ids: list[list[int]] = []
+    for start in range(0, len(examples), batch_size):
+        texts = [e["text"] + eos for e in examples[start : start + batch_size]]
+        ids += tokenizer(texts, add_special_tokens=True)["input_ids"]
+    return {"input_ids": ids}
+
+
+def tokenize_conversations(examples: list[dict[str, Any]], tokenizer, batch_size: int = 256, where: str = "the data") -> dict[str, list]:
+    """Conversations → input_ids + assistant_masks (1 on the tokens the assistant says)."""
+    if has_generation_markers(tokenizer.chat_template):
+        ids: list[list[int]] = []
+        masks: list[list[int]] = []
+        for start in range(0, len(examples), batch_size):
+            batch = [e["messages"] for e in examples[start : start + batch_size]]
+            out = tokenizer.apply_chat_template(
+                batch, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
+            ids += out["input_ids"]
+            masks += out["assistant_masks"]
+    else:
+        ids, masks = [], []
+        for e in examples:
+            i, m = _tokenize_by_prefixes(e["messages"], tokenizer)
+            ids.append(i)
+            masks.append(m)
+    empty = next((n for n, m in enumerate(masks) if not any(m)), None)
+    if empty is not None:
+        raise DataError(f"example {empty}: the chat template produced no assistant tokens to learn from", where)
+    return {"input_ids": ids, "assistant_masks": masks}
+
+
+def _tokenize_by_prefixes(messages: list[dict[str, str]], tokenizer) -> tuple[list[int], list[int]]:
+    """Assistant spans of a template without generation markers, from its rendered prefixes."""
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True) if k else ""
+        upto = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+        if full.startswith(upto) and upto.startswith(before):
+            spans.append((len(before), len(upto)))
+        else:  # the template rewrites earlier turns (e.g. strips reasoning): fall back to the content
+            at = full.find(m["content"], spans[-1][1] if spans else 0)
+            if at >= 0:
+                spans.append((at, at + len(m["content"])))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(a <= s < b for a, b in spans)) for s, _ in enc["offset_mapping"]]
+    return list(enc["input_ids"]), mask
+
+
+def split_eval(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of the train and eval parts: val_size < 1 is a share, >= 1 a count."""
+    if val_size <= 0:
+        return list(range(n)), []
+    import random
+
+    count = int(round(val_size * n)) if val_size < 1 else int(val_size)
+    count = max(1, min(count, n - 1))
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    eval_idx = sorted(order[:count])
+    chosen = set(eval_idx)
+    return [i for i in range(n) if i not in chosen], eval_idx

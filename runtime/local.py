@@ -1,0 +1,237 @@
+"""Run stages: every stage of a job on this machine (`kubetune run`), or one resolved stage in a
+pod (`python -m kubetune.runtime stage`). Both go through `execute_stage`, with the same storage
+protocol: skip a stage whose output is committed, resume from the latest committed checkpoint,
+upload checkpoints in the background, commit the output last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import EXIT_BAD_INPUT, EXIT_FAILED, TERMINATION_MESSAGE_PATH, UserError
+from .plan import ResolvedStage
+
+log = logging.getLogger("kubetune")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
+    )
+    for noisy in ("httpx", "urllib3", "botocore", "boto3", "s3transfer", "filelock", "datasets", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+class Resolver:
+    """Turns model/adapter/data references into something from_pretrained can open."""
+
+    def __init__(self, cfg: ResolvedStage, base_dir: Path | None):
+        self.cfg = cfg
+        self.base_dir = base_dir
+
+    def _s3_options(self) -> dict[str, Any]:
+        s = self.cfg.storage
+        return {"endpoint": s.endpoint, "region": s.region, "addressing_style": s.addressing_style}
+
+    def fetch(self, uri: str) -> Path:
+        from .storage import fetch_to_cache
+
+        return fetch_to_cache(uri, **self._s3_options())
+
+    def __call__(self, ref: str, field: str) -> str:
+        if ref.startswith("s3://"):
+            return str(self.fetch(ref))
+        if ref.startswith("file://"):
+            ref = ref[len("file://"):]
+        p = Path(ref).expanduser()
+        if p.exists():
+            return str(p.resolve())
+        if not p.is_absolute() and self.base_dir is not None and (self.base_dir / p).exists():
+            return str((self.base_dir / p).resolve())
+        if ref.startswith((".", "/", "~")) or p.suffix:
+            raise UserError(f"{ref} does not exist", field)
+        return ref  # a Hugging Face id
+
+
+def _work_dir(cfg: ResolvedStage, storage_is_local: bool) -> Path:
+    base = os.environ.get("KUBETUNE_WORK_DIR")
+    if base:
+        return Path(base) / cfg.job / cfg.name
+    if storage_is_local:
+        return Path(cfg.io.stage_root.removeprefix("file://")).expanduser() / ".work"
+    return Path.home() / ".cache" / "kubetune" / "work" / cfg.job / cfg.name
+
+
+def execute_stage(cfg: ResolvedStage, base_dir: Path | None = None, callbacks: list | None = None) -> dict[str, Any]:
+    """Run one stage under the storage protocol. Returns its summary (with `skipped` when its
+    output was already committed)."""
+    from transformers import TrainerCallback
+
+    from .stages import stage_runner
+    from .stages.base import StageContext
+    from .storage import CheckpointUploader, commit_output, download_latest_checkpoint, find_committed_output, open_storage
+    from .storage.factory import is_local_uri
+
+    s = cfg.storage
+    storage = open_storage(cfg.io.stage_root, endpoint=s.endpoint, region=s.region, addressing_style=s.addressing_style)
+    done = find_committed_output(storage, "")
+    if done is not None:
+        log.info("stage %s: output already committed at %s, skipping", cfg.name, done.uri)
+        return {"stage": cfg.name, "skipped": True, "output": done.uri}
+    runner = stage_runner(cfg.stage.type, f"spec.stages[{cfg.index}].type")
+
+    work = _work_dir(cfg, is_local_uri(cfg.io.stage_root))
+    shutil.rmtree(work, ignore_errors=True)  # scratch only: everything durable is in storage
+    work.mkdir(parents=True, exist_ok=True)
+    restored = download_latest_checkpoint(storage, "", work / "restore")
+    if restored is not None:
+        log.info("stage %s: resuming from %s (step %d)", cfg.name, restored.checkpoint.uri, restored.checkpoint.step)
+
+    uploader = CheckpointUploader(storage, "", keep=cfg.checkpoint.keep, staging_dir=work / "staging")
+
+    class CheckpointSync(TrainerCallback):
+        """Hands every checkpoint the trainer saves to the background uploader."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if folder.is_dir():
+                    uploader.submit(folder, state.global_step)
+
+    resolver = Resolver(cfg, base_dir)
+    ctx = StageContext(
+        cfg=cfg,
+        work_dir=work,
+        resolve=resolver,
+        callbacks=[CheckpointSync(), *(callbacks or [])],
+        resume_from=restored.path if restored else None,
+        base_dir=base_dir,
+        fetch=resolver.fetch,
+    )
+    try:
+        result = runner(ctx)
+        uploader.close()  # the last checkpoint is durable before the output counts
+    except BaseException:
+        try:
+            uploader.close()
+        except Exception as err:  # the original failure matters more
+            log.warning("checkpoint upload also failed: %s", err)
+        raise
+    committed = commit_output(storage, "", result.output_dir, step=result.summary.get("steps"), extra={"summary": result.summary})
+    summary = dict(result.summary, output=committed.uri)
+    log.info("stage %s: output committed to %s", cfg.name, committed.uri)
+    return summary
+
+
+def _print_summary(summaries: list[dict[str, Any]], started: float) -> None:
+    print("", file=sys.stderr)
+    print(f"kubetune: finished {len(summaries)} stage(s) in {time.time() - started:.1f}s", file=sys.stderr)
+    for s in summaries:
+        if s.get("skipped"):
+            print(f"  {s['stage']:<12} skipped (already done)  → {s['output']}", file=sys.stderr)
+            continue
+        loss = f"loss {s['first_loss']:.4f} → {s['final_loss']:.4f}" if s.get("final_loss") is not None else ""
+        tps = f"{s['tokens_per_second']:.0f} tok/s" if s.get("tokens_per_second") else ""
+        steps = f"{s['steps']} steps" if "steps" in s else ""
+        parts = "  ".join(p for p in (steps, loss, tps) if p)
+        print(f"  {s['stage']:<12} {parts}  → {s['output']}", file=sys.stderr)
+
+
+def run_job(
+    file: str,
+    overrides: list[str] | None = None,
+    output_root: str | None = None,
+    only_stage: str | None = None,
+    metrics_port: int | None = None,
+    progress: bool = True,
+) -> int:
+    """`kubetune run`: every stage of the file, in order, on this machine."""
+    from .plan import plan
+    from .spec import load_job
+
+    setup_logging()
+    job = load_job(file, overrides)
+    stages = plan(job, output_root)
+    if only_stage is not None:
+        names = [s.name for s in stages]
+        if only_stage not in names:
+            raise UserError(f"no stage named {only_stage!r}; stages: {', '.join(names)}", "--stage")
+        stages = [s for s in stages if s.name == only_stage]
+    base_dir = Path(file).resolve().parent
+    started = time.time()
+    summaries = []
+    for cfg in stages:
+        print(f"kubetune: stage {cfg.index + 1}/{cfg.count} {cfg.name} ({cfg.stage.type}/{cfg.stage.method})", file=sys.stderr)
+        callbacks = _stage_callbacks(cfg, metrics_port, progress)
+        try:
+            summaries.append(execute_stage(cfg, base_dir, callbacks))
+        except UserError:
+            raise
+        except Exception as err:
+            log.exception("stage %s failed", cfg.name)
+            print(f"error: stage {cfg.name} failed: {type(err).__name__}: {err}", file=sys.stderr)
+            return EXIT_FAILED
+    _print_summary(summaries, started)
+    return 0
+
+
+def _stage_callbacks(cfg: ResolvedStage, metrics_port: int | None, progress: bool) -> list:
+    from .progress_bar import ConsoleProgress
+
+    return [ConsoleProgress(cfg, live=progress and sys.stderr.isatty())]
+
+
+def _write_termination_message(text: str) -> None:
+    path = os.environ.get("KUBETUNE_TERMINATION_LOG", TERMINATION_MESSAGE_PATH)
+    try:
+        with open(path, "w") as f:
+            f.write(text[-4000:])  # Kubernetes keeps at most 4096 bytes
+    except OSError:
+        pass
+
+
+def run_stage_config(config_path: str, metrics_port: int | None = None) -> int:
+    """`python -m kubetune.runtime stage --config FILE`: what a stage pod runs."""
+    setup_logging()
+    try:
+        try:
+            text = Path(config_path).read_text()
+        except OSError as err:
+            raise UserError(f"cannot read the stage config: {err}", config_path) from None
+        from pydantic import ValidationError
+
+        try:
+            cfg = ResolvedStage.model_validate_json(text)
+        except ValidationError as err:
+            from .spec import format_validation_error
+
+            raise UserError("; ".join(format_validation_error(err)), config_path) from None
+        summary = execute_stage(cfg, None, _stage_callbacks(cfg, metrics_port, progress=False))
+        log.info("stage %s finished: %s", cfg.name, summary)
+        return 0
+    except UserError as err:
+        log.error("%s", err)
+        _write_termination_message(f"bad input: {err}")
+        return EXIT_BAD_INPUT
+    except Exception as err:
+        log.exception("stage failed")
+        _write_termination_message(f"{type(err).__name__}: {err}")
+        return EXIT_FAILED

@@ -1,0 +1,172 @@
+"""What every training stage shares: its context, TRL config arguments, and how it finishes.
+
+A stage module is a thin adapter: resolved stage config → a TRL trainer and its config. The
+cross-cutting parts (progress, metrics, checkpoint upload, trainer_log.jsonl) arrive as
+`TrainerCallback`s in the context, never woven into the stage.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import UserError
+from ..plan import ResolvedStage
+from ..spec import StageSpec
+
+
+@dataclass
+class StageContext:
+    cfg: ResolvedStage
+    work_dir: Path  # this stage's local scratch: trainer checkpoints and the staged output
+    resolve: Callable[[str, str], str]  # (model/adapter/data reference, field) → local path or hub id
+    callbacks: list[Any] = field(default_factory=list)
+    resume_from: Path | None = None  # a committed checkpoint, downloaded
+    base_dir: Path | None = None  # where relative data paths are looked up too (the job file's folder)
+    fetch: Callable[[str], Path] | None = None  # s3:// data → local cache path
+
+    @property
+    def trainer_dir(self) -> Path:
+        return self.work_dir / "trainer"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.work_dir / "output"
+
+    def where(self, field_name: str = "") -> str:
+        return f"spec.stages[{self.cfg.index}]{'.' + field_name if field_name else ''}"
+
+
+@dataclass
+class StageResult:
+    output_dir: Path
+    summary: dict[str, Any]
+
+
+def uses_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def common_args(ctx: StageContext, *, eval_enabled: bool = False) -> dict[str, Any]:
+    """transformers.TrainingArguments fields from the stage's hyperparameters and checkpoint policy."""
+    from ..models import bf16_ok
+
+    cfg = ctx.cfg
+    hp = cfg.stage.hyperparameters
+    cuda = uses_cuda()
+    bf16 = hp.precision == "bf16" or (hp.precision == "auto" and bf16_ok())
+    if hp.precision == "bf16" and not cuda:
+        bf16 = False  # CPU training in fp32: bf16 autocast on CPU is slow and lossy
+    warmup: float | int = hp.warmup_steps if hp.warmup_steps > 0 else hp.warmup_ratio
+    args: dict[str, Any] = dict(
+        output_dir=str(ctx.trainer_dir),
+        num_train_epochs=hp.epochs,
+        max_steps=hp.max_steps or -1,
+        per_device_train_batch_size=hp.batch_size,
+        per_device_eval_batch_size=hp.batch_size,
+        gradient_accumulation_steps=hp.gradient_accumulation,
+        learning_rate=hp.learning_rate,
+        lr_scheduler_type=hp.lr_scheduler,
+        warmup_steps=warmup,
+        weight_decay=hp.weight_decay,
+        max_grad_norm=hp.max_grad_norm,
+        optim=hp.optimizer or ("adamw_torch_fused" if cuda else "adamw_torch"),
+        bf16=bf16,
+        fp16=hp.precision == "fp16" and cuda,
+        gradient_checkpointing=hp.gradient_checkpointing,  # TRL's config still reads this name
+        seed=hp.seed,
+        data_seed=hp.seed,
+        logging_steps=hp.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.checkpoint.every_steps,
+        save_total_limit=cfg.checkpoint.keep + 1,
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
+    )
+    if gradient_checkpointing_kwargs := ({"use_reentrant": False} if hp.gradient_checkpointing else None):
+        args["gradient_checkpointing_kwargs"] = gradient_checkpointing_kwargs
+    if eval_enabled:
+        args["eval_strategy"] = "steps" if hp.eval_steps else "epoch"
+        if hp.eval_steps:
+            args["eval_steps"] = hp.eval_steps
+    return args
+
+
+def check_method(stage: StageSpec, allowed: tuple[str, ...], where: str) -> None:
+    if stage.method not in allowed:
+        raise UserError(
+            f"method {stage.method!r} is not supported by {stage.type} stages; use one of {', '.join(allowed)}",
+            where,
+        )
+
+
+def train(trainer, ctx: StageContext) -> tuple[Any, float]:
+    """Run the trainer, resuming from the context's checkpoint when there is one."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our progress bar and trainer_log.jsonl say it better
+    started = time.time()
+    resume = str(ctx.resume_from) if ctx.resume_from else None
+    result = trainer.train(resume_from_checkpoint=resume)
+    return result, time.time() - started
+
+
+def summarize(trainer, result, duration: float, ctx: StageContext, log_records: list[dict[str, Any]]) -> dict[str, Any]:
+    state = trainer.state
+    losses = [r["loss"] for r in log_records if "loss" in r]
+    evals = [r["eval_loss"] for r in log_records if "eval_loss" in r]
+    tokens = getattr(state, "num_input_tokens_seen", 0) or 0
+    return {
+        "job": ctx.cfg.job,
+        "stage": ctx.cfg.name,
+        "type": ctx.cfg.stage.type,
+        "method": ctx.cfg.stage.method,
+        "steps": state.global_step,
+        "total_steps": state.max_steps,
+        "epochs": round(state.epoch or 0.0, 4),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "train_loss": result.training_loss if result is not None else None,
+        "eval_loss": evals[-1] if evals else None,
+        "duration_seconds": round(duration, 3),
+        "tokens": tokens,
+        "tokens_per_second": round(tokens / duration, 2) if duration > 0 and tokens else None,
+        "resumed_from_step": _step_of(ctx.resume_from),
+        "output_kind": ctx.cfg.io.output_kind,
+    }
+
+
+def _step_of(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    tail = path.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def finish(trainer, tokenizer, result, duration: float, ctx: StageContext, log_cb, merge_lora: bool = False) -> StageResult:
+    """Save the model (adapter or full) in HF format with the tokenizer, the log, plot and summary."""
+    from ..outputs import plot_loss, write_run_summary
+
+    out = ctx.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    model = trainer.model
+    if merge_lora and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+        model.save_pretrained(out)
+    else:
+        trainer.save_model(str(out))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    (out / "trainer_log.jsonl").write_text(log_cb.path.read_text() if log_cb.path.exists() else "")
+    plot_loss(log_cb.records, out / "training_loss.png", f"{ctx.cfg.job} / {ctx.cfg.name} ({ctx.cfg.stage.type}, {ctx.cfg.stage.method})")
+    summary = summarize(trainer, result, duration, ctx, log_cb.records)
+    write_run_summary(out / "run.json", summary)
+    return StageResult(out, summary)
