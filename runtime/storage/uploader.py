@@ -303,12 +303,12 @@ class CheckpointUploader:
                 if left <= 0:
                     raise CheckpointUploadError(
                         f"uploading {name} to {target} failed after {attempt} attempts over "
-                        f"{now - t0:.0f}s (no progress for {self.retry_deadline:.0f}s): {e}. "
+                        f"{now - t0:.0f}s (no progress for {self.retry_deadline:g}s): {e}. "
                         f"{kept}", uri=target, local_dir=str(job.local_dir)) from e
                 delay = min(self.backoff_max, self.backoff_initial * 2 ** (attempt - 1))
                 delay = min(left, delay * random.uniform(0.8, 1.2))
                 log.warning("uploading %s failed (attempt %d): %s; retrying in %.1fs "
-                            "(giving up after %.0fs more without progress)",
+                            "(giving up after %.1fs more without progress)",
                             name, attempt, e, delay, left)
                 time.sleep(delay)
         seconds = time.monotonic() - t0

@@ -1,7 +1,7 @@
 """Fixtures for the storage tests: a REAL S3 server process (moto's standalone server).
 
-`moto_server` is one server for the whole session; tests that pause the server (SIGSTOP) or
-turn authentication on get their own with `own_moto_server` / `start_moto_server`. Every server
+`moto_server` is one server for the whole session; tests that pause a server (SIGSTOP) or turn
+authentication on get their own with `pausable_moto_server` / `start_moto_server`. Every server
 is killed at the end of its scope, leaving no process behind.
 """
 
@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from .s3server import TEST_KEY_ID, TEST_SECRET, MotoServer, make_bucket
+from .support import TEST_KEY_ID, TEST_SECRET, MotoServer, make_bucket
 
 
 @pytest.fixture(autouse=True)
@@ -35,9 +35,9 @@ def moto_server(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def start_moto_server(tmp_path_factory):
-    """Factory for private servers (pausable, or with auth on); all stopped at test end."""
+    """Factory for private servers (e.g. with auth on); all stopped at the module's end."""
     servers = []
 
     def start(env: dict[str, str] | None = None) -> MotoServer:
@@ -50,9 +50,13 @@ def start_moto_server(tmp_path_factory):
         s.stop()
 
 
-@pytest.fixture
-def own_moto_server(start_moto_server):
-    return start_moto_server()
+@pytest.fixture(scope="module")
+def pausable_moto_server(tmp_path_factory):
+    """A server of the test module's own, so SIGSTOPping it never stalls other tests.
+    Tests that pause it must resume it before they end (in a `finally`)."""
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture

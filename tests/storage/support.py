@@ -1,7 +1,9 @@
-"""A REAL S3 server for the storage tests: moto's standalone server as a subprocess."""
+"""Test support: a REAL S3 server (moto's standalone server as a subprocess) and test data."""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import signal
 import socket
@@ -78,7 +80,9 @@ class MotoServer:
         assert self.proc.poll() is not None
 
 
+@functools.lru_cache(maxsize=None)
 def boto_client(endpoint: str, key_id: str = TEST_KEY_ID, secret: str = TEST_SECRET):
+    """A plain boto3 client for setting up test data (cached: clients are slow to create)."""
     import boto3
     from botocore.config import Config
 
@@ -92,3 +96,18 @@ def make_bucket(endpoint: str) -> str:
     name = f"kt-{uuid.uuid4().hex[:12]}"
     boto_client(endpoint).create_bucket(Bucket=name)
     return name
+
+
+def make_checkpoint(root: Path, step: int, *, big: int = 0) -> Path:
+    """A folder shaped like a Trainer checkpoint, with step-dependent content."""
+    d = root / f"local-checkpoint-{step}"
+    (d / "sub").mkdir(parents=True, exist_ok=True)
+    (d / "adapter_model.safetensors").write_bytes(os.urandom(2048 + big))
+    (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (d / "sub" / "rng_state.pth").write_bytes(os.urandom(100))
+    return d
+
+
+def tree(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.is_file()}

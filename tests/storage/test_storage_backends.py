@@ -15,7 +15,7 @@ from kubetune.runtime.storage import (
     open_storage,
 )
 
-from .s3server import TEST_SECRET, boto_client, free_port, make_bucket
+from .support import TEST_KEY_ID, TEST_SECRET, free_port, make_bucket
 
 # --- contract: both backends ---------------------------------------------------------------
 
@@ -185,14 +185,15 @@ def test_endpoint_userinfo_never_shown():
     assert "hunter2" not in str(e.value)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def auth_server(start_moto_server):
     """A moto server that checks signatures: an IAM user with a key is created while auth is
     still off, then `/moto-api/reset-auth 0` turns authentication on for every request."""
     server = start_moto_server()
     import boto3
 
-    iam = boto3.client("iam", endpoint_url=server.endpoint, region_name="us-east-1")
+    iam = boto3.client("iam", endpoint_url=server.endpoint, region_name="us-east-1",
+                       aws_access_key_id=TEST_KEY_ID, aws_secret_access_key=TEST_SECRET)
     iam.create_user(UserName="trainer")
     iam.put_user_policy(UserName="trainer", PolicyName="all", PolicyDocument=(
         '{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"*","Resource":"*"}]}'))

@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import os
-from pathlib import Path
 
 import pytest
 
@@ -25,23 +24,10 @@ from kubetune.runtime.storage import (
     prune_checkpoints,
 )
 
+from .support import make_checkpoint, tree
+
 STAGE = "sft"
 CPS = "sft/checkpoints"
-
-
-def make_checkpoint(root: Path, step: int, *, big: int = 0) -> Path:
-    """A folder shaped like a Trainer checkpoint, with step-dependent content."""
-    d = root / f"local-checkpoint-{step}"
-    (d / "sub").mkdir(parents=True, exist_ok=True)
-    (d / "adapter_model.safetensors").write_bytes(os.urandom(2048 + big))
-    (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    (d / "sub" / "rng_state.pth").write_bytes(os.urandom(100))
-    return d
-
-
-def tree(d: Path) -> dict[str, bytes]:
-    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
-            if p.is_file()}
 
 
 class Recording:
