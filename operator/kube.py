@@ -23,6 +23,7 @@ from .reconcile import Action, Observed
 
 log = logging.getLogger("kubetune.operator")
 
+TIMEOUT = 30  # seconds per API request: a stuck connection must not stall a handler forever
 _api_client: kubernetes.client.ApiClient | None = None
 
 
@@ -57,13 +58,14 @@ def _plain(obj: Any) -> Any:
 
 def _json(api_call, *args, **kw) -> Any:
     """Call a client method and return the raw JSON (skips the client's model deserialisation)."""
-    resp = api_call(*args, _preload_content=False, **kw)
+    resp = api_call(*args, _preload_content=False, _request_timeout=TIMEOUT, **kw)
     return json.loads(resp.data)
 
 
 def get_finetunejob(namespace: str, name: str) -> dict[str, Any] | None:
     try:
-        return _custom().get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
+        return _custom().get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name,
+                                                      _request_timeout=TIMEOUT)
     except ApiException as e:
         if e.status == 404:
             return None
@@ -115,17 +117,19 @@ def apply(namespace: str, action: Action) -> str:
         if action.verb == "create":
             fn = {"Job": batch.create_namespaced_job, "ConfigMap": core.create_namespaced_config_map,
                   "Service": core.create_namespaced_service}[action.kind]
-            fn(namespace, action.body)
+            fn(namespace, action.body, _request_timeout=TIMEOUT)
             return "created"
         if action.verb == "patch":
             fn = {"Job": batch.patch_namespaced_job, "ConfigMap": core.patch_namespaced_config_map,
                   "Service": core.patch_namespaced_service}[action.kind]
-            fn(action.name, namespace, action.body, _content_type="application/merge-patch+json")
+            fn(action.name, namespace, action.body, _content_type="application/merge-patch+json",
+               _request_timeout=TIMEOUT)
             return "patched"
         fn = {"Job": batch.delete_namespaced_job, "ConfigMap": core.delete_namespaced_config_map,
               "Service": core.delete_namespaced_service}[action.kind]
         # Background: the Job goes now, the garbage collector removes its pods.
-        fn(action.name, namespace, body=kubernetes.client.V1DeleteOptions(propagation_policy="Background"))
+        fn(action.name, namespace, body=kubernetes.client.V1DeleteOptions(propagation_policy="Background"),
+           _request_timeout=TIMEOUT)
         return "deleted"
     except ApiException as e:
         if action.verb == "create" and e.status == 409:
@@ -142,5 +146,5 @@ def patch_status(namespace: str, name: str, resource_version: str | None, patch:
         body["metadata"] = {"resourceVersion": resource_version}
     return _custom().patch_namespaced_custom_object_status(
         API_GROUP, API_VERSION, namespace, PLURAL, name, body,
-        _content_type="application/merge-patch+json",
+        _content_type="application/merge-patch+json", _request_timeout=TIMEOUT,
     )

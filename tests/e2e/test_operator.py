@@ -1,0 +1,398 @@
+"""The operator end to end: a real kube-apiserver, controller-manager (Job controller, garbage
+collector), scheduler and the process kubelet; the operator runs as a real process
+(`python -m kubetune.operator`), FineTuneJobs go in through `kubectl apply`.
+
+The training pods run a FAKE RUNTIME (FAKE_RUNTIME below, passed with `--runtime-command`): a
+small script that honours the runtime's contracts — reads stage.json, serves /progress on
+$POD_IP:$KUBETUNE_METRICS_PORT, commits checkpoints with a LATEST pointer and resumes from it,
+commits the output with COMMITTED.json, exits 42 with a termination message on bad input — but
+trains nothing. It stands in for `python -m kubetune.runtime stage` so that these tests check
+the operator alone; the full e2e with real training of a tiny model is a separate test.
+Storage is a local folder (the process kubelet's pods see the host's filesystem).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.util import wait_for
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+GROUP = "/apis/kubetune.io/v1alpha1"
+
+FAKE_RUNTIME = r'''
+"""FAKE RUNTIME (operator e2e tests only): stands in for `python -m kubetune.runtime stage`.
+Speaks the runtime's contracts without training; the step time comes from the model name
+(`fake/step-0.4s`)."""
+import http.server, json, os, re, sys, threading, time
+from pathlib import Path
+
+cfg = json.loads(Path(sys.argv[sys.argv.index("--config") + 1]).read_text())
+stage = cfg["stage"]["name"]
+total = int(cfg["stage"]["hyperparameters"].get("maxSteps") or 6)
+every = int(cfg["checkpoint"]["everySteps"])
+m = re.search(r"step-([0-9.]+)s", cfg["model"]["name"])
+step_s = float(m.group(1)) if m else 0.2
+local = lambda uri: Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+ck, out = local(cfg["io"]["checkpoints"]), local(cfg["io"]["output"])
+
+if cfg["stage"]["type"] != "export":
+    for i, d in enumerate(cfg["data"]):
+        if not local(d["source"]).exists():
+            msg = f"data[{i}].source: {d['source']}: file not found"
+            Path("/dev/termination-log").write_text(msg)
+            print(msg, file=sys.stderr)
+            sys.exit(42)
+
+start = 0
+if (ck / "LATEST").exists():
+    start = json.loads((ck / "LATEST").read_text())["step"]
+state = {"step": start, "phase": "running", "output": None,
+         "checkpoint": {"uri": str(ck / f"checkpoint-{start}"), "step": start} if start else None}
+
+
+def report():
+    left = total - state["step"]
+    return {"job": os.environ["KUBETUNE_JOB"], "stage": stage, "rank": 0, "phase": state["phase"],
+            "step": state["step"], "totalSteps": total, "epoch": state["step"] / total,
+            "loss": round(2.0 / (1 + state["step"]), 4), "learningRate": 1e-4, "tokensPerSecond": 1000.0,
+            "etaSeconds": left * step_s, "checkpoint": state["checkpoint"], "output": state["output"],
+            "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        body = json.dumps(report()).encode() if self.path == "/progress" else b"kubetune_fake_up 1\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+srv = http.server.ThreadingHTTPServer((os.environ["POD_IP"], int(os.environ["KUBETUNE_METRICS_PORT"])), Handler)
+threading.Thread(target=srv.serve_forever, daemon=True).start()
+print(f"fake runtime: stage {stage} from step {start} of {total}", flush=True)
+for s in range(start + 1, total + 1):
+    time.sleep(step_s)
+    state["step"] = s
+    if s % every == 0 and s < total:
+        d = ck / f"checkpoint-{s}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "COMMITTED.json").write_text(json.dumps({"step": s}))
+        (ck / "LATEST.tmp").write_text(json.dumps({"step": s, "uri": str(d)}))
+        os.replace(ck / "LATEST.tmp", ck / "LATEST")
+        state["checkpoint"] = {"uri": str(d), "step": s}
+out.mkdir(parents=True, exist_ok=True)
+(out / "COMMITTED.json").write_text(json.dumps({"stage": stage, "steps": total, "resumedFrom": start,
+                                                "policy": cfg["io"]["policy"]}))
+state["phase"], state["output"] = "finished", {"uri": cfg["io"]["output"]}
+print(f"fake runtime: stage {stage} done", flush=True)
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class OperatorProcess:
+    """`python -m kubetune.operator` as a child process, restartable."""
+
+    def __init__(self, control_plane, workdir: Path):
+        self.cp = control_plane
+        self.workdir = workdir
+        self.fake = workdir / "fake_runtime.py"
+        self.fake.write_text(FAKE_RUNTIME)
+        self.runtime_port = free_port()
+        self.health_port = free_port()
+        self.metrics_port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        self.log = self.workdir / f"operator-{self.starts}.log"
+        argv = [sys.executable, "-m", "kubetune.operator", "--standalone", "--log-format", "plain",
+                "--poll-interval", "1", "--runtime-image", "kubetune/runtime:e2e",
+                "--runtime-metrics-port", str(self.runtime_port), "--health-port", str(self.health_port),
+                "--metrics-port", str(self.metrics_port), "--runtime-command", f"python {self.fake}"]
+        self.proc = subprocess.Popen(argv, env=self.cp.env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        wait_for(self.healthy, 60, "operator liveness endpoint")
+
+    def healthy(self) -> bool:
+        assert self.proc and self.proc.poll() is None, f"operator exited:\n{self.tail()}"
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+            return r.status == 200
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        """As a crash would: no clean shutdown."""
+        if self.proc:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+    def tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+@pytest.fixture(scope="module")
+def crd(control_plane):
+    r = control_plane.kubectl("apply", "-f", str(REPO / "crds" / "finetunejob.yaml"))
+    assert r.returncode == 0, r.stderr
+    r = control_plane.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s",
+                              timeout=70)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane, kubelet, crd, tmp_path_factory):
+    op = OperatorProcess(control_plane, tmp_path_factory.mktemp("operator"))
+    op.start()
+    yield op
+    op.stop()
+    print(f"\n--- operator log (last lines) ---\n{op.tail(30)}")
+
+
+@pytest.fixture
+def store(tmp_path) -> Path:
+    data = tmp_path / "identity.json"
+    data.write_text(json.dumps([{"instruction": "who are you?", "output": "kubetune"}]))
+    return tmp_path
+
+
+def quickstart(store: Path, name: str = "quickstart", step_s: float = 0.2, max_steps: int = 6,
+               every: int = 2, stages: list[dict] | None = None) -> dict:
+    """examples/quickstart.yaml, pointed at local storage and the fake runtime."""
+    doc = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    doc["metadata"]["name"] = name
+    spec = doc["spec"]
+    spec["model"]["name"] = f"fake/step-{step_s}s"
+    spec["data"][0]["source"] = str(store / "identity.json")
+    spec["storage"] = {"uri": str(store / "saves" / name)}
+    spec["checkpoint"] = {"everySteps": every, "keep": 2}
+    if stages is not None:
+        spec["stages"] = stages
+    for st in spec["stages"]:
+        st.setdefault("hyperparameters", {})["maxSteps"] = max_steps
+    return doc
+
+
+def apply(cp, doc: dict, ns: str) -> None:
+    r = cp.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(doc))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def ftj(kube, ns: str, name: str) -> dict:
+    return kube.get(f"{GROUP}/namespaces/{ns}/finetunejobs/{name}")
+
+
+def condition(obj: dict, type_: str) -> dict:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == type_), {})
+
+
+def wait_status(kube, ns, name, pred, timeout, what, op=None):
+    try:
+        return wait_for(lambda: (o := ftj(kube, ns, name)) and pred(o.get("status") or {}) and o, timeout, what,
+                        interval=0.3)
+    except TimeoutError:
+        st = (ftj(kube, ns, name).get("status") or {})
+        raise AssertionError(f"{what}: status {json.dumps(st, indent=1)}\n{op.tail() if op else ''}") from None
+
+
+def events(kube, ns: str, name: str) -> list[str]:
+    items = kube.get(f"/api/v1/namespaces/{ns}/events")["items"]
+    return [e["reason"] for e in sorted(items, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+            if e["involvedObject"].get("name") == name and e["involvedObject"].get("kind") == "FineTuneJob"]
+
+
+def jobs(kube, ns: str, name: str) -> list[dict]:
+    return kube.get(f"/apis/batch/v1/namespaces/{ns}/jobs", labelSelector=f"kubetune.io/job={name}")["items"]
+
+
+def pods(kube, ns: str, name: str) -> list[dict]:
+    return kube.get(f"/api/v1/namespaces/{ns}/pods", labelSelector=f"kubetune.io/job={name}")["items"]
+
+
+# --------------------------------------------------------------------------------------- tests
+
+
+def test_quickstart_runs_to_success_then_delete_collects_children(control_plane, kube, operator, namespace, store):
+    apply(control_plane, quickstart(store, step_s=0.5, max_steps=8), namespace)
+    running = wait_status(kube, namespace, "quickstart",
+                          lambda s: s.get("phase") == "Running" and (s.get("progress") or {}).get("step"),
+                          90, "Running with progress", operator)
+    st = running["status"]
+    assert st["stage"] == {"name": "sft", "index": 0, "count": 1}
+    assert condition(running, "Running")["status"] == "True"
+    assert condition(running, "Validated")["status"] == "True"
+    assert st["progress"]["totalSteps"] == 8 and "loss" in st["progress"] and st["progressText"].endswith("%")
+
+    # the children: one ConfigMap and one Job, labelled and owned
+    (job,) = jobs(kube, namespace, "quickstart")
+    assert job["metadata"]["name"] == "quickstart-sft"
+    assert job["metadata"]["labels"]["kubetune.io/stage"] == "sft"
+    assert job["metadata"]["ownerReferences"][0]["uid"] == running["metadata"]["uid"]
+    cm = kube.get(f"/api/v1/namespaces/{namespace}/configmaps/quickstart-sft")
+    assert json.loads(cm["data"]["stage.json"])["io"]["output"].endswith("/quickstart/sft/output")
+
+    # the printer columns, as a user sees them
+    r = control_plane.kubectl("get", "ftj", "-n", namespace)
+    assert r.returncode == 0, r.stderr
+    header, row = r.stdout.splitlines()[:2]
+    assert header.split() == ["NAME", "PHASE", "STAGE", "PROGRESS", "LOSS", "ETA", "AGE"]
+    assert row.split()[:3] == ["quickstart", "Running", "sft"] and row.split()[3].endswith("%")
+
+    done = wait_status(kube, namespace, "quickstart", lambda s: s.get("phase") in ("Succeeded", "Failed"), 90,
+                       "finished", operator)
+    st = done["status"]
+    assert st["phase"] == "Succeeded", st
+    assert condition(done, "Succeeded")["status"] == "True" and condition(done, "Running")["status"] == "False"
+    out = store / "saves" / "quickstart" / "sft" / "output"
+    assert st["output"]["uri"] == str(out)
+    assert json.loads((out / "COMMITTED.json").read_text())["steps"] == 8
+    assert st["stages"][0]["phase"] == "Succeeded" and st["stages"][0]["checkpoint"]["step"] >= 2
+    assert st["progressText"] == "100%" and st["startTime"] and st["completionTime"]
+    assert st["restartCount"] == 0
+    seen = wait_for(lambda: (ev := events(kube, namespace, "quickstart")) and "Succeeded" in ev and ev, 20, "events")
+    assert {"StageStarted", "StageRunning", "StageSucceeded", "Succeeded"} <= set(seen)
+    r = control_plane.kubectl("describe", "ftj", "-n", namespace, "quickstart")
+    assert "StageSucceeded" in r.stdout
+
+    # delete → children garbage-collected, storage kept
+    r = control_plane.kubectl("delete", "ftj", "-n", namespace, "quickstart", "--wait=true", "--timeout=60s", timeout=70)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: not jobs(kube, namespace, "quickstart"), 60, "Job garbage-collected")
+    wait_for(lambda: not kube.get(f"/api/v1/namespaces/{namespace}/configmaps",
+                                  labelSelector="kubetune.io/job=quickstart")["items"], 60, "ConfigMap collected")
+    wait_for(lambda: not pods(kube, namespace, "quickstart"), 60, "pods collected")
+    assert (out / "COMMITTED.json").exists()
+
+
+def test_pipeline_runs_stage_after_stage_across_an_operator_restart(control_plane, kube, operator, namespace, store):
+    stages = [{"name": "sft", "type": "sft"}, {"name": "dpo", "type": "dpo"}, {"name": "merge", "type": "export"}]
+    apply(control_plane, quickstart(store, name="pipe", step_s=0.3, max_steps=6, stages=stages), namespace)
+    wait_status(kube, namespace, "pipe", lambda s: (s.get("stage") or {}).get("name") == "dpo", 90,
+                "second stage", operator)
+    operator.kill()  # a crash mid-run
+    time.sleep(2)
+    operator.start()
+    done = wait_status(kube, namespace, "pipe", lambda s: s.get("phase") in ("Succeeded", "Failed"), 120,
+                       "pipeline finished", operator)
+    st = done["status"]
+    assert st["phase"] == "Succeeded", st
+    assert [r["phase"] for r in st["stages"]] == ["Succeeded"] * 3
+    assert st["output"]["uri"] == str(store / "saves" / "pipe" / "merge" / "output")
+    # exactly one Job per stage, created in order; each stage read the one before it
+    names = sorted((j["metadata"]["creationTimestamp"], j["metadata"]["name"]) for j in jobs(kube, namespace, "pipe"))
+    assert [n for _, n in names] == ["pipe-sft", "pipe-dpo", "pipe-merge"]
+    assert all(len([p for p in pods(kube, namespace, "pipe")
+                    if p["metadata"]["labels"]["kubetune.io/stage"] == s]) == 1 for s in ("sft", "dpo", "merge"))
+    dpo = json.loads((store / "saves" / "pipe" / "dpo" / "output" / "COMMITTED.json").read_text())
+    assert dpo["policy"]["adapter"] == str(store / "saves" / "pipe" / "sft" / "output")
+    assert events(kube, namespace, "pipe").count("StageStarted") == 3
+
+
+def test_killed_pod_resumes_from_checkpoint(control_plane, kube, operator, namespace, store):
+    apply(control_plane, quickstart(store, name="resume", step_s=0.4, max_steps=14, every=2), namespace)
+    wait_status(kube, namespace, "resume", lambda s: ((s.get("checkpoint") or {}).get("step") or 0) >= 4, 90,
+                "a checkpoint at step ≥ 4", operator)
+    (p,) = [p for p in pods(kube, namespace, "resume") if p["status"].get("phase") == "Running"]
+    r = control_plane.kubectl("delete", "pod", "-n", namespace, p["metadata"]["name"], "--wait=false")
+    assert r.returncode == 0, r.stderr
+    done = wait_status(kube, namespace, "resume", lambda s: s.get("phase") in ("Succeeded", "Failed"), 120,
+                       "finished after the pod was killed", operator)
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    committed = json.loads((store / "saves" / "resume" / "sft" / "output" / "COMMITTED.json").read_text())
+    assert committed["resumedFrom"] >= 4, committed
+    assert done["status"]["restartCount"] >= 1
+    assert "PodRetried" in events(kube, namespace, "resume")
+
+
+def test_suspend_then_resume(control_plane, kube, operator, namespace, store):
+    apply(control_plane, quickstart(store, name="pause", step_s=0.4, max_steps=14, every=2), namespace)
+    wait_status(kube, namespace, "pause", lambda s: ((s.get("checkpoint") or {}).get("step") or 0) >= 2, 90,
+                "a first checkpoint", operator)
+    r = control_plane.kubectl("patch", "ftj", "-n", namespace, "pause", "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    assert r.returncode == 0, r.stderr
+    st = wait_status(kube, namespace, "pause", lambda s: s.get("phase") == "Suspended", 30, "Suspended", operator)
+    assert condition(st, "Suspended")["status"] == "True"
+    job = kube.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/pause-sft")
+    assert job["spec"]["suspend"] is True
+    wait_for(lambda: not [p for p in pods(kube, namespace, "pause") if p["status"].get("phase") in ("Pending", "Running")],
+             60, "pods gone while suspended")
+    kept = ftj(kube, namespace, "pause")["status"]
+    assert kept["progress"]["step"] >= 2 and kept["phase"] == "Suspended"
+    r = control_plane.kubectl("patch", "ftj", "-n", namespace, "pause", "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    assert r.returncode == 0, r.stderr
+    done = wait_status(kube, namespace, "pause", lambda s: s.get("phase") in ("Succeeded", "Failed"), 120,
+                       "finished after resume", operator)
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    committed = json.loads((store / "saves" / "pause" / "sft" / "output" / "COMMITTED.json").read_text())
+    assert committed["resumedFrom"] >= 2
+    seen = events(kube, namespace, "pause")
+    assert "Suspended" in seen and "Resumed" in seen
+
+
+def test_bad_dataset_fails_at_once_with_the_reason(control_plane, kube, operator, namespace, store):
+    doc = quickstart(store, name="baddata")
+    doc["spec"]["data"][0]["source"] = str(store / "missing.json")
+    apply(control_plane, doc, namespace)
+    done = wait_status(kube, namespace, "baddata", lambda s: s.get("phase") in ("Succeeded", "Failed"), 90,
+                       "finished", operator)
+    failed = condition(done, "Failed")
+    assert done["status"]["phase"] == "Failed" and failed["status"] == "True"
+    assert failed["reason"] == "BadInput"
+    assert "missing.json: file not found" in failed["message"] and "data[0].source" in failed["message"]
+    assert len(pods(kube, namespace, "baddata")) == 1  # no retries
+    assert done["status"]["restartCount"] == 0
+    (job,) = jobs(kube, namespace, "baddata")
+    assert job["status"].get("failed") == 1
+    time.sleep(3)  # and nothing is retried or recreated afterwards
+    assert len(pods(kube, namespace, "baddata")) == 1 and len(jobs(kube, namespace, "baddata")) == 1
+
+
+def test_missing_storage_is_a_condition(control_plane, kube, operator, namespace, store):
+    doc = quickstart(store, name="nostore")
+    del doc["spec"]["storage"]
+    apply(control_plane, doc, namespace)
+    st = wait_status(kube, namespace, "nostore", lambda s: s.get("conditions"), 30, "conditions", operator)
+    v = condition(st, "Validated")
+    assert v["status"] == "False" and v["reason"] == "StorageRequired" and "spec.storage.uri" in v["message"]
+    assert not jobs(kube, namespace, "nostore")
+    # fixing the spec starts it
+    r = control_plane.kubectl("patch", "ftj", "-n", namespace, "nostore", "--type=merge", "-p",
+                              json.dumps({"spec": {"storage": {"uri": str(store / "saves" / "nostore")}}}))
+    assert r.returncode == 0, r.stderr
+    wait_status(kube, namespace, "nostore", lambda s: s.get("phase") == "Succeeded", 90, "Succeeded after fix", operator)
+    assert operator.healthy()
