@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "appended (env KUBETUNE_OPERATOR_RUNTIME_COMMAND)")
     p.add_argument("--log-format", choices=["json", "plain"], default=_env("LOG_FORMAT", "json"),
                    help="structured JSON logs (default) or plain text (env KUBETUNE_OPERATOR_LOG_FORMAT)")
+    p.add_argument("--print-peering-manifests", action="store_true",
+                   help="print the kopf peering CRDs and objects this configuration needs, then exit")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     return p
 

@@ -21,6 +21,7 @@ import kopf
 
 from .config import OperatorConfig, parse_config
 from .handlers import register
+from .peering import peering_yaml
 
 log = logging.getLogger("kubetune.operator")
 
@@ -28,6 +29,9 @@ log = logging.getLogger("kubetune.operator")
 def run_operator(argv: list[str] | None = None) -> int:
     """Parse flags, register the handlers and run until SIGTERM/SIGINT. Returns the exit code."""
     config, args = parse_config(argv)
+    if args.print_peering_manifests:
+        sys.stdout.write(peering_yaml(config.peering, config.namespaces))
+        return 0
     kopf.configure(
         verbose=args.verbose,
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
