@@ -1,0 +1,194 @@
+"""Training progress: the `/progress` contract with the operator and the local progress line.
+
+No torch, no transformers: the operator side (and tests) may import this module.
+
+The operator polls ``GET /progress`` on the rank-0 pod and copies the numbers into
+``FineTuneJob.status.progress`` / ``.checkpoint`` / ``.output``. The JSON document has exactly
+these keys (`PROGRESS_KEYS`)::
+
+    {"job": "llama3-identity", "stage": "sft", "rank": 0,
+     "phase": "running",                 # "running" | "finished" | "failed"
+     "step": 420, "totalSteps": 1200, "epoch": 1.05,
+     "loss": 0.91, "learningRate": 8.4e-05,
+     "tokensPerSecond": 5210.0, "etaSeconds": 1830.0,
+     "checkpoint": {"uri": "s3://.../sft/checkpoint-400", "step": 400},   # or null
+     "output": {"uri": "s3://.../merge/model"},                            # or null
+     "updatedAt": "2025-01-01T12:00:00Z"}
+
+Numbers not known yet (no loss logged, no throughput measured) are ``null``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any, TextIO
+
+PHASES = ("running", "finished", "failed")
+
+PROGRESS_KEYS = ("job", "stage", "rank", "phase", "step", "totalSteps", "epoch", "loss",
+                 "learningRate", "tokensPerSecond", "etaSeconds", "checkpoint", "output",
+                 "updatedAt")
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _finite(value: Any) -> float | None:
+    """A JSON-safe float: None for None, NaN and infinities (JSON has no NaN)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class ProgressState:
+    """The progress of one stage in one process; thread-safe; `snapshot()` is the JSON document.
+
+    The training callback (`kubetune.runtime.metrics.MetricsCallback`) updates the numbers; the
+    stage code calls `set_checkpoint`, `set_output` and `set_phase`.
+    """
+
+    def __init__(self, job: str, stage: str, rank: int = 0):
+        self._lock = threading.Lock()
+        self._doc: dict[str, Any] = {
+            "job": job, "stage": stage, "rank": int(rank), "phase": "running",
+            "step": 0, "totalSteps": 0, "epoch": None, "loss": None, "learningRate": None,
+            "tokensPerSecond": None, "etaSeconds": None, "checkpoint": None, "output": None,
+            "updatedAt": _utc_now(),
+        }
+
+    def update(self, **fields: Any) -> None:
+        """Set some of the numeric fields (step, totalSteps, epoch, loss, learningRate,
+        tokensPerSecond, etaSeconds)."""
+        allowed = {"step", "totalSteps", "epoch", "loss", "learningRate", "tokensPerSecond",
+                   "etaSeconds"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise KeyError(f"not a numeric progress field: {sorted(unknown)}")
+        clean: dict[str, Any] = {}
+        for key, value in fields.items():
+            if key in ("step", "totalSteps"):
+                clean[key] = int(value or 0)
+            else:
+                clean[key] = _finite(value)
+        with self._lock:
+            self._doc.update(clean)
+            self._doc["updatedAt"] = _utc_now()
+
+    def set_phase(self, phase: str) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {', '.join(PHASES)}, not {phase!r}")
+        with self._lock:
+            self._doc["phase"] = phase
+            self._doc["updatedAt"] = _utc_now()
+
+    def set_checkpoint(self, uri: str, step: int) -> None:
+        with self._lock:
+            self._doc["checkpoint"] = {"uri": str(uri), "step": int(step)}
+            self._doc["updatedAt"] = _utc_now()
+
+    def set_output(self, uri: str) -> None:
+        with self._lock:
+            self._doc["output"] = {"uri": str(uri)}
+            self._doc["updatedAt"] = _utc_now()
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of the document (the `/progress` response body)."""
+        with self._lock:
+            doc = dict(self._doc)
+        for key in ("checkpoint", "output"):
+            if doc[key] is not None:
+                doc[key] = dict(doc[key])
+        return doc
+
+
+def format_duration(seconds: float | None) -> str:
+    """``93`` → ``1m33s``, ``7322`` → ``2h02m``; ``--`` when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "--"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    hours, rest = divmod(seconds, 3600)
+    if hours < 48:
+        return f"{hours}h{rest // 60:02d}m"
+    return f"{hours // 24}d{hours % 24:02d}h"
+
+
+def format_progress(doc: dict[str, Any], width: int = 20) -> str:
+    """One line for a terminal from a `/progress` document, e.g.::
+
+        sft [#######-------------]  35%  step 420/1200  loss 0.9100  5,210 tok/s  ETA 30m30s
+    """
+    step, total = int(doc.get("step") or 0), int(doc.get("totalSteps") or 0)
+    frac = min(max(step / total, 0.0), 1.0) if total > 0 else 0.0
+    filled = int(round(frac * width))
+    parts = [f"{doc.get('stage', '')} [{'#' * filled}{'-' * (width - filled)}] {frac * 100:4.0f}%",
+             f"step {step}/{total if total else '?'}"]
+    loss = doc.get("loss")
+    parts.append(f"loss {loss:.4f}" if loss is not None else "loss --")
+    tps = doc.get("tokensPerSecond")
+    parts.append(f"{tps:,.0f} tok/s" if tps is not None else "-- tok/s")
+    phase = doc.get("phase", "running")
+    if phase == "running":
+        parts.append(f"ETA {format_duration(doc.get('etaSeconds'))}")
+    else:
+        parts.append(phase)
+    return "  ".join(parts)
+
+
+class ProgressLine:
+    """Prints `format_progress` lines for local mode (`kubetune run`).
+
+    On a terminal the line is redrawn in place (carriage return); elsewhere (logs, CI) a new
+    line is printed at most every `min_interval` seconds, plus always the final one.
+
+    Use::
+
+        line = ProgressLine()
+        line.update(callback.progress.snapshot())   # e.g. from a TrainerCallback's on_log
+        line.close()                                # ends the line
+    """
+
+    def __init__(self, stream: TextIO | None = None, min_interval: float = 10.0,
+                 width: int = 20):
+        self.stream = stream if stream is not None else sys.stderr
+        self.min_interval = min_interval
+        self.width = width
+        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last_print = -math.inf
+        self._last_len = 0
+        self._pending: str | None = None
+
+    def update(self, doc: dict[str, Any], force: bool = False) -> str:
+        text = format_progress(doc, self.width)
+        now = time.monotonic()
+        final = doc.get("phase") in ("finished", "failed")
+        if self._tty:
+            pad = " " * max(self._last_len - len(text), 0)
+            self.stream.write("\r" + text + pad)
+            self._last_len = len(text)
+            self.stream.flush()
+        elif force or final or now - self._last_print >= self.min_interval:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            self._last_print = now
+            self._pending = None
+        else:
+            self._pending = text
+        return text
+
+    def close(self) -> None:
+        if self._tty and self._last_len:
+            self.stream.write("\n")
+        elif self._pending is not None:
+            self.stream.write(self._pending + "\n")
+            self._pending = None
+        self.stream.flush()
