@@ -513,17 +513,21 @@ def prune_checkpoints(storage: Storage, stage_prefix: str, keep: int | None) -> 
 
 
 def commit_output(storage: Storage, stage_prefix: str, local_dir: str | os.PathLike, *,
-                  step: int | None = None, extra: dict | None = None) -> CommittedOutput:
+                  step: int | None = None, extra: dict | None = None,
+                  files: list[ManifestFile] | None = None,
+                  uploaded: set[str] | None = None) -> CommittedOutput:
     """Upload a stage's final output to ``<stage>/output/``, then write its marker.
 
     Once the marker exists `find_committed_output` returns it and a re-run skips the stage.
+    Blocking, no retries beyond botocore's; `CheckpointUploader.commit_output` adds the
+    outage-proof retries. `files` / `uploaded` as in `commit_checkpoint`.
 
     Raises:
         StorageError: an upload failed; the output then has no marker.
     """
     prefix = output_prefix(stage_prefix)
     manifest = _commit_dir(storage, prefix, local_dir, kind="output", step=step, extra=extra,
-                           files=None, uploaded=None)
+                           files=files, uploaded=uploaded)
     log.info("committed the output (%d files, %d bytes) to %s", len(manifest.files),
              manifest.total_bytes, storage.url(prefix))
     return CommittedOutput(prefix, storage.url(prefix), manifest)

@@ -6,6 +6,7 @@ Typical use from a transformers ``TrainerCallback``::
     # on_save:
     uploader.submit(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
     # at the end of the stage (before reporting success):
+    uploader.commit_output(final_dir)   # waits for checkpoints, then commits the output
     uploader.close()          # waits, raises CheckpointUploadError if the last upload failed
 """
 
@@ -22,8 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 from .base import Storage, iter_local_files
-from .checkpoints import (checkpoint_name, checkpoints_prefix, commit_checkpoint, hash_local_dir,
-                          prune_checkpoints)
+from .checkpoints import (CommittedOutput, checkpoint_name, checkpoints_prefix, commit_checkpoint,
+                          commit_output, hash_local_dir, output_prefix, prune_checkpoints)
 from .errors import CheckpointUploadError, StorageError
 
 log = logging.getLogger(__name__)
@@ -269,16 +270,18 @@ class CheckpointUploader:
         except (StorageError, OSError) as e:
             log.warning("pruning old checkpoints failed (will retry after the next one): %s", e)
 
-    def _upload(self, job: _Job) -> UploadResult:
-        name = checkpoint_name(job.step)
-        target = self.storage.url(checkpoints_prefix(self.stage_prefix) + "/" + name)
+    def _with_retries(self, what: str, target: str, local_dir: Path, kept: str, attempt_fn):
+        """Run `attempt_fn(uploaded)` until it succeeds, retrying retryable StorageErrors with
+        exponential backoff until no file completed for `retry_deadline` seconds.
+
+        Returns (result, attempts, files_hashed)."""
         t0 = time.monotonic()
         try:
-            files = hash_local_dir(job.local_dir)
-        except OSError as e:
+            files = hash_local_dir(local_dir)
+        except (OSError, ValueError) as e:
             raise CheckpointUploadError(
-                f"cannot read the local checkpoint {job.local_dir} to upload it to {target}: "
-                f"{e}", uri=target, local_dir=str(job.local_dir), retryable=False) from e
+                f"cannot read the local folder {local_dir} to upload it to {target}: {e}",
+                uri=target, local_dir=str(local_dir), retryable=False) from e
         uploaded: set[str] = set()
         attempt = 0
         last_progress = time.monotonic()
@@ -286,38 +289,65 @@ class CheckpointUploader:
             attempt += 1
             done_before = len(uploaded)
             try:
-                committed = commit_checkpoint(self.storage, self.stage_prefix, job.local_dir,
-                                              job.step, extra=job.extra, files=files,
-                                              uploaded=uploaded)
-                break
+                return attempt_fn(files, uploaded), attempt, files
             except StorageError as e:
                 now = time.monotonic()
                 if len(uploaded) > done_before:
                     last_progress = now
                 left = self.retry_deadline - (now - last_progress)
-                kept = self._kept_message(job)
                 if not e.retryable:
                     raise CheckpointUploadError(
-                        f"uploading {name} to {target} failed: {e}. {kept}",
-                        uri=target, local_dir=str(job.local_dir), retryable=False) from e
+                        f"uploading {what} to {target} failed: {e}. {kept}",
+                        uri=target, local_dir=str(local_dir), retryable=False) from e
                 if left <= 0:
                     raise CheckpointUploadError(
-                        f"uploading {name} to {target} failed after {attempt} attempts over "
+                        f"uploading {what} to {target} failed after {attempt} attempts over "
                         f"{now - t0:.0f}s (no progress for {self.retry_deadline:g}s): {e}. "
-                        f"{kept}", uri=target, local_dir=str(job.local_dir)) from e
+                        f"{kept}", uri=target, local_dir=str(local_dir)) from e
                 delay = min(self.backoff_max, self.backoff_initial * 2 ** (attempt - 1))
-                delay = min(left, delay * random.uniform(0.8, 1.2))
+                delay = max(0.0, min(left, delay * random.uniform(0.8, 1.2)))
                 log.warning("uploading %s failed (attempt %d): %s; retrying in %.1fs "
                             "(giving up after %.1fs more without progress)",
-                            name, attempt, e, delay, left)
+                            what, attempt, e, delay, left)
                 time.sleep(delay)
+
+    def _upload(self, job: _Job) -> UploadResult:
+        name = checkpoint_name(job.step)
+        target = self.storage.url(checkpoints_prefix(self.stage_prefix) + "/" + name)
+        t0 = time.monotonic()
+        committed, attempts, files = self._with_retries(
+            name, target, job.local_dir, self._kept_message(job),
+            lambda files, uploaded: commit_checkpoint(
+                self.storage, self.stage_prefix, job.local_dir, job.step, extra=job.extra,
+                files=files, uploaded=uploaded))
         seconds = time.monotonic() - t0
         if job.staged:
             shutil.rmtree(job.local_dir, ignore_errors=True)
         return UploadResult(step=job.step, name=name, uri=committed.uri,
                             local_dir=str(job.local_dir), files=len(files),
                             bytes=committed.manifest.total_bytes, seconds=seconds,
-                            attempts=attempt, wait_seconds=job.wait_seconds)
+                            attempts=attempts, wait_seconds=job.wait_seconds)
+
+    def commit_output(self, local_dir: str | os.PathLike, *, step: int | None = None,
+                      extra: dict | None = None) -> CommittedOutput:
+        """Wait for pending checkpoint uploads, then commit the stage's final output.
+
+        Runs in the calling thread with the same retry policy as checkpoint uploads (an S3
+        outage at the very end of a stage does not throw the stage away). Call `close` after.
+
+        Raises:
+            CheckpointUploadError: a pending checkpoint upload failed, or the output could not
+                be uploaded before the deadline (the local folder is kept).
+        """
+        self.flush()
+        local_dir = Path(local_dir)
+        target = self.storage.url(output_prefix(self.stage_prefix))
+        return self._with_retries(
+            "the output", target, local_dir,
+            f"The output is kept locally at {local_dir}; it was not committed",
+            lambda files, uploaded: commit_output(self.storage, self.stage_prefix, local_dir,
+                                                  step=step, extra=extra, files=files,
+                                                  uploaded=uploaded))[0]
 
     @staticmethod
     def _kept_message(job: _Job) -> str:

@@ -18,6 +18,7 @@ from kubetune.runtime.storage import (
     CheckpointUploader,
     CheckpointUploadError,
     download_checkpoint,
+    find_committed_output,
     find_latest_checkpoint,
     list_committed_checkpoints,
     open_storage,
@@ -74,7 +75,7 @@ def test_submit_returns_at_once_and_the_next_submit_waits(pausable_moto_server, 
 
 def test_upload_retries_through_an_outage(pausable_moto_server, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="kubetune")
-    store = s3(pausable_moto_server, read_timeout=0.5, connect_timeout=0.5, max_attempts=1)
+    store = s3(pausable_moto_server, read_timeout=0.2, connect_timeout=0.5, max_attempts=1)
     local = make_checkpoint(tmp_path, 7)
     up = CheckpointUploader(store, STAGE, retry_deadline=30, backoff_initial=0.2,
                             backoff_max=0.5)
@@ -158,3 +159,35 @@ def test_uploader_prunes_and_survives_a_failing_hook(moto_server, tmp_path, capl
     assert "the on_uploaded hook failed" in caplog.text
     with pytest.raises(RuntimeError, match="closed"):
         up.submit(make_checkpoint(tmp_path, 50), 50)
+
+
+def test_final_output_commit_waits_for_checkpoints_and_outlasts_an_outage(
+        pausable_moto_server, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="kubetune")
+    store = s3(pausable_moto_server, read_timeout=0.2, connect_timeout=0.5, max_attempts=1)
+    out = tmp_path / "final"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes(b"final weights")
+    up = CheckpointUploader(store, STAGE, retry_deadline=30, backoff_initial=0.2,
+                            backoff_max=0.5)
+
+    def resume_after_a_retry():
+        try:
+            wait_for(lambda: "retrying in" in caplog.text, 20, "a logged retry")
+        finally:
+            pausable_moto_server.resume()
+
+    pausable_moto_server.pause()
+    resumer = threading.Thread(target=resume_after_a_retry)
+    resumer.start()
+    try:
+        up.submit(make_checkpoint(tmp_path, 50), 50)
+        committed = up.commit_output(out, step=50)
+    finally:
+        resumer.join()
+        pausable_moto_server.resume()
+    up.close()
+    assert [r.step for r in up.results] == [50]  # the checkpoint went first
+    found = find_committed_output(store, STAGE)
+    assert found is not None and found.uri == committed.uri and found.manifest.step == 50
+    assert find_latest_checkpoint(store, STAGE).step == 50
