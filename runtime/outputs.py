@@ -7,6 +7,7 @@ tools and habits keep working) and keeps the numbers for the summary.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -89,10 +90,11 @@ def plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> Path | N
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="#9ecae1", linewidth=1, label="loss")
-        if len(losses) >= 5:  # exponential moving average, as LLaMA-Factory smooths it
+        if len(losses) >= 5:  # exponential moving average, heavier the more points there are
+            weight = 1.8 * (1 / (1 + math.exp(-0.05 * len(losses))) - 0.5)
             smoothed, last = [], losses[0]
             for v in losses:
-                last = 0.9 * last + 0.1 * v
+                last = weight * last + (1 - weight) * v
                 smoothed.append(last)
             ax.plot(steps, smoothed, color="#08519c", linewidth=2, label="smoothed")
     if evals:

@@ -92,7 +92,8 @@ def _tokenize_by_prefixes(messages: list[dict[str, str]], tokenizer) -> tuple[li
         before = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True) if k else ""
         upto = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
         if full.startswith(upto) and upto.startswith(before):
-            spans.append((len(before), len(upto)))
+            # the separator after the turn (usually a newline) belongs to the template, not the answer
+            spans.append((len(before), len(upto.rstrip())))
         else:  # the template rewrites earlier turns (e.g. strips reasoning): fall back to the content
             at = full.find(m["content"], spans[-1][1] if spans else 0)
             if at >= 0:

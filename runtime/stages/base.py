@@ -89,6 +89,7 @@ def common_args(ctx: StageContext, *, eval_enabled: bool = False) -> dict[str, A
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
         remove_unused_columns=True,
     )
     if gradient_checkpointing_kwargs := ({"use_reentrant": False} if hp.gradient_checkpointing else None):

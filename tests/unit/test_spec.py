@@ -1,0 +1,219 @@
+"""The FineTuneJob model: defaults, validation messages, the CRD it generates, overrides, plan."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubetune.runtime.crd import crd, crd_yaml
+from kubetune.runtime.errors import SpecError
+from kubetune.runtime.overrides import apply_overrides
+from kubetune.runtime.plan import plan
+from kubetune.runtime.spec import load_job, parse_job
+
+ROOT = Path(__file__).resolve().parents[2]
+
+BASE = {
+    "apiVersion": "kubetune.io/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "job"},
+    "spec": {
+        "model": {"name": "org/model"},
+        "data": [{"name": "d", "source": "data.json"}],
+        "stages": [{"name": "sft", "type": "sft"}],
+    },
+}
+
+
+def doc(**spec_updates):
+    d = copy.deepcopy(BASE)
+    d["spec"].update(spec_updates)
+    return d
+
+
+def test_defaults_match_llama_factory():
+    job = parse_job(doc())
+    stage = job.spec.stages[0]
+    assert stage.method == "lora"
+    assert stage.lora.rank == 8 and stage.lora.resolved_alpha == 16 and stage.lora.dropout == 0.0
+    assert stage.lora.target == ["all"]
+    assert stage.hyperparameters.cutoff_len == 2048
+    assert stage.hyperparameters.lr_scheduler == "cosine"
+    assert stage.freeze.trainable_layers == 2
+    assert stage.preference.beta == 0.1 and stage.preference.loss_type == "sigmoid"
+    assert job.spec.model.trust_remote_code is False
+
+
+def test_qlora_quantization_defaults():
+    job = parse_job(doc(stages=[{"name": "q", "type": "sft", "method": "qlora", "quantization": {"bits": 4}}]))
+    q = job.spec.stages[0].quantization
+    assert (q.bits, q.type, q.double_quantization) == (4, "nf4", True)
+
+
+# Each bad input and a fragment the message must contain (naming the field or file).
+BAD_INPUTS = [
+    ("unknown stage type", {"stages": [{"name": "a", "type": "sftt"}]}, "spec.stages[0].type"),
+    ("qlora without bits", {"stages": [{"name": "a", "type": "sft", "method": "qlora"}]}, "spec.stages[0].method: method qlora needs quantization.bits"),
+    ("negative learning rate", {"stages": [{"name": "a", "type": "sft", "hyperparameters": {"learningRate": -1}}]}, "learningRate"),
+    ("duplicate stage names", {"stages": [{"name": "a", "type": "sft"}, {"name": "a", "type": "dpo"}]}, "stage names must be unique"),
+    ("export first", {"stages": [{"name": "e", "type": "export"}]}, "first stage cannot be export"),
+    ("unknown template", {"template": "llama9"}, "spec.template"),
+    ("unknown method", {"stages": [{"name": "a", "type": "sft", "method": "lorra"}]}, "'lora', 'qlora', 'full' or 'freeze'"),
+    ("typo in a field", {"stages": [{"name": "a", "type": "sft", "hyperparameter": {}}]}, "did you mean `hyperparameters`"),
+    ("quantization bits 3", {"stages": [{"name": "a", "type": "sft", "method": "qlora", "quantization": {"bits": 3}}]}, "quantization.bits"),
+    ("zero batch size", {"stages": [{"name": "a", "type": "sft", "hyperparameters": {"batchSize": 0}}]}, "batchSize"),
+    ("stage name not a DNS label", {"stages": [{"name": "SFT_1", "type": "sft"}]}, "spec.stages[0].name"),
+    ("no stages", {"stages": []}, "spec.stages"),
+    ("no data", {"data": []}, "every training stage needs data"),
+    ("unknown dataset format", {"data": [{"name": "d", "source": "x.json", "format": "alpacca"}]}, "spec.data[0].format"),
+    ("lora dropout 1", {"stages": [{"name": "a", "type": "sft", "lora": {"dropout": 1.0}}]}, "lora.dropout"),
+    ("negative gpus", {"resources": {"gpusPerNode": -1}}, "resources.gpusPerNode"),
+    ("distill without teacher", {"stages": [{"name": "a", "type": "distill"}]}, "needs `teacher`"),
+    ("grpo without reward", {"stages": [{"name": "a", "type": "grpo"}]}, "need reward.modelStage"),
+    ("reward stage not rm", {"stages": [{"name": "s", "type": "sft"}, {"name": "g", "type": "grpo", "reward": {"modelStage": "s"}}]}, "must name an rm stage"),
+    ("checkpoint every 0 steps", {"checkpoint": {"everySteps": 0}}, "checkpoint.everySteps"),
+    ("bad addressing style", {"storage": {"uri": "s3://b/p", "addressingStyle": "sideways"}}, "storage.addressingStyle"),
+    ("unknown dtype", {"model": {"name": "m", "dtype": "fp8"}}, "spec.model.dtype"),
+    ("missing model", {"model": None}, "spec.model"),
+]
+
+
+@pytest.mark.parametrize("label,update,expected", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_inputs_are_rejected_naming_the_field(label, update, expected):
+    with pytest.raises(SpecError) as err:
+        parse_job(doc(**update))
+    assert expected in str(err.value), str(err.value)
+
+
+def test_bad_metadata_name():
+    d = doc()
+    d["metadata"]["name"] = "Not_Valid"
+    with pytest.raises(SpecError, match=r"metadata.name: must be a DNS label"):
+        parse_job(d)
+
+
+def test_wrong_kind_and_api_version():
+    d = doc()
+    d["kind"] = "TrainJob"
+    with pytest.raises(SpecError, match="kind: expected FineTuneJob"):
+        parse_job(d)
+    d = doc()
+    d["apiVersion"] = "kubetune.io/v2"
+    with pytest.raises(SpecError, match="apiVersion: expected kubetune.io/v1alpha1"):
+        parse_job(d)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    f = tmp_path / "job.yaml"
+    f.write_text("apiVersion: kubetune.io/v1alpha1\nkind: FineTuneJob\nspec: [unclosed\n")
+    with pytest.raises(SpecError) as err:
+        load_job(f)
+    assert str(f) in str(err.value) and "line" in str(err.value)
+
+
+def test_missing_file():
+    with pytest.raises(SpecError, match="file not found"):
+        load_job("/nonexistent/job.yaml")
+
+
+def test_crd_file_is_generated_output():
+    committed = (ROOT / "crds" / "finetunejob.yaml").read_text()
+    assert committed == crd_yaml(), "crds/finetunejob.yaml is stale: run `kubetune crd > crds/finetunejob.yaml`"
+
+
+def test_crd_is_structural_and_documented():
+    c = crd()
+    version = c["spec"]["versions"][0]
+    schema = version["schema"]["openAPIV3Schema"]
+    assert c["spec"]["names"]["shortNames"] == ["ftj"]
+    assert "status" in version["subresources"]
+    assert [col["name"] for col in version["additionalPrinterColumns"]] == ["Phase", "Stage", "Progress", "Loss", "ETA", "Age"]
+
+    problems = []
+
+    def walk(node, path):
+        if not isinstance(node, dict):
+            return
+        for bad in ("anyOf", "oneOf", "allOf", "$ref", "title", "default"):
+            if bad in node:
+                problems.append(f"{path}: {bad}")
+        if "type" not in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+            problems.append(f"{path}: no type")
+        if path.count(".") >= 2 and "description" not in node and not path.endswith("[]"):
+            problems.append(f"{path}: no description")
+        for k, v in node.get("properties", {}).items():
+            walk(v, f"{path}.{k}")
+        if "items" in node:
+            walk(node["items"], f"{path}[]")
+
+    walk(schema["properties"]["spec"], "spec")
+    assert not problems, problems
+    stage_rules = schema["properties"]["spec"]["properties"]["stages"]["items"]["x-kubernetes-validations"]
+    assert any("qlora" in r["rule"] for r in stage_rules)
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    d = apply_overrides(BASE, ["stages.0.hyperparameters.maxSteps=100", "model.name=other/model", "stages.0.lora.target=[q_proj, v_proj]"])
+    job = parse_job(d)
+    assert job.spec.stages[0].hyperparameters.max_steps == 100
+    assert job.spec.model.name == "other/model"
+    assert job.spec.stages[0].lora.target == ["q_proj", "v_proj"]
+    with pytest.raises(SpecError, match="index 3 is out of range"):
+        apply_overrides(BASE, ["stages.3.method=full"])
+    with pytest.raises(SpecError, match="learningRate"):
+        parse_job(apply_overrides(BASE, ["stages.0.hyperparameters.learningRate=-5"]))
+
+
+def test_plan_chains_adapters_and_models():
+    job = parse_job(doc(stages=[
+        {"name": "sft", "type": "sft", "method": "lora"},
+        {"name": "dpo", "type": "dpo", "method": "lora"},
+        {"name": "full", "type": "sft", "method": "full"},
+        {"name": "rm", "type": "rm", "method": "lora"},
+        {"name": "rloo", "type": "rloo", "reward": {"modelStage": "rm"}},
+        {"name": "merge", "type": "export"},
+    ]))
+    stages = plan(job, "s3://bucket/run")
+    sft, dpo, full, rm, rloo, merge = stages
+    assert sft.io.policy.model == "org/model" and sft.io.policy.adapter is None
+    assert sft.io.output == "s3://bucket/run/sft/output" and sft.io.output_kind == "adapter"
+    assert sft.stage.hyperparameters.learning_rate == 1e-4 and sft.stage.lora.alpha == 16
+    # dpo continues the sft adapter, with the sft model as its reference
+    assert dpo.io.policy.adapter == sft.io.output and not dpo.io.merge_adapter
+    assert dpo.io.reference.adapter == sft.io.output
+    # full fine-tuning merges the adapter first and writes a model
+    assert full.io.policy.adapter == dpo.io.output and full.io.merge_adapter and full.io.output_kind == "model"
+    # rm branches off the policy; rloo reads it as its reward, the policy is still `full`'s output
+    assert rm.io.policy.model == full.io.output
+    assert rloo.io.reward.model == rm.io.policy.model and rloo.io.reward.adapter == rm.io.output
+    assert rloo.io.policy.model == full.io.output
+    assert merge.io.policy.adapter == rloo.io.output and merge.io.output_kind == "model"
+    assert [s.index for s in stages] == list(range(6)) and all(s.count == 6 for s in stages)
+
+
+def test_plan_local_default_root():
+    stages = plan(parse_job(doc()))
+    assert stages[0].io.stage_root == "./saves/job/sft"
+
+
+def test_every_example_validates():
+    examples = sorted((ROOT / "examples").glob("*.yaml"))
+    assert examples
+    for f in examples:
+        load_job(f)
+
+
+def test_validate_cli_exit_codes(tmp_path):
+    good = ROOT / "examples" / "quickstart.yaml"
+    ok = subprocess.run([sys.executable, "-m", "kubetune.runtime", "validate", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "valid FineTuneJob" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(doc(stages=[{"name": "x", "type": "sft", "method": "qlora"}])))
+    res = subprocess.run([sys.executable, "-m", "kubetune.runtime", "validate", str(bad)], capture_output=True, text=True)
+    assert res.returncode == 42
+    assert "spec.stages[0].method" in res.stderr and "Traceback" not in res.stderr
