@@ -330,7 +330,7 @@ class MetricsCallback(TrainerCallback):
 
         # what the next publish writes; None = not known yet (no series)
         self._values: dict[str, float | None] = {k: None for k in self._g}
-        self._window: deque[tuple[float, int, float | None]] = deque()
+        self._window: deque[tuple[float, int, float]] = deque()
         self._counted_tokens: float | None = None
         self._counted_samples = 0.0
         self._samples_per_step = 0
@@ -375,7 +375,7 @@ class MetricsCallback(TrainerCallback):
 
     # ---- the trainer's events ---------------------------------------------------------------
 
-    def _tokens_seen(self, state) -> float | None:
+    def _tokens_seen(self, state) -> float:
         if self._trainer_counts_tokens:
             return float(getattr(state, "num_input_tokens_seen", 0) or 0)
         if self.total_tokens_fn is not None:
@@ -383,9 +383,12 @@ class MetricsCallback(TrainerCallback):
                 return float(self.total_tokens_fn())
             except Exception:
                 log.debug("total_tokens_fn failed", exc_info=True)
-        if self._added_tokens:
-            return float(self._added_tokens)
-        return None
+        return float(self._added_tokens)
+
+    def _tokens_known(self) -> bool:
+        """Whether any source counts tokens (else no token series, not a misleading 0)."""
+        return (self._trainer_counts_tokens or self.total_tokens_fn is not None
+                or self._added_tokens > 0)
 
     def _observe(self, state, now: float | None = None) -> None:
         """Fold the trainer state into the pending values (step, rates, ETA, counters)."""
@@ -400,14 +403,15 @@ class MetricsCallback(TrainerCallback):
         if v["total_steps"]:
             v["progress"] = min(step / v["total_steps"], 1.0)
 
-        # counters: add what is new since the last observation
-        if tokens is not None:
-            if self._counted_tokens is not None and tokens > self._counted_tokens:
-                self._tokens_total.labels(**self.labels).inc(tokens - self._counted_tokens)
-            elif self._counted_tokens is None:
-                self._tokens_total.labels(**self.labels)  # the series exists from the start
-            self._counted_tokens = tokens if self._counted_tokens is None else max(
-                tokens, self._counted_tokens)
+        # counters: add what is new since the last observation (the value at the start of
+        # training, e.g. a resumed run's tokens, is the baseline)
+        if self._counted_tokens is None:
+            self._counted_tokens = tokens
+        elif tokens > self._counted_tokens:
+            self._tokens_total.labels(**self.labels).inc(tokens - self._counted_tokens)
+            self._counted_tokens = tokens
+        if self._tokens_known():
+            self._tokens_total.labels(**self.labels)  # the series exists from the start
         window = self._window
         if window and step > window[-1][1] and self._samples_per_step:
             added = (step - window[-1][1]) * self._samples_per_step
@@ -420,7 +424,7 @@ class MetricsCallback(TrainerCallback):
         t0, s0, k0 = window[0]
         dt, ds = now - t0, step - s0
         if dt > 0 and ds > 0:
-            if tokens is not None and k0 is not None:
+            if self._tokens_known():
                 v["tokens_per_second"] = (tokens - k0) / dt
             if self._samples_per_step:
                 v["samples_per_second"] = ds * self._samples_per_step / dt
@@ -446,6 +450,7 @@ class MetricsCallback(TrainerCallback):
             self._trainer_counts_tokens = getattr(
                 args, "include_num_input_tokens_seen", "no") not in ("no", False, None)
             self._window.clear()
+            self._counted_tokens = None
             self._samples_total.labels(**self.labels)  # the series exists from the start
             torch = sys.modules.get("torch")
             if torch is not None:
