@@ -453,10 +453,14 @@ def download_latest_checkpoint(storage: Storage, stage_prefix: str,
     latest = find_latest_checkpoint(storage, stage_prefix)
     if latest is None:
         return None
-    candidates = [latest] + [c for c in reversed(list_committed_checkpoints(storage, stage_prefix))
-                             if c.step < latest.step]
+    def candidates():
+        yield latest
+        for c in reversed(list_committed_checkpoints(storage, stage_prefix)):  # only if needed
+            if c.step < latest.step:
+                yield c
+
     last_error: StorageError | None = None
-    for c in candidates:
+    for c in candidates():
         try:
             path = download_checkpoint(storage, c, Path(local_root) / c.name)
         except (StorageIntegrityError, StorageNotFoundError) as e:

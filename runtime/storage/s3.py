@@ -205,6 +205,7 @@ class S3Storage(Storage):
             kwargs = dict(aws_access_key_id=credentials.access_key_id,
                           aws_secret_access_key=credentials.secret_access_key,
                           aws_session_token=credentials.session_token)
+        region = region or os.environ.get("AWS_REGION") or None
         session = boto3.session.Session(region_name=region, botocore_session=_botocore_session(),
                                         **kwargs)
         self.region = session.region_name or "us-east-1"
@@ -238,8 +239,8 @@ class S3Storage(Storage):
             **_CHECKSUM_OPTIONS,
         )
         self._client = session.client("s3", endpoint_url=endpoint, config=config)
-        self.endpoint = endpoint or self._client.meta.endpoint_url
-        self.endpoint_display = _display_endpoint(endpoint, self.region)
+        #: The endpoint in use, without any user-info part (safe to show).
+        self.endpoint_display = _display_endpoint(self._client.meta.endpoint_url, self.region)
         self._transfer = TransferConfig(
             multipart_threshold=multipart_threshold, multipart_chunksize=multipart_chunksize,
             max_concurrency=max_concurrency, use_threads=True,

@@ -258,3 +258,22 @@ def test_credentials_from_secret_directory(auth_server, tmp_path, monkeypatch):
 def test_credentials_dir_argument_missing(tmp_path):
     with pytest.raises(StorageError, match="does not exist"):
         open_storage("s3://b", credentials_dir=tmp_path / "missing")
+
+
+def test_addressing_style_reaches_the_requests():
+    # *.localhost does not resolve here, so the request fails; the URL it was sent to shows
+    # where the bucket went (botocore's own before-send event; nothing is faked).
+    port = free_port()
+    urls = {}
+    for style in ("virtual", "path"):
+        store = open_storage("s3://kt-virt/p", endpoint=f"http://localhost:{port}",
+                             addressing_style=style, max_attempts=1, connect_timeout=1)
+
+        def record(request, style=style, **kw):
+            urls.setdefault(style, request.url)  # returns None: the request goes ahead
+
+        store.client.meta.events.register("before-send", record)
+        with pytest.raises(StorageError):
+            store.write_text("k", "v")
+    assert urls["virtual"] == f"http://kt-virt.localhost:{port}/p/k"
+    assert urls["path"] == f"http://localhost:{port}/kt-virt/p/k"
