@@ -1,0 +1,22 @@
+# Sourced by scripts/quickstart.sh and scripts/test.sh: a virtual environment with kubetune and
+# its tested dependency versions, cached outside the repo and keyed by what it installs, so a
+# second run on the same machine starts in seconds. Set KUBETUNE_VENV to use another folder.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+EXTRAS="${KUBETUNE_EXTRAS:-all}"
+KEY="$(cat "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO/constraints.txt" | sha256sum | cut -c1-12)-$EXTRAS"
+VENV="${KUBETUNE_VENV:-$HOME/.cache/kubetune/venv-$KEY}"
+PY="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/.complete" ]; then
+  echo "kubetune: creating $VENV (first run on this machine downloads PyTorch and friends)" >&2
+  rm -rf "$VENV"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --upgrade pip
+  "$VENV/bin/pip" install --quiet -c "$REPO/constraints.txt" -e "$REPO[$EXTRAS]"
+  touch "$VENV/.complete"
+else
+  # point the editable install at this checkout (CI clones into a new folder each time)
+  "$VENV/bin/pip" install --quiet --no-deps -e "$REPO" >/dev/null
+fi
+export PATH="$VENV/bin:$PATH"
+export VIRTUAL_ENV="$VENV"
