@@ -20,6 +20,10 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+# Trainer log keys written above under LLaMA-Factory's names (or deliberately left out).
+_RENAMED = {"learning_rate", "num_input_tokens_seen", "epoch", "total_flos"}
+
+
 class TrainerLogCallback(TrainerCallback):
     """Appends LLaMA-Factory-style lines to `trainer_log.jsonl` in `log_dir`."""
 
@@ -62,6 +66,10 @@ class TrainerLogCallback(TrainerCallback):
             record["tokens_seen"] = logs["num_input_tokens_seen"]
         if "train_runtime" in logs:
             record.update({k: logs[k] for k in ("train_runtime", "train_loss") if k in logs})
+        # The stage's own signals (rewards, KL, margins, accuracies…) under the trainer's names.
+        for key, value in logs.items():
+            if key not in _RENAMED and key not in record and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                record[key] = value
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
