@@ -48,7 +48,7 @@ def _legend(fmt: str, labels: dict) -> str:
 
 
 def collect_panel_data(prometheus_url: str, namespace: str, job: str, start: float,
-                       end: float, step: float = 1.0) -> dict:
+                       end: float, step: float = 1.0, note: str = "") -> dict:
     dash = json.loads(DASHBOARD.read_text())
     by_title = {}
     for p in dash["panels"]:
@@ -71,7 +71,7 @@ def collect_panel_data(prometheus_url: str, namespace: str, job: str, start: flo
                                "t": [float(t) - start for t, _ in item["values"]],
                                "v": [float(v) * scale for _, v in item["values"]]})
         panels.append({"title": title, "ylabel": ylabel, "series": series})
-    return {"job": job, "namespace": namespace, "panels": panels}
+    return {"job": job, "namespace": namespace, "note": note, "panels": panels}
 
 
 def render(doc: dict, out: str | Path) -> None:
@@ -83,8 +83,9 @@ def render(doc: dict, out: str | Path) -> None:
     cols = 2
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(13, 3.1 * rows), squeeze=False)
-    fig.suptitle(f"kubetune dashboard: FineTuneJob {doc['namespace']}/{doc['job']} "
-                 "(tiny Llama, CPU, scraped by Prometheus)", fontsize=12)
+    note = f" ({doc['note']})" if doc.get("note") else ""
+    fig.suptitle(f"kubetune dashboard: FineTuneJob {doc['namespace']}/{doc['job']}{note}",
+                 fontsize=12)
     for ax, panel in zip(axes.flat, panels):
         ax.set_title(panel["title"], fontsize=10, loc="left")
         for s in panel["series"]:
