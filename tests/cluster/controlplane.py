@@ -42,7 +42,7 @@ KCM_CONTROLLERS = (
     "statefulset-controller", "endpoints-controller", "endpointslice-controller",
     "garbage-collector-controller", "namespace-controller", "serviceaccount-controller",
     "serviceaccount-token-controller", "root-ca-certificate-publisher-controller",
-    "ttl-after-finished-controller", "pod-garbage-collector-controller",
+    "ttl-after-finished-controller", "pod-garbage-collector-controller", "clusterrole-aggregation-controller",
 )
 SERVICE_CIDR = "10.0.0.0/24"
 

@@ -523,6 +523,7 @@ class PodWorker:
         if logdir.exists():
             shutil.rmtree(logdir, ignore_errors=True)  # a new pod with the same name
         logdir.mkdir(parents=True, exist_ok=True)
+        (logdir / ".containers").write_text(json.dumps([c["name"] for c in self.pod["spec"]["containers"]]))
         deadline = self.pod["spec"].get("activeDeadlineSeconds")
         t_start = time.monotonic()
         self.write_status()
@@ -1077,11 +1078,9 @@ class ProcessKubelet:
     def pod_logs(self, namespace: str, pod: str, container: str | None = None) -> str:
         """The container's output (stdout+stderr); the only/first container when none is named."""
         if container is None:
-            d = self.root / "logs" / namespace / pod
-            names = sorted(p.stem for p in d.glob("*.log")) if d.exists() else []
-            if not names:
+            index = self.root / "logs" / namespace / pod / ".containers"
+            if not index.exists():
                 return ""
-            spec = self.cp.client().get(f"/api/v1/namespaces/{namespace}/pods/{pod}")["spec"]
-            container = spec["containers"][0]["name"]
+            container = json.loads(index.read_text())[0]
         p = self.log_file(namespace, pod, container)
         return p.read_text(errors="replace") if p.exists() else ""
