@@ -110,10 +110,17 @@ def register(config: OperatorConfig, registry: kopf.OperatorRegistry | None = No
     """Register the handlers for `config` (the timer's interval comes from it)."""
     registry = registry if registry is not None else kopf.get_default_registry()
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # the same credentials as the kubernetes client: in-cluster, else KUBECONFIG
+        return kopf.login_via_client(**kwargs)
+
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.finalizer = "kubetune.io/finalizer"
-        settings.posting.enabled = False  # events are posted explicitly, one per transition
+        settings.posting.enabled = True  # kopf.info/kopf.warn: one event per transition
+        settings.posting.level = logging.INFO
+        settings.posting.loggers = False  # ...and not every log line
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
         settings.execution.max_workers = 8

@@ -36,6 +36,10 @@ def run_operator(argv: list[str] | None = None) -> int:
         verbose=args.verbose,
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
     )
+    if not args.verbose:
+        # kopf logs every successful handler/timer run at INFO; ours log what changed
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     registry = register(config, kopf.OperatorRegistry())
     priority = config.priority if config.priority is not None else random.randint(1, 2**31 - 1)
     log.info(
@@ -49,7 +53,8 @@ def run_operator(argv: list[str] | None = None) -> int:
         namespaces=list(config.namespaces),
         standalone=config.standalone,
         priority=priority,
-        peering_name=config.peering,
+        # a named peering is mandatory in kopf: a replica waits until the peering CRDs exist
+        peering_name=None if config.standalone else config.peering,
         liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz" if config.health_port else None,
     )
     return 0

@@ -389,7 +389,8 @@ def _current_stage(
         _pending(status, rec, conds, d, gen, now, "Pending", "Queued",
                  f"Job {jname} waits for Kueue to admit it (queue {queue})")
         return
-    if child is not None and s.pods_running(pods) > 0:
+    finishing = rec.get("phase") == "Running" and s.pods_succeeded(pods) > 0  # Complete is on its way
+    if child is not None and (s.pods_running(pods) > 0 or finishing):
         status["phase"] = "Running"
         if rec.get("phase") != "Running":
             d.info("StageRunning", f"Stage {_label(st)} is running")

@@ -214,6 +214,10 @@ def pods_running(pods: list[dict[str, Any]]) -> int:
     return sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Running")
 
 
+def pods_succeeded(pods: list[dict[str, Any]]) -> int:
+    return sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Succeeded")
+
+
 def pending_reason(pods: list[dict[str, Any]]) -> str | None:
     """Why a pod is not running yet: Unschedulable message or a container's waiting reason."""
     for p in pods:

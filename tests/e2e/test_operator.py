@@ -167,12 +167,12 @@ class OperatorProcess:
 
 
 @pytest.fixture(scope="module")
-def crd(control_plane):
+def crd(control_plane, kube):
     r = control_plane.kubectl("apply", "-f", str(REPO / "crds" / "finetunejob.yaml"))
     assert r.returncode == 0, r.stderr
-    r = control_plane.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s",
-                              timeout=70)
-    assert r.returncode == 0, r.stdout + r.stderr
+    wait_for(lambda: any(c["type"] == "Established" and c["status"] == "True" for c in kube.get(
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/finetunejobs.kubetune.io")["status"]["conditions"]),
+        60, "CRD established")
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +205,8 @@ def quickstart(store: Path, name: str = "quickstart", step_s: float = 0.2, max_s
         spec["stages"] = stages
     for st in spec["stages"]:
         st.setdefault("hyperparameters", {})["maxSteps"] = max_steps
+        # explicit: the CRD's CEL rule `self.method != 'qlora'` errors when `method` is left out
+        st.setdefault("method", "lora")
     return doc
 
 

@@ -325,3 +325,13 @@ def test_helpers():
     assert flipped[0]["lastTransitionTime"] == "2025-06-01T12:05:00Z"
     pods = [pod("j", "Running", index="1", ip="10.0.0.9"), pod("j", "Running", index="0", ip="10.0.0.8")]
     assert s.rank0_pod(pods)["status"]["podIP"] == "10.0.0.8"
+
+
+def test_a_finished_pod_keeps_the_stage_running_until_the_job_completes(config):
+    body, _ = step(ftj(), Observed(), config)
+    obs = Observed(jobs={"llama-sft": k8s_job("llama-sft", active=1)}, configmaps={"llama-sft": _cm(body, config)},
+                   pods={"llama-sft": [pod("llama-sft", "Running")]})
+    body, _ = step(body, obs, config)
+    obs.pods = {"llama-sft": [pod("llama-sft", "Succeeded", exit_code=0)]}
+    _, d = step(body, obs, config)
+    assert d.status["phase"] == "Running" and d.events == []
