@@ -352,6 +352,8 @@ def _current_stage(
                 "ownerReferences": [m.owner_reference(job, uid)]}}, why="adopt"))
             d.info("Adopted", f"Adopted Job {jname}")
         failed_pods = int((child.get("status") or {}).get("failed") or 0)
+        if s.job_failed(child):
+            failed_pods = max(0, failed_pods - 1)  # the last failure ended the stage: not retried
         if failed_pods > int(rec.get("restarts") or 0) and not s.job_failed(child):
             msg = s.job_failure_message(child, pods)
             d.warn("PodRetried", f"Stage {_label(st)}: a pod failed ({msg}); retry {failed_pods} of "

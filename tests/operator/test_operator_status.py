@@ -140,6 +140,7 @@ def test_bad_input_failure_carries_the_termination_message(config):
     assert f["status"] == "True" and f["reason"] == "BadInput"
     assert msg in f["message"] and "retries" not in f["message"]
     assert st["stages"][0]["phase"] == "Failed" and st["stages"][0]["message"] == msg
+    assert st["restartCount"] == 0
     assert st["completionTime"] == "2025-06-01T12:05:00Z"
     assert [(e.type, e.reason) for e in d.events] == [("Warning", "Failed")]
     # terminal: nothing is recreated even if the Job disappears
@@ -163,7 +164,7 @@ def test_retries_are_counted_and_reported(config):
     obs.jobs["llama-sft"] = k8s_job("llama-sft", conditions=[("Failed", "BackoffLimitExceeded")], failed=4)
     _, d3 = step(body, obs, config, now=LATER)
     assert cond(d3.status, "Failed")["reason"] == "BackoffLimitExceeded"
-    assert "after 4 retries" in cond(d3.status, "Failed")["message"]
+    assert "after 3 retries" in cond(d3.status, "Failed")["message"] and d3.status["restartCount"] == 3
 
 
 def test_deleted_job_is_recreated_and_orphan_is_adopted(config):
