@@ -77,6 +77,9 @@ from . import pki
 from .kubeapi import ApiError, KubeClient
 
 PODEXEC = str(Path(__file__).resolve().parent / "podexec.py")
+MOUNT_STATE = os.environ.get("KUBETUNE_KUBELET_MOUNT_STATE") or (
+    "/run/kubetune-process-kubelet-mounts.v2.json" if os.access("/run", os.W_OK) else
+    os.path.join(os.environ.get("TMPDIR", "/tmp"), "kubetune-process-kubelet-mounts.v2.json"))
 GPU = "nvidia.com/gpu"
 
 
@@ -170,8 +173,7 @@ class Kubelet:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.ips_free = [f"127.{ip_block}.{i // 250}.{i % 250 + 2}" for i in range(1000)]
-        self.mount_refs: dict[str, int] = {}
-        self.created_paths: dict[str, bool] = {}
+        self.my_mounts: dict[str, int] = {}
         self.log_port = 0
         self.api_host = client.host
         self.api_port = client.port
@@ -315,59 +317,75 @@ class Kubelet:
             if ip and ip not in self.ips_free:
                 self.ips_free.append(ip)
 
+    # Mount points that do not exist on the host are created for the bind mount and removed
+    # when no pod uses them any more. Several process kubelets (one per test session) may run
+    # on one host, so the reference counts live in one host-wide file under an flock.
+    def _mount_state(self):
+        import contextlib
+        import fcntl
+
+        @contextlib.contextmanager
+        def state():
+            with self.lock, open(MOUNT_STATE + ".lock", "a") as lk:
+                fcntl.flock(lk, fcntl.LOCK_EX)
+                try:
+                    data = json.loads(Path(MOUNT_STATE).read_text())
+                except (OSError, ValueError):
+                    data = {}
+                yield data
+                tmp = f"{MOUNT_STATE}.{os.getpid()}"
+                Path(tmp).write_text(json.dumps(data))
+                os.replace(tmp, MOUNT_STATE)
+        return state()
+
     def acquire_mount_point(self, target: str, is_file: bool) -> None:
-        with self.lock:
-            self.mount_refs[target] = self.mount_refs.get(target, 0) + 1
+        with self._mount_state() as st:
+            targets, created = st.setdefault("targets", {}), st.setdefault("created", [])
+            targets[target] = targets.get(target, 0) + 1
+            self.my_mounts[target] = self.my_mounts.get(target, 0) + 1
             if os.path.lexists(target):
                 return
-            # create the missing path (and parents), remembering what we made
-            made = []
             p = Path(target)
             for parent in reversed(p.parents):
                 if not parent.exists():
-                    parent.mkdir()
-                    made.append(str(parent))
+                    parent.mkdir(exist_ok=True)
+                    created.append(str(parent))
             if is_file:
-                p.touch()
+                p.touch(exist_ok=True)
             else:
-                p.mkdir()
-            made.append(target)
-            for m in made:
-                self.created_paths[m] = True
+                p.mkdir(exist_ok=True)
+            created.append(target)
 
     def release_mount_point(self, target: str) -> None:
-        with self.lock:
-            n = self.mount_refs.get(target, 0) - 1
-            if n > 0:
-                self.mount_refs[target] = n
-                return
-            self.mount_refs.pop(target, None)
-            self._remove_created(target)
-
-    def _remove_created(self, target: str) -> None:
-        for path in [target, *map(str, Path(target).parents)]:
-            if path not in self.created_paths or any(
-                    t == path or t.startswith(path.rstrip("/") + "/") for t in self.mount_refs):
-                break
-            try:
-                if os.path.isdir(path) and not os.path.islink(path):
-                    os.rmdir(path)
-                else:
-                    os.unlink(path)
-                del self.created_paths[path]
-            except OSError:
-                break
+        with self._mount_state() as st:
+            targets, created = st.setdefault("targets", {}), st.setdefault("created", [])
+            self.my_mounts[target] = self.my_mounts.get(target, 1) - 1
+            if not self.my_mounts[target]:
+                del self.my_mounts[target]
+            if target in targets:
+                targets[target] -= 1
+                if targets[target] <= 0:
+                    del targets[target]
+            # remove every path we created that no live mount point is at or below
+            for path in sorted(set(created), key=len, reverse=True):
+                prefix = path.rstrip("/") + "/"
+                if any(t == path or t.startswith(prefix) for t in targets):
+                    continue
+                try:
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        os.rmdir(path)
+                    elif os.path.lexists(path):
+                        os.unlink(path)
+                except OSError:
+                    continue  # not empty: someone else put something there; leave it
+                created.remove(path)
 
     def shutdown(self) -> None:
         self.stopping.set()
         for w in list(self.workers.values()):
             w.kill_all(grace=1.0)
-        with self.lock:
-            for t in sorted(self.created_paths, key=len, reverse=True):
-                try:
-                    os.rmdir(t) if os.path.isdir(t) else os.unlink(t)
-                except OSError:
-                    pass
+        for w in list(self.workers.values()):
+            w.cleanup()
 
     # -- container logs over HTTPS (for kubectl logs via the apiserver) -----------------------
     def log_path(self, ns: str, pod: str, container: str) -> Path:
@@ -508,6 +526,11 @@ class PodWorker:
             import traceback
             traceback.print_exc()
             self.kill_all(grace=1.0)
+            self.terminal_reason = ("ProcessKubeletError", f"the process kubelet failed: {e!r}")
+            try:
+                self.write_status(terminal=True)
+            except Exception as e2:  # noqa: BLE001
+                log(f"pod {self.ns}/{self.name}: could not write the failure: {e2!r}")
         finally:
             self.cleanup()
             self.finished = True
@@ -742,9 +765,9 @@ class PodWorker:
             self.k.delete_pod_now(self.pod)
 
     def cleanup(self) -> None:
-        for t in self.mount_targets:
+        targets, self.mount_targets = self.mount_targets, []
+        for t in targets:
             self.k.release_mount_point(t)
-        self.mount_targets = []
         self.k.free_ip(self.ip)
         shutil.rmtree(self.dir / "volumes", ignore_errors=True)
 

@@ -155,6 +155,9 @@ import time; time.sleep(60)
             volumes=[{"name": "config", "configMap": {"name": "cfg"}},
                      {"name": "podinfo", "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
                      {"name": "scratch", "emptyDir": {}}])
+    for leftover in ("/etc/kubetune-e2e/config", "/etc/kubetune-e2e/podinfo", "/etc/kubetune-e2e", "/scratch-e2e"):
+        if os.path.isdir(leftover):  # empty mount points a killed earlier run may have left
+            os.rmdir(leftover)
     apply(control_plane, cm, secret, p, ns=namespace)
     line = wait_for(lambda: next((ln for ln in kubelet.pod_logs(namespace, "envpod").splitlines()
                                   if ln.startswith("RESULT ")), None), 60, "pod output")
