@@ -63,6 +63,8 @@ def test_versions_are_the_pinned_releases(control_plane):
     assert v["serverVersion"]["minor"] == build.KUBERNETES_VERSION.split(".")[1]
     h = control_plane.run_tool("helm", "version", "--short")
     assert h.returncode == 0 and h.stdout.startswith(build.HELM_VERSION), h.stdout + h.stderr
+    h = control_plane.run_tool("helm", "list", "--all-namespaces", "-o", "json")
+    assert h.returncode == 0 and json.loads(h.stdout) == [], h.stdout + h.stderr
 
 
 def test_rbac_is_enforced(control_plane, namespace):
@@ -306,3 +308,14 @@ def test_restart_policy_on_failure_restarts_the_container(control_plane, kubelet
     assert c["restartCount"] == 1
     assert c["lastState"]["terminated"]["exitCode"] == 1
     assert kubelet.pod_logs(namespace, "retry").splitlines() == ["attempt 1", "attempt 2"]
+
+
+def test_kubectl_logs_follow_streams_until_exit(control_plane, kubelet, kube, namespace):
+    code = "import time\nprint('a', flush=True)\ntime.sleep(2)\nprint('b', flush=True)"
+    apply(control_plane, pod("chatty", [py("main", code)]), ns=namespace)
+    wait_phase(kube, namespace, "chatty", ("Running", "Succeeded"))
+    r = control_plane.kubectl("logs", "-f", "-n", namespace, "chatty", timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "a\nb\n"
+    r = control_plane.kubectl("logs", "--tail=1", "-n", namespace, "chatty")
+    assert r.stdout == "b\n", r.stdout + r.stderr
