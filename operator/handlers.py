@@ -29,6 +29,7 @@ log = logging.getLogger("kubetune.operator")
 
 _locks: dict[tuple[str, str], threading.Lock] = {}
 _locks_guard = threading.Lock()
+_cleaned: set[str] = set()  # finished jobs whose TTL clean-up has run (in this process)
 
 
 def _lock(namespace: str, name: str) -> threading.Lock:
@@ -142,10 +143,14 @@ def register(config: OperatorConfig, registry: kopf.OperatorRegistry | None = No
     def finetunejob_timer(body: kopf.Body, **_: Any) -> None:
         b = dict(body)
         st = b.get("status") or {}
+        uid = body.metadata.uid
         if _terminal(st) and st.get("observedGeneration") == body.metadata.get("generation"):
             left = next_check_seconds(b)
-            if left is None or left > 0:
-                return  # finished and nothing scheduled: no API traffic
+            if left is None or left > 0 or uid in _cleaned:
+                return  # finished and nothing (more) scheduled: no API traffic
+            reconcile_object(body.metadata.namespace, body.metadata.name, poll=False, config=config)
+            _cleaned.add(uid)  # the TTL clean-up ran; a restart runs it once more, harmlessly
+            return
         reconcile_object(body.metadata.namespace, body.metadata.name, poll=True, config=config)
 
     @kopf.on.event("batch", "v1", "jobs", labels={m.LABEL_JOB: kopf.PRESENT}, registry=registry)

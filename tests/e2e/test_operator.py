@@ -115,9 +115,11 @@ def free_port() -> int:
 class OperatorProcess:
     """`python -m kubetune.operator` as a child process, restartable."""
 
-    def __init__(self, control_plane, workdir: Path):
+    def __init__(self, control_plane, workdir: Path, peering: tuple[str, int] | None = None):
         self.cp = control_plane
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.peering = peering
         self.fake = workdir / "fake_runtime.py"
         self.fake.write_text(FAKE_RUNTIME)
         self.runtime_port = free_port()
@@ -129,7 +131,8 @@ class OperatorProcess:
     def start(self) -> None:
         self.starts += 1
         self.log = self.workdir / f"operator-{self.starts}.log"
-        argv = [sys.executable, "-m", "kubetune.operator", "--standalone", "--log-format", "plain",
+        mode = ["--peering", self.peering[0], "--priority", str(self.peering[1])] if self.peering else ["--standalone"]
+        argv = [sys.executable, "-m", "kubetune.operator", *mode, "--log-format", "plain",
                 "--poll-interval", "1", "--runtime-image", "kubetune/runtime:e2e",
                 "--runtime-metrics-port", str(self.runtime_port), "--health-port", str(self.health_port),
                 "--metrics-port", str(self.metrics_port), "--runtime-command", f"python {self.fake}"]
@@ -392,9 +395,47 @@ def test_missing_storage_is_a_condition(control_plane, kube, operator, namespace
     v = condition(st, "Validated")
     assert v["status"] == "False" and v["reason"] == "StorageRequired" and "spec.storage.uri" in v["message"]
     assert not jobs(kube, namespace, "nostore")
-    # fixing the spec starts it
-    r = control_plane.kubectl("patch", "ftj", "-n", namespace, "nostore", "--type=merge", "-p",
-                              json.dumps({"spec": {"storage": {"uri": str(store / "saves" / "nostore")}}}))
+    # fixing the spec starts it; ttlSecondsAfterFinished then cleans the children, not the outputs
+    fix = {"spec": {"storage": {"uri": str(store / "saves" / "nostore")}, "runPolicy": {"ttlSecondsAfterFinished": 2}}}
+    r = control_plane.kubectl("patch", "ftj", "-n", namespace, "nostore", "--type=merge", "-p", json.dumps(fix))
     assert r.returncode == 0, r.stderr
     wait_status(kube, namespace, "nostore", lambda s: s.get("phase") == "Succeeded", 90, "Succeeded after fix", operator)
+    wait_for(lambda: not jobs(kube, namespace, "nostore") and not pods(kube, namespace, "nostore"), 60,
+             "children deleted after the TTL")
+    assert not kube.get(f"/api/v1/namespaces/{namespace}/configmaps", labelSelector="kubetune.io/job=nostore")["items"]
+    st = ftj(kube, namespace, "nostore")["status"]
+    assert st["phase"] == "Succeeded" and st["output"]["uri"].endswith("/nostore/sft/output")
+    assert (store / "saves" / "nostore" / "sft" / "output" / "COMMITTED.json").exists()
+    assert "ChildrenDeleted" in events(kube, namespace, "nostore")
+    # a spec change after the end does not retrain
+    r = control_plane.kubectl("patch", "ftj", "-n", namespace, "nostore", "--type=merge", "-p",
+                              '{"spec":{"checkpoint":{"everySteps":3}}}')
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: "SpecChangeIgnored" in events(kube, namespace, "nostore"), 30, "SpecChangeIgnored event")
+    assert not jobs(kube, namespace, "nostore") and ftj(kube, namespace, "nostore")["status"]["observedGeneration"] == 3
     assert operator.healthy()
+
+
+def test_two_peered_replicas_never_both_act(control_plane, kube, crd, kubelet, namespace, store, tmp_path):
+    """Two operators in one kopf peering: the higher priority works, the other pauses."""
+    manifests = subprocess.run(
+        [sys.executable, "-m", "kubetune.operator", "--print-peering-manifests", "--peering", "e2e-peering"],
+        capture_output=True, text=True, check=True).stdout
+    # the peering object can be applied once its CRD is served
+    wait_for(lambda: control_plane.kubectl("apply", "-f", "-", input=manifests).returncode == 0, 30, "peering applied")
+    replicas = []
+    try:
+        for prio in (100, 200):
+            op = OperatorProcess(control_plane, tmp_path / f"replica-{prio}", peering=("e2e-peering", prio))
+            op.start()
+            replicas.append(op)
+        time.sleep(3)  # let them see each other
+        apply(control_plane, quickstart(store, name="peered"), namespace)
+        wait_status(kube, namespace, "peered", lambda s: s.get("phase") == "Succeeded", 90, "Succeeded", replicas[1])
+        low, high = (op.tail(400) for op in replicas)
+        assert "create Job peered-sft" in high
+        assert "peered" not in low and "Pausing" in low, low
+        assert len(jobs(kube, namespace, "peered")) == 1
+    finally:
+        for op in replicas:
+            op.stop()
