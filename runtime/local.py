@@ -80,23 +80,35 @@ def _work_dir(cfg: ResolvedStage, storage_is_local: bool) -> Path:
     return Path.home() / ".cache" / "kubetune" / "work" / cfg.job / cfg.name
 
 
-def execute_stage(cfg: ResolvedStage, base_dir: Path | None = None, callbacks: list | None = None) -> dict[str, Any]:
+def execute_stage(
+    cfg: ResolvedStage, base_dir: Path | None = None, server=None, console: str | None = None
+) -> dict[str, Any]:
     """Run one stage under the storage protocol. Returns its summary (with `skipped` when its
-    output was already committed)."""
+    output was already committed). Metrics and `/progress` are served by `server` when given;
+    `console` draws them on stderr: "bar" (redrawn on a terminal) or "lines"."""
     from transformers import TrainerCallback
 
     from .stages import stage_runner
     from .stages.base import StageContext
-    from .storage import CheckpointUploader, commit_output, download_latest_checkpoint, find_committed_output, open_storage
+    from .storage import CheckpointUploader, download_latest_checkpoint, find_committed_output, open_storage
     from .storage.factory import is_local_uri
 
     s = cfg.storage
     storage = open_storage(cfg.io.stage_root, endpoint=s.endpoint, region=s.region, addressing_style=s.addressing_style)
+    storage.check()  # a missing bucket or rejected credentials fail here, before any training
     done = find_committed_output(storage, "")
     if done is not None:
         log.info("stage %s: output already committed at %s, skipping", cfg.name, done.uri)
         return {"stage": cfg.name, "skipped": True, "output": done.uri}
     runner = stage_runner(cfg.stage.type, f"spec.stages[{cfg.index}].type")
+    metrics = _stage_metrics(cfg)
+    if server is not None:
+        server.attach(metrics)
+    callbacks = [metrics]
+    if console:
+        from .progress_bar import ConsoleProgress
+
+        callbacks.append(ConsoleProgress(metrics, plain=console == "lines"))
 
     work = _work_dir(cfg, is_local_uri(cfg.io.stage_root))
     shutil.rmtree(work, ignore_errors=True)  # scratch only: everything durable is in storage
@@ -105,7 +117,14 @@ def execute_stage(cfg: ResolvedStage, base_dir: Path | None = None, callbacks: l
     if restored is not None:
         log.info("stage %s: resuming from %s (step %d)", cfg.name, restored.checkpoint.uri, restored.checkpoint.step)
 
-    uploader = CheckpointUploader(storage, "", keep=cfg.checkpoint.keep, staging_dir=work / "staging")
+    uploader = CheckpointUploader(
+        storage,
+        "",
+        keep=cfg.checkpoint.keep,
+        staging_dir=work / "staging",  # hard-linked snapshots: the trainer may rotate its folders
+        retry_deadline=float(os.environ.get("KUBETUNE_UPLOAD_RETRY_SECONDS", "600")),
+        on_uploaded=metrics.on_uploaded,
+    )
 
     class CheckpointSync(TrainerCallback):
         """Hands every checkpoint the trainer saves to the background uploader."""
@@ -121,21 +140,25 @@ def execute_stage(cfg: ResolvedStage, base_dir: Path | None = None, callbacks: l
         cfg=cfg,
         work_dir=work,
         resolve=resolver,
-        callbacks=[CheckpointSync(), *(callbacks or [])],
+        callbacks=[CheckpointSync(), *callbacks],
         resume_from=restored.path if restored else None,
         base_dir=base_dir,
         fetch=resolver.fetch,
     )
     try:
         result = runner(ctx)
-        uploader.close()  # the last checkpoint is durable before the output counts
+        # waits for the last checkpoint, then commits the output (retrying through S3 outages)
+        committed = uploader.commit_output(result.output_dir, step=result.summary.get("steps"), extra={"summary": result.summary})
+        uploader.close()
+        metrics.set_output(committed.uri)
+        metrics.set_phase("finished")
     except BaseException:
+        metrics.set_phase("failed")
         try:
             uploader.close()
         except Exception as err:  # the original failure matters more
             log.warning("checkpoint upload also failed: %s", err)
         raise
-    committed = commit_output(storage, "", result.output_dir, step=result.summary.get("steps"), extra={"summary": result.summary})
     summary = dict(result.summary, output=committed.uri)
     log.info("stage %s: output committed to %s", cfg.name, committed.uri)
     return summary
@@ -178,25 +201,47 @@ def run_job(
     base_dir = Path(file).resolve().parent
     started = time.time()
     summaries = []
+    server = None
+    if metrics_port is not None:
+        from .metrics import start_metrics_server
+
+        server = start_metrics_server(port=metrics_port, addr=os.environ.get("KUBETUNE_METRICS_ADDR", "127.0.0.1"))
+        print(f"kubetune: metrics at {server.url}/metrics, progress at {server.url}/progress", file=sys.stderr)
     for cfg in stages:
         print(f"kubetune: stage {cfg.index + 1}/{cfg.count} {cfg.name} ({cfg.stage.type}/{cfg.stage.method})", file=sys.stderr)
-        callbacks = _stage_callbacks(cfg, metrics_port, progress)
         try:
-            summaries.append(execute_stage(cfg, base_dir, callbacks))
+            summaries.append(execute_stage(cfg, base_dir, server, "bar" if progress else "lines"))
         except UserError:
             raise
         except Exception as err:
+            if _is_permanent_storage_error(err):
+                raise UserError(str(err), f"stage {cfg.name} storage") from None
             log.exception("stage %s failed", cfg.name)
             print(f"error: stage {cfg.name} failed: {type(err).__name__}: {err}", file=sys.stderr)
             return EXIT_FAILED
     _print_summary(summaries, started)
+    if server is not None:
+        server.stop()
     return 0
 
 
-def _stage_callbacks(cfg: ResolvedStage, metrics_port: int | None, progress: bool) -> list:
-    from .progress_bar import ConsoleProgress
+def _stage_metrics(cfg: ResolvedStage):
+    from .metrics import MetricsCallback
 
-    return [ConsoleProgress(cfg, live=progress and sys.stderr.isatty())]
+    return MetricsCallback(
+        job=cfg.job,
+        namespace=cfg.namespace or "",
+        stage=cfg.name,
+        stage_type=cfg.stage.type,
+        method=cfg.stage.method,
+        rank=int(os.environ.get("RANK", "0")),
+    )
+
+
+def _is_permanent_storage_error(err: BaseException) -> bool:
+    from .storage import StorageError
+
+    return isinstance(err, StorageError) and not err.retryable
 
 
 def _write_termination_message(text: str) -> None:
@@ -224,7 +269,11 @@ def run_stage_config(config_path: str, metrics_port: int | None = None) -> int:
             from .spec import format_validation_error
 
             raise UserError("; ".join(format_validation_error(err)), config_path) from None
-        summary = execute_stage(cfg, None, _stage_callbacks(cfg, metrics_port, progress=False))
+        from .metrics import start_metrics_server
+
+        # the operator polls /progress on the pod IP (POD_IP) at $KUBETUNE_METRICS_PORT
+        server = start_metrics_server(port=metrics_port)
+        summary = execute_stage(cfg, None, server, console="lines")
         log.info("stage %s finished: %s", cfg.name, summary)
         return 0
     except UserError as err:
@@ -232,6 +281,10 @@ def run_stage_config(config_path: str, metrics_port: int | None = None) -> int:
         _write_termination_message(f"bad input: {err}")
         return EXIT_BAD_INPUT
     except Exception as err:
+        if _is_permanent_storage_error(err):
+            log.error("%s", err)
+            _write_termination_message(f"bad input: {err}")
+            return EXIT_BAD_INPUT
         log.exception("stage failed")
         _write_termination_message(f"{type(err).__name__}: {err}")
         return EXIT_FAILED

@@ -158,11 +158,12 @@ class ProgressLine:
     """
 
     def __init__(self, stream: TextIO | None = None, min_interval: float = 10.0,
-                 width: int = 20):
+                 width: int = 20, tty: bool | None = None):
         self.stream = stream if stream is not None else sys.stderr
         self.min_interval = min_interval
         self.width = width
-        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        # tty=False forces plain lines even on a terminal (`kubetune run --no-progress`)
+        self._tty = bool(getattr(self.stream, "isatty", lambda: False)()) if tty is None else tty
         self._last_print = -math.inf
         self._last_len = 0
         self._pending: str | None = None

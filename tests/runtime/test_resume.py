@@ -1,0 +1,156 @@
+"""Crash safety against a real S3 server (moto's standalone server as its own process):
+SIGKILL mid-run and resume from LATEST, torn checkpoints ignored, S3 outages survived, a dead
+S3 failing clearly without losing the local checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import job_doc, write_alpaca
+from tests.storage.support import TEST_KEY_ID, TEST_SECRET, MotoServer, boto_client, make_bucket
+
+STEPS, EVERY = 30, 5
+
+
+@pytest.fixture
+def s3(tmp_path):
+    server = MotoServer(tmp_path)
+    yield server
+    server.stop()
+
+
+def _env(tmp_path, **extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ACCESS_KEY_ID=TEST_KEY_ID, AWS_SECRET_ACCESS_KEY=TEST_SECRET, AWS_DEFAULT_REGION="us-east-1",
+               AWS_EC2_METADATA_DISABLED="true", KUBETUNE_CACHE_DIR=str(tmp_path / "cache"), **extra)
+    return env
+
+
+def _job(tmp_path, tiny_model, s3, bucket, steps=STEPS) -> Path:
+    data = write_alpaca(tmp_path / "d.json", repeat=2)
+    stage = {"name": "sft", "type": "sft", "method": "full",
+             "hyperparameters": {"maxSteps": steps, "batchSize": 2, "gradientAccumulation": 1, "learningRate": 1e-3,
+                                 "loggingSteps": 1, "cutoffLen": 64, "gradientCheckpointing": False}}
+    doc = job_doc("crash", tiny_model, [{"name": "d", "source": str(data)}], [stage], f"s3://{bucket}/runs/crash",
+                  checkpoint={"everySteps": EVERY, "keep": 3})
+    doc["spec"]["storage"]["endpoint"] = s3.endpoint
+    f = tmp_path / "job.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    return f
+
+
+def _run(job: Path, env, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kubetune.runtime", "run", str(job), "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=600, **kw)
+
+
+def _latest(s3, bucket) -> str | None:
+    try:
+        obj = boto_client(s3.endpoint).get_object(Bucket=bucket, Key="runs/crash/sft/checkpoints/LATEST")
+    except Exception:
+        return None
+    return obj["Body"].read().decode().strip()
+
+
+def _output_summary(s3, bucket) -> dict:
+    body = boto_client(s3.endpoint).get_object(Bucket=bucket, Key="runs/crash/sft/output/run.json")["Body"].read()
+    return json.loads(body)
+
+
+def test_sigkill_then_resume_from_latest_ignoring_a_torn_checkpoint(tiny_model, tmp_path, s3):
+    bucket = make_bucket(s3.endpoint)
+    job = _job(tmp_path, tiny_model, s3, bucket)
+    env = _env(tmp_path)
+    log_path = tmp_path / "first.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "kubetune.runtime", "run", str(job), "--no-progress"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while _latest(s3, bucket) != f"checkpoint-{2 * EVERY}":
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.time() < deadline, "no second checkpoint in time"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    first = log_path.read_text()
+    seen = [int(m) for m in re.findall(r"step (\d+)/30 ", first)]
+    last_step_before_kill = max(seen)
+
+    # A kill during an upload leaves files without a marker: plant one newer than LATEST.
+    client = boto_client(s3.endpoint)
+    src = "runs/crash/sft/checkpoints/checkpoint-10/"
+    for obj in client.list_objects_v2(Bucket=bucket, Prefix=src)["Contents"]:
+        if not obj["Key"].endswith("COMMITTED.json"):
+            client.copy_object(Bucket=bucket, Key=obj["Key"].replace("checkpoint-10", "checkpoint-25"),
+                               CopySource={"Bucket": bucket, "Key": obj["Key"]})
+
+    second = _run(job, env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    m = re.search(r"resuming from \S+ \(step (\d+)\)", second.stderr)
+    assert m, second.stderr[-3000:]
+    resumed = int(m.group(1))
+    assert resumed == 2 * EVERY  # the torn checkpoint-25 was not trusted
+    assert last_step_before_kill - resumed <= EVERY  # at most everySteps recomputed
+    summary = _output_summary(s3, bucket)
+    assert summary["steps"] == STEPS and summary["resumed_from_step"] == resumed
+    # the resumed run only trained the remaining steps
+    steps_run_twice = [int(s) for s in re.findall(r"step (\d+)/30 ", second.stderr)]
+    assert min(steps_run_twice) > resumed
+
+    # Running the finished job again trains nothing.
+    third = _run(job, env)
+    assert third.returncode == 0 and "skipping" in third.stderr and "step " not in third.stderr
+
+
+def test_training_survives_an_s3_outage(tiny_model, tmp_path, s3):
+    bucket = make_bucket(s3.endpoint)
+    job = _job(tmp_path, tiny_model, s3, bucket, steps=20)
+    log_path = tmp_path / "run.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "kubetune.runtime", "run", str(job), "--no-progress"],
+                                env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while _latest(s3, bucket) != f"checkpoint-{EVERY}":
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.05)
+        s3.pause()  # the S3 server hangs: no answers at all
+        try:
+            time.sleep(8)
+            assert proc.poll() is None  # training went on
+        finally:
+            s3.resume()
+        assert proc.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+    assert _latest(s3, bucket) == "checkpoint-20"
+    assert _output_summary(s3, bucket)["steps"] == 20
+
+
+def test_s3_gone_for_good_fails_clearly_and_keeps_the_local_checkpoint(tiny_model, tmp_path, s3):
+    bucket = make_bucket(s3.endpoint)
+    job = _job(tmp_path, tiny_model, s3, bucket, steps=20)
+    work = tmp_path / "work"
+    env = _env(tmp_path, KUBETUNE_UPLOAD_RETRY_SECONDS="6", KUBETUNE_WORK_DIR=str(work))
+    log_path = tmp_path / "run.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "kubetune.runtime", "run", str(job), "--no-progress"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while _latest(s3, bucket) != f"checkpoint-{EVERY}":
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.05)
+        s3.stop()  # connection refused from now on
+        code = proc.wait(timeout=300)
+    out = log_path.read_text()
+    assert code != 0
+    assert "checkpoint" in out and s3.endpoint in out and "Traceback" not in out.split("error:")[-1]
+    kept = list((work / "crash" / "sft" / "staging").glob("checkpoint-*"))
+    assert kept and all((k / "trainer_state.json").exists() for k in kept), list(work.rglob("*"))[:20]
