@@ -325,7 +325,7 @@ class StageSpec(Spec):
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule(
-            rule="self.method != 'qlora' || has(self.quantization)",
+            rule="!has(self.method) || self.method != 'qlora' || has(self.quantization)",
             message="method qlora needs quantization.bits (4 or 8)",
             check=lambda s: s.method != "qlora" or s.quantization is not None,
             field_path=".method",
@@ -338,7 +338,7 @@ class StageSpec(Spec):
         ),
         CelRule(
             rule="!(self.type in ['grpo', 'rloo', 'ppo']) || (has(self.reward) && "
-            "(has(self.reward.modelStage) || size(self.reward.functions) > 0))",
+            "(has(self.reward.modelStage) || (has(self.reward.functions) && size(self.reward.functions) > 0)))",
             message="grpo, rloo and ppo stages need reward.modelStage (an earlier rm stage) or reward.functions",
             check=lambda s: s.type not in ("grpo", "rloo", "ppo")
             or (s.reward is not None and (s.reward.model_stage is not None or len(s.reward.functions) > 0)),
