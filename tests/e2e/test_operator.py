@@ -208,7 +208,7 @@ def quickstart(store: Path, name: str = "quickstart", step_s: float = 0.2, max_s
         spec["stages"] = stages
     for st in spec["stages"]:
         st.setdefault("hyperparameters", {})["maxSteps"] = max_steps
-        # explicit: the CRD's CEL rule `self.method != 'qlora'` errors when `method` is left out
+        # explicit method: a CRD whose CEL rule reads self.method without has() rejects it when left out
         st.setdefault("method", "lora")
     return doc
 
@@ -400,9 +400,9 @@ def test_missing_storage_is_a_condition(control_plane, kube, operator, namespace
     r = control_plane.kubectl("patch", "ftj", "-n", namespace, "nostore", "--type=merge", "-p", json.dumps(fix))
     assert r.returncode == 0, r.stderr
     wait_status(kube, namespace, "nostore", lambda s: s.get("phase") == "Succeeded", 90, "Succeeded after fix", operator)
-    wait_for(lambda: not jobs(kube, namespace, "nostore") and not pods(kube, namespace, "nostore"), 60,
-             "children deleted after the TTL")
-    assert not kube.get(f"/api/v1/namespaces/{namespace}/configmaps", labelSelector="kubetune.io/job=nostore")["items"]
+    wait_for(lambda: not jobs(kube, namespace, "nostore") and not pods(kube, namespace, "nostore") and not kube.get(
+        f"/api/v1/namespaces/{namespace}/configmaps", labelSelector="kubetune.io/job=nostore")["items"], 60,
+        "children deleted after the TTL")
     st = ftj(kube, namespace, "nostore")["status"]
     assert st["phase"] == "Succeeded" and st["output"]["uri"].endswith("/nostore/sft/output")
     assert (store / "saves" / "nostore" / "sft" / "output" / "COMMITTED.json").exists()
@@ -416,8 +416,9 @@ def test_missing_storage_is_a_condition(control_plane, kube, operator, namespace
     assert operator.healthy()
 
 
-def test_two_peered_replicas_never_both_act(control_plane, kube, crd, kubelet, namespace, store, tmp_path):
+def test_two_peered_replicas_never_both_act(control_plane, kube, operator, namespace, store, tmp_path):
     """Two operators in one kopf peering: the higher priority works, the other pauses."""
+    operator.stop()  # the standalone operator of the other tests is not part of the peering
     manifests = subprocess.run(
         [sys.executable, "-m", "kubetune.operator", "--print-peering-manifests", "--peering", "e2e-peering"],
         capture_output=True, text=True, check=True).stdout
@@ -439,3 +440,4 @@ def test_two_peered_replicas_never_both_act(control_plane, kube, crd, kubelet, n
     finally:
         for op in replicas:
             op.stop()
+        operator.start()
