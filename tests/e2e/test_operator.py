@@ -293,6 +293,11 @@ def test_quickstart_runs_to_success_then_delete_collects_children(control_plane,
     assert {"StageStarted", "StageRunning", "StageSucceeded", "Succeeded"} <= set(seen)
     r = control_plane.kubectl("describe", "ftj", "-n", namespace, "quickstart")
     assert "StageSucceeded" in r.stdout
+    # the operator's own metrics
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    assert "kubetune_operator_reconciles_total" in text
+    assert 'kubetune_operator_child_actions_total{kind="Job",result="created",verb="create"}' in text
 
     # delete → children garbage-collected, storage kept
     r = control_plane.kubectl("delete", "ftj", "-n", namespace, "quickstart", "--wait=true", "--timeout=60s", timeout=70)
