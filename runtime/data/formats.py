@@ -234,6 +234,20 @@ def _prompt_messages(ctx: _Ctx, r: dict[str, Any], i: int) -> list[dict[str, str
     return msgs
 
 
+def _implicit_prompt(ctx: _Ctx, r: dict[str, Any], i: int) -> list[dict[str, str]] | None:
+    """TRL's implicit-prompt pairs: chosen and rejected are whole conversations that share every
+    turn but the last; the shared turns are the prompt. None when the record is not laid out so."""
+    chosen, rejected = r.get(ctx.col("chosen")), r.get(ctx.col("rejected"))
+    if not (isinstance(chosen, list) and isinstance(rejected, list) and len(chosen) > 1):
+        return None
+    if not all(isinstance(m, dict) and "role" in m and "content" in m for m in chosen + rejected):
+        return None
+    if chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        raise ctx.fail(i, f"without a {ctx.col('prompt')!r} column, chosen and rejected must be conversations that "
+                          "share every turn but the last, an assistant answer (TRL's implicit prompt)")
+    return [{"role": m["role"], "content": str(m["content"])} for m in chosen[:-1]]
+
+
 def _label(ctx: _Ctx, r: dict[str, Any], i: int) -> bool:
     value = ctx.get(r, i, "kto_tag")
     if not isinstance(value, bool):
@@ -274,7 +288,9 @@ def to_examples(records: list[dict[str, Any]], ds: DatasetSpec, kind: Kind, sour
             raise ctx.fail(None, "preference stages need pairs: set `ranking: true` (chosen/rejected columns) or format preference")
         ctx.require(records, ["chosen", "rejected"])
         for i, r in enumerate(records):
-            out.append({"prompt": _prompt_messages(ctx, r, i), "chosen": _answer(ctx, r, i, "chosen"), "rejected": _answer(ctx, r, i, "rejected")})
+            prompt = _implicit_prompt(ctx, r, i) if ds.format == "preference" and ctx.col("prompt") not in r else None
+            prompt = prompt if prompt is not None else _prompt_messages(ctx, r, i)
+            out.append({"prompt": prompt, "chosen": _answer(ctx, r, i, "chosen"), "rejected": _answer(ctx, r, i, "rejected")})
         return out
     if kind == "kto":
         ctx.require(records, ["kto_tag"])
