@@ -202,6 +202,18 @@ def apply_freeze(model, freeze: FreezeSpec, where: str = "freeze") -> int:
     return trainable
 
 
+def _merge_kwargs(adapter_path: str, auto_class: str) -> dict[str, Any]:
+    """A causal-LM adapter merged into a model with another head (an rm stage after sft): load it
+    as a plain PeftModel; the causal-LM wrapper would expect the generation methods."""
+    if auto_class == "AutoModelForCausalLM":
+        return {}
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(adapter_path)
+    config.task_type = None
+    return {"config": config}
+
+
 def load_policy(
     model_path: str,
     adapter_path: str | None,
@@ -226,7 +238,7 @@ def load_policy(
         from peft import PeftModel
 
         if merge_adapter:
-            m = PeftModel.from_pretrained(m, adapter_path).merge_and_unload()
+            m = PeftModel.from_pretrained(m, adapter_path, **_merge_kwargs(adapter_path, auto_class)).merge_and_unload()
         else:
             m = PeftModel.from_pretrained(m, adapter_path, is_trainable=True)
             return m, None
