@@ -20,14 +20,11 @@ starts from (`io.reference`, which the plan sets to `io.policy`):
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from ..errors import UserError
-from ..outputs import TrainerLogCallback
+from ..outputs import TrainerLogCallback, write_run_summary
 from .base import StageContext, StageResult, check_method, common_args, finish, train
-
-log = logging.getLogger(__name__)
 
 # The loss variants DPOTrainer accepts in TRL 1.16 (DPOConfig.loss_type / DPOTrainer._compute_loss);
 # tests/runtime/test_preference.py checks this tuple against the installed TRL's own list.
@@ -176,10 +173,9 @@ def conclude(trainer, tokenizer, result, duration, ctx: StageContext, log_cb: Tr
     extra: dict[str, Any] = {"signal": signal(log_cb, SIGNALS[ctx.cfg.stage.type])}
     if ctx.cfg.stage.type != "rm":
         extra["preference"] = pref.model_dump(by_alias=True)
-        extra["reference"] = ctx.cfg.io.reference.model_dump(exclude_none=True) if ctx.cfg.io.reference else None
+    if ctx.cfg.stage.type in ("dpo", "kto") and ctx.cfg.io.reference:  # orpo and simpo have none
+        extra["reference"] = ctx.cfg.io.reference.model_dump(exclude_none=True)
     out.summary.update(extra)
-    from ..outputs import write_run_summary
-
     write_run_summary(out.output_dir / "run.json", out.summary)
     return out
 
