@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
 
+    p = sub.add_parser(
+        "operator",
+        help="run the Kubernetes operator (kopf); `kubetune operator --help` lists its flags",
+        add_help=False,
+    )
+    p.add_argument("operator_args", nargs=argparse.REMAINDER)
+
     p = sub.add_parser("stage", help="run one resolved stage config (what runtime pods do)")
     p.add_argument("--config", required=True, help="resolved stage JSON (from the operator's ConfigMap)")
     p.add_argument("--metrics-port", type=int)
@@ -173,7 +180,14 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_operator(args) -> int:
+    from kubetune.operator.main import run_operator  # kopf, not torch
+
+    return run_operator(args.operator_args) or 0
+
+
 COMMANDS = {
+    "operator": _cmd_operator,
     "run": _cmd_run,
     "validate": _cmd_validate,
     "plan": _cmd_plan,
@@ -186,6 +200,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["operator"]:  # every flag belongs to the operator's own parser
+        return _cmd_operator(argparse.Namespace(operator_args=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

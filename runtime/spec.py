@@ -265,8 +265,9 @@ class PreferenceSpec(Spec):
 
     beta: float = _field("Preference beta (DPO/KTO/ORPO/SimPO temperature). Default 0.1.", 0.1, gt=0)
     loss_type: str = _field(
-        "DPO loss variant as TRL names it: sigmoid (default), ipo, hinge, robust, bco_pair, "
-        "exo_pair, nca_pair, apo_zero, apo_down, sppo_hard, aot, aot_pair, discopop.",
+        "Loss variant as TRL names it. dpo: sigmoid (default), hinge, ipo, exo_pair, nca_pair, "
+        "robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft, "
+        "sigmoid_norm. kto: sigmoid (KTO's own loss) or apo_zero_unpaired.",
         "sigmoid",
         max_length=32,
     )
