@@ -1,0 +1,131 @@
+"""The whole product on the real control plane, no stand-ins: the operator (a real process)
+turns a FineTuneJob into a Job whose pod runs the REAL runtime (`python -m kubetune.runtime
+stage`, through the process kubelet) — it downloads a tiny model and the data from a real S3
+server (moto's standalone server), trains with LoRA, uploads checkpoints and commits the
+adapter to S3, while the operator reads its /progress into the status."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.util import wait_for
+from test_operator import (  # noqa: F401  (crd is a module fixture)
+    OperatorProcess,
+    apply,
+    condition,
+    crd,
+    jobs,
+    wait_status,
+)
+from tests.conftest import CORPUS, IDENTITY
+from tests.storage.support import TEST_KEY_ID, TEST_SECRET, MotoServer, boto_client, make_bucket
+
+pytestmark = pytest.mark.e2e
+
+
+class RealRuntimeOperator(OperatorProcess):
+    """The operator with its default stage command: the real `kubetune.runtime`."""
+
+    def start(self) -> None:
+        self.starts += 1
+        self.log = self.workdir / f"operator-{self.starts}.log"
+        argv = [sys.executable, "-m", "kubetune.operator", "--standalone", "--log-format", "plain",
+                "--poll-interval", "1", "--runtime-image", "kubetune/runtime:e2e",
+                "--runtime-metrics-port", str(self.runtime_port), "--health-port", str(self.health_port),
+                "--metrics-port", str(self.metrics_port)]
+        self.proc = subprocess.Popen(argv, env=self.cp.env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        wait_for(self.healthy, 60, "operator liveness endpoint")
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def real_operator(control_plane, kubelet, crd, tmp_path_factory):  # noqa: F811
+    op = RealRuntimeOperator(control_plane, tmp_path_factory.mktemp("operator-real"))
+    op.start()
+    yield op
+    op.stop()
+    print(f"\n--- operator log (last lines) ---\n{op.tail(30)}")
+
+
+def _upload_dir(s3, bucket: str, folder: Path, prefix: str) -> None:
+    client = boto_client(s3.endpoint)
+    for f in folder.rglob("*"):
+        if f.is_file():
+            client.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(folder).as_posix()}")
+
+
+def test_quickstart_trains_for_real_from_s3_to_s3(control_plane, kube, real_operator, namespace, s3, tmp_path):
+    from kubetune.runtime.tiny import build_tiny_model
+
+    bucket = make_bucket(s3.endpoint)
+    model = build_tiny_model(tmp_path / "model", CORPUS * 8, vocab_size=320, hidden_size=64, intermediate_size=128)
+    _upload_dir(s3, bucket, model, "models/tiny")
+    data = tmp_path / "identity.json"
+    data.write_text(json.dumps([{"instruction": q, "output": a} for q, a in IDENTITY]))
+    boto_client(s3.endpoint).upload_file(str(data), bucket, "datasets/identity.json")
+
+    r = control_plane.kubectl("create", "secret", "generic", "s3", "-n", namespace,
+                              f"--from-literal=AWS_ACCESS_KEY_ID={TEST_KEY_ID}",
+                              f"--from-literal=AWS_SECRET_ACCESS_KEY={TEST_SECRET}")
+    assert r.returncode == 0, r.stderr
+    doc = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "real"},
+        "spec": {
+            "model": {"name": f"s3://{bucket}/models/tiny"},
+            "data": [{"name": "identity", "source": f"s3://{bucket}/datasets/identity.json"}],
+            "stages": [{"name": "sft", "type": "sft", "lora": {"rank": 8},
+                        "hyperparameters": {"maxSteps": 16, "batchSize": 4, "gradientAccumulation": 1,
+                                            "learningRate": 5e-3, "loggingSteps": 1, "cutoffLen": 64,
+                                            "gradientCheckpointing": False}}],
+            "resources": {"gpusPerNode": 0},
+            "storage": {"uri": f"s3://{bucket}/runs/real", "endpoint": s3.endpoint,
+                        "credentialsSecretRef": {"name": "s3"}},
+            "checkpoint": {"everySteps": 4, "keep": 2},
+        },
+    }
+    apply(control_plane, doc, namespace)
+
+    running = wait_status(kube, namespace, "real",
+                          lambda s: s.get("phase") == "Running" and (s.get("progress") or {}).get("loss") is not None,
+                          240, "Running with a loss read from the real runtime", real_operator)
+    assert running["status"]["progress"]["totalSteps"] == 16
+
+    done = wait_status(kube, namespace, "real", lambda s: s.get("phase") in ("Succeeded", "Failed"), 420,
+                       "finished", real_operator)
+    st = done["status"]
+    assert st["phase"] == "Succeeded", json.dumps(st, indent=1)
+    assert condition(done, "Succeeded")["status"] == "True"
+    assert st["output"]["uri"] == f"s3://{bucket}/runs/real/sft/output"
+    assert st["progress"]["step"] == 16 and st["progress"]["loss"] is not None
+
+    client = boto_client(s3.endpoint)
+    marker = json.loads(client.get_object(Bucket=bucket, Key="runs/real/sft/output/COMMITTED.json")["Body"].read())
+    files = {f["path"] for f in marker["files"]}
+    assert {"adapter_config.json", "adapter_model.safetensors", "trainer_log.jsonl", "training_loss.png", "run.json"} <= files
+    summary = json.loads(client.get_object(Bucket=bucket, Key="runs/real/sft/output/run.json")["Body"].read())
+    assert summary["steps"] == 16 and summary["final_loss"] < summary["first_loss"]
+    latest = client.get_object(Bucket=bucket, Key="runs/real/sft/checkpoints/LATEST")["Body"].read().decode().strip()
+    assert latest == "checkpoint-16"
+
+    # the secret reached the pod as env from the Secret, never through the ConfigMap or the status
+    (job,) = jobs(kube, namespace, "real")
+    cm = kube.get(f"/api/v1/namespaces/{namespace}/configmaps/{job['metadata']['name']}")
+    assert TEST_SECRET not in json.dumps(cm) and TEST_SECRET not in json.dumps(done)
+    r = control_plane.kubectl("get", "ftj", "-n", namespace, "real")
+    assert r.returncode == 0 and "Succeeded" in r.stdout
