@@ -87,6 +87,7 @@ def test_deployment(helm):
     assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                     "capabilities": {"drop": ["ALL"]}}
     assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    assert c["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}] and pod["volumes"][0]["emptyDir"]
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["KUBETUNE_OPERATOR_RUNTIME_IMAGE"] == "ghcr.io/kubetune/runtime:0.1.0"
     assert env["KUBETUNE_OPERATOR_NAMESPACES"] == ""
