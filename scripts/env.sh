@@ -9,7 +9,12 @@ VENV="${KUBETUNE_VENV:-$HOME/.cache/kubetune/venv-$KEY}"
 PY="${PYTHON:-python3}"
 if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/.complete" ]; then
   echo "kubetune: creating $VENV (first run on this machine downloads PyTorch and friends)" >&2
-  rm -rf "$VENV"
+  if [ -z "${KUBETUNE_VENV:-}" ]; then
+    rm -rf "$VENV"  # our own cache entry, half-made by an interrupted run
+  elif [ -e "$VENV" ] && [ ! -f "$VENV/pyvenv.cfg" ]; then
+    echo "kubetune: KUBETUNE_VENV=$VENV exists and is not a virtual environment" >&2
+    exit 1
+  fi
   "$PY" -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --upgrade pip
   "$VENV/bin/pip" install --quiet -c "$REPO/constraints.txt" -e "$REPO[$EXTRAS]"

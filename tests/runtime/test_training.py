@@ -143,6 +143,18 @@ def test_export_matches_base_plus_adapter(tiny_model, tmp_path):
     torch.testing.assert_close(exported, with_adapter, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(exported, plain_base, atol=1e-3)  # the adapter did change something
 
+    # `kubetune export` does the same from the command line (base read from adapter_config.json)
+    import subprocess
+    import sys
+
+    cli_out = tmp_path / "cli-merged"
+    r = subprocess.run([sys.executable, "-m", "kubetune.runtime", "export", "--adapter", str(adapter), "--out", str(cli_out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with torch.no_grad():
+        from_cli = AutoModelForCausalLM.from_pretrained(cli_out).eval()(input_ids=ids).logits
+    torch.testing.assert_close(from_cli, with_adapter, atol=1e-4, rtol=1e-4)
+
 
 def test_rerun_of_a_finished_job_trains_nothing(tiny_model, tmp_path):
     data = write_alpaca(tmp_path / "d.json")
