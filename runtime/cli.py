@@ -20,6 +20,9 @@ EPILOG = """examples:
   kubetune chat --model saves/quickstart/sft/output --prompt "Who are you?"
   kubetune export --model BASE --adapter saves/job/sft/output --out merged/
   kubetune crd | kubectl apply -f -
+  kubetune convert llama3_lora_sft.yaml -o job.yaml   # from LLaMA-Factory / NeMo AutoModel
+  kubetune estimate job.yaml --gpu-memory 24GB
+  kubectl kubetune get; kubectl kubetune logs -f JOB  # cluster views
 """
 
 
@@ -33,6 +36,12 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
         help="override a spec field, e.g. stages.0.hyperparameters.maxSteps=100 (repeatable; "
         "paths are relative to spec; values are YAML)",
     )
+
+
+def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kubeconfig", help="kubeconfig file (default $KUBECONFIG, ~/.kube/config, or in-cluster)")
+    p.add_argument("--context", help="kubeconfig context")
+    p.add_argument("-n", "--namespace", help="namespace (default: the context's, else default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +103,43 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     p.add_argument("operator_args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("convert", help="turn a LLaMA-Factory or NeMo AutoModel config into a FineTuneJob")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help="LLaMA-Factory training YAML (optionally followed by its export YAML), or a NeMo AutoModel recipe")
+    p.add_argument("-o", "--output", help="write the FineTuneJob here (default: stdout)")
+    p.add_argument("--dataset-dir", help="folder with dataset_info.json (default: the file's dataset_dir)")
+    p.add_argument("--name", help="metadata.name of the job (default: from output_dir or the model)")
+
+    p = sub.add_parser("estimate", help="expected GPU memory per device for each stage of a FineTuneJob")
+    p.add_argument("file", help="FineTuneJob YAML")
+    _add_overrides(p)
+    p.add_argument("--gpu-memory", metavar="SIZE", help="memory of one GPU (e.g. 80GiB, 24GB); warn when a stage won't fit")
+    p.add_argument("--params", metavar="N", help="model size when it cannot be read (e.g. 7B)")
+
+    p = sub.add_parser("get", help="list FineTuneJobs with their progress (cluster)")
+    p.add_argument("name", nargs="?", help="one job (default: all in the namespace)")
+    _add_cluster_flags(p)
+    p.add_argument("-A", "--all-namespaces", action="store_true")
+    p.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+
+    p = sub.add_parser("describe", help="status, conditions, per-stage history and events of a FineTuneJob (cluster)")
+    p.add_argument("name")
+    _add_cluster_flags(p)
+
+    p = sub.add_parser("logs", help="logs of the current stage's rank-0 pod (cluster)")
+    p.add_argument("name")
+    _add_cluster_flags(p)
+    p.add_argument("-f", "--follow", action="store_true", help="stream until the pod ends")
+    p.add_argument("--stage", help="a stage other than the current one")
+    p.add_argument("--tail", type=int, help="only the last N lines")
+    p.add_argument("-c", "--container", help="container (default trainer)")
+
+    p = sub.add_parser("watch", help="print progress until the FineTuneJob succeeds (exit 0) or fails (exit 1) (cluster)")
+    p.add_argument("name")
+    _add_cluster_flags(p)
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between polls (default 5)")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds (exit 2)")
 
     p = sub.add_parser("stage", help="run one resolved stage config (what runtime pods do)")
     p.add_argument("--config", required=True, help="resolved stage JSON (from the operator's ConfigMap)")
@@ -180,6 +226,35 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_convert(args) -> int:
+    from .convert import convert_files, render
+
+    out_dir = Path(args.output).parent if args.output else None
+    doc, warnings = convert_files(args.files, dataset_dir=args.dataset_dir, name=args.name, out_dir=out_dir)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    text = render(doc, warnings, [str(f) for f in args.files])
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output} ({len(warnings)} warning(s)); check it with `kubetune validate {args.output}`",
+              file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _cmd_estimate(args) -> int:
+    from .estimate import estimate_main
+
+    return estimate_main(args.file, args.overrides, args.params, args.gpu_memory)
+
+
+def _cmd_cluster(args) -> int:
+    from . import kubectl_plugin
+
+    return getattr(kubectl_plugin, f"cmd_{args.command}")(args)
+
+
 def _cmd_operator(args) -> int:
     from kubetune.operator.main import run_operator  # kopf, not torch
 
@@ -196,6 +271,12 @@ COMMANDS = {
     "chat": _cmd_chat,
     "export": _cmd_export,
     "stage": _cmd_stage,
+    "convert": _cmd_convert,
+    "estimate": _cmd_estimate,
+    "get": _cmd_cluster,
+    "describe": _cmd_cluster,
+    "logs": _cmd_cluster,
+    "watch": _cmd_cluster,
 }
 
 

@@ -1,0 +1,273 @@
+"""`kubetune estimate`: expected GPU memory per device for each stage of a FineTuneJob.
+
+A back-of-the-envelope model, the same one LLaMA-Factory's README table rests on:
+
+    total = weights + gradients + optimizer states + LoRA (weights+grads+states)
+          + activations + CUDA context/allocator overhead
+
+- weights: 2 bytes/param in bf16/fp16 (model.dtype auto/bfloat16/float16), 4 in float32 (then
+  training is mixed precision with fp32 master weights: LLaMA-Factory's "full (bf16/fp16)" row);
+  qlora: 1 byte (8-bit) or 0.5 byte + quantisation constants (4-bit) for the decoder's linear
+  layers, embeddings and the output head stay 16-bit.
+- gradients: same dtype as the trained weights; AdamW: two states in the trained weights' dtype
+  (8-bit optimizers: 2 bytes).
+- freeze: only the trainable layers have gradients and states.
+- LoRA adapters: fp32 (peft upcasts adapters), 16 bytes/param with AdamW.
+- activations: with gradient checkpointing, each layer's input (b·s·h·2 bytes) plus one layer's
+  full activations recomputed at a time (~34·b·s·h bytes, SDPA, no s² term); without, ~34·b·s·h
+  per layer. Plus the logits in fp32 (b·s·V·4 bytes, ×2 for their gradient).
+- fsdp shards weights, gradients and optimizer states over all GPUs; ddp replicates them.
+
+Preference stages with full/freeze weights hold a frozen reference copy of the weights; LoRA
+stages use the base model with the adapter switched off as reference (no copy). Online RL
+(grpo/rloo/ppo) adds a KV cache for generation that is not counted: treat their numbers as a floor.
+
+Checked against LLaMA-Factory's published 7B rows in tests/unit/test_estimate.py (±25 %).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+GIB = 1024**3
+CUDA_OVERHEAD = 0.8 * GIB  # CUDA context + allocator fragmentation, typical for one training process
+
+
+@dataclass
+class Arch:
+    """What the estimate needs to know of a decoder-only transformer."""
+
+    params: float  # total parameters
+    hidden: int
+    layers: int
+    vocab: int
+    intermediate: int
+    kv_ratio: float = 1.0  # num_key_value_heads / num_attention_heads
+    tied: bool = False
+    source: str = ""
+
+    @property
+    def embed_params(self) -> float:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def layer_linear_params(self) -> float:
+        h, i = self.hidden, self.intermediate
+        return 2 * h * h + 2 * h * h * self.kv_ratio + 3 * h * i
+
+    def lora_params(self, rank: int, target: list[str]) -> float:
+        h, i, kv = self.hidden, self.intermediate, self.hidden * self.kv_ratio
+        shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                  "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        names = shapes if ("all" in target or not target) else {t: shapes[t] for t in target if t in shapes}
+        if not names:  # unknown module names: assume attention q/v
+            names = {"q_proj": shapes["q_proj"], "v_proj": shapes["v_proj"]}
+        return self.layers * sum(rank * (a + b) for a, b in names.values())
+
+
+# Typical shapes by size (Llama/Qwen-like), used when only a parameter count is known.
+_SHAPES = [  # params, hidden, layers, intermediate, vocab, kv_ratio
+    (0.5e9, 896, 24, 4864, 151936, 1 / 7),
+    (1.2e9, 2048, 16, 8192, 128256, 1 / 4),
+    (1.5e9, 1536, 28, 8960, 151936, 1 / 6),
+    (3e9, 3072, 28, 8192, 128256, 1 / 3),
+    (7e9, 4096, 32, 11008, 32000, 1.0),
+    (8e9, 4096, 32, 14336, 128256, 1 / 4),
+    (13e9, 5120, 40, 13824, 32000, 1.0),
+    (14e9, 5120, 48, 13824, 152064, 1 / 5),
+    (32e9, 5120, 64, 27648, 152064, 1 / 5),
+    (70e9, 8192, 80, 28672, 128256, 1 / 8),
+    (72e9, 8192, 80, 29568, 152064, 1 / 8),
+    (405e9, 16384, 126, 53248, 128256, 1 / 16),
+]
+
+
+def parse_params(text: str) -> float:
+    """`7B`, `0.5b`, `70e9`, `125M` → a parameter count."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kKmMbBtT]?)\s*", str(text))
+    if not m:
+        raise UserError(f"cannot read a parameter count from {text!r} (e.g. 7B, 0.5B, 125M)", "--params")
+    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()]
+    return float(m.group(1)) * scale
+
+
+def arch_from_params(params: float, source: str) -> Arch:
+    p, h, l_, i, v, kv = min(_SHAPES, key=lambda s: abs(s[0] - params) / s[0])
+    # Near a known size: its shape; otherwise scale the layer count so the total matches.
+    per_layer = 2 * h * h + 2 * h * h * kv + 3 * h * i
+    layers = l_ if abs(p - params) / p < 0.1 else max(1, round((params - 2 * v * h) / per_layer))
+    return Arch(params=params, hidden=h, layers=layers, vocab=v, intermediate=i, kv_ratio=kv, source=source)
+
+
+def arch_from_config(cfg: dict[str, Any], source: str) -> Arch:
+    c = cfg.get("text_config") or cfg
+    h = int(c["hidden_size"])
+    layers = int(c.get("num_hidden_layers") or c.get("n_layer"))
+    v = int(c.get("vocab_size", 32000))
+    i = int(c.get("intermediate_size") or 4 * h)
+    heads = int(c.get("num_attention_heads") or 1)
+    kv = int(c.get("num_key_value_heads") or heads) / heads
+    tied = bool(cfg.get("tie_word_embeddings", c.get("tie_word_embeddings", False)))
+    a = Arch(params=0, hidden=h, layers=layers, vocab=v, intermediate=i, kv_ratio=kv, tied=tied, source=source)
+    a.params = a.embed_params + layers * (a.layer_linear_params + 2 * h) + h
+    return a
+
+
+def model_arch(name: str, params: str | None = None) -> Arch:
+    """From --params, a local config.json, or the size in the model's name (…-7B-…)."""
+    if params:
+        return arch_from_params(parse_params(params), f"--params {params}")
+    cfg = Path(name).expanduser() / "config.json"
+    if cfg.is_file():
+        return arch_from_config(json.loads(cfg.read_text()), str(cfg))
+    m = re.search(r"(?<![0-9.])([0-9]+(?:\.[0-9]+)?)\s*[bB](?![a-zA-Z])", name.rsplit("/", 1)[-1])
+    if m:
+        return arch_from_params(float(m.group(1)) * 1e9, f"the size in the name {name!r}")
+    m = re.search(r"(?<![0-9.])([0-9]+)\s*[mM](?![a-zA-Z])", name.rsplit("/", 1)[-1])
+    if m:
+        return arch_from_params(float(m.group(1)) * 1e6, f"the size in the name {name!r}")
+    raise UserError(f"cannot tell the size of {name!r}: give --params (e.g. --params 7B) or a local model folder "
+                    "with config.json", "spec.model.name")
+
+
+@dataclass
+class Estimate:
+    stage: str
+    method: str
+    parts: dict[str, float] = field(default_factory=dict)  # bytes
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+
+def estimate_memory(arch: Arch, *, method: str, stage_type: str = "sft", bits: int | None = None,
+                    weight_bytes: float = 2.0, batch: int = 1, seq: int = 1024, grad_ckpt: bool = True,
+                    lora_rank: int = 8, lora_target: list[str] | None = None, trainable_layers: int = 2,
+                    optimizer: str | None = None, shards: int = 1, stage: str = "", reference: bool = False,
+                    double_quant: bool = True) -> Estimate:
+    """Bytes per device, by part."""
+    e = Estimate(stage=stage or stage_type, method=method)
+    linear = arch.layers * arch.layer_linear_params
+    other = max(arch.params - linear, 0.0)  # embeddings, head, norms
+    state_bytes = 2.0 if optimizer and "8bit" in optimizer else 2 * weight_bytes
+    if optimizer == "sgd":
+        state_bytes = 0.0
+    if method == "qlora":
+        # int8 with per-row scales; nf4/fp4 with an fp32 absmax per 64 weights, or (double quantisation)
+        # an 8-bit absmax per 64 plus an fp32 constant per 256 blocks.
+        q = 1.0 if bits == 8 else 0.5 + (1 / 64 + 4 / (64 * 256) if double_quant else 4 / 64)
+        e.parts["weights"] = linear * q + other * 2.0
+    else:
+        e.parts["weights"] = arch.params * weight_bytes
+    if method == "full":
+        trainable = arch.params
+    elif method == "freeze":
+        trainable = min(abs(trainable_layers), arch.layers) * (arch.layer_linear_params + 2 * arch.hidden)
+    else:
+        trainable = 0.0
+    e.parts["gradients"] = trainable * weight_bytes
+    e.parts["optimizer"] = trainable * state_bytes
+    if method in ("lora", "qlora") and stage_type != "export":
+        lp = arch.lora_params(lora_rank, lora_target or ["all"])
+        e.parts["lora"] = lp * (4 + 4 + (2 if optimizer and "8bit" in optimizer else 8))
+    if shards > 1:
+        for k in ("weights", "gradients", "optimizer"):
+            e.parts[k] /= shards
+        e.notes.append(f"fsdp: weights, gradients and optimizer states sharded over {shards} GPUs")
+    if reference and method in ("full", "freeze"):
+        e.parts["reference"] = arch.params * 2.0 / shards
+        e.notes.append("a frozen reference copy of the model (16-bit)")
+    if stage_type == "export":
+        e.method = "-"
+        e.parts = {"weights": arch.params * 2.0}
+        e.notes.append("export loads the model at 16 bit and merges the adapter in place")
+    else:
+        tokens = batch * seq
+        per_layer = 34 * tokens * arch.hidden
+        if grad_ckpt:
+            acts = arch.layers * tokens * arch.hidden * 2 + per_layer
+        else:
+            acts = arch.layers * per_layer
+        if stage_type in ("dpo", "orpo", "simpo", "rm"):
+            acts *= 2  # chosen + rejected in one forward pass
+        acts += tokens * arch.vocab * 4 * 2
+        e.parts["activations"] = acts
+        if stage_type in ("grpo", "rloo", "ppo"):
+            e.notes.append("generation KV cache and reward model not counted: a floor, not an estimate")
+    e.parts["overhead"] = CUDA_OVERHEAD
+    return e
+
+
+def parse_size(text: str) -> float:
+    """`80GiB`, `80Gi`, `24GB`, `80` (GiB) → bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([MGT])?(i)?(B)?\s*", str(text))
+    if not m:
+        raise UserError(f"cannot read a memory size from {text!r} (e.g. 80GiB, 24GB)", "--gpu-memory")
+    decimal = m.group(2) is not None and m.group(4) is not None and m.group(3) is None  # GB, MB, TB
+    exp = {"M": 2, "G": 3, "T": 4}[m.group(2) or "G"]
+    return float(m.group(1)) * (1000 if decimal else 1024) ** exp
+
+
+def estimate_job(job, params: str | None = None) -> tuple[Arch, list[Estimate]]:
+    """One estimate per stage of a FineTuneJob (spec model instance)."""
+    from .plan import resolve_stage_defaults
+
+    spec = job.spec
+    arch = model_arch(spec.model.name, params)
+    dtype = spec.model.dtype
+    shards = spec.resources.nodes * max(spec.resources.gpus_per_node, 1) if spec.resources.strategy == "fsdp" else 1
+    out = []
+    for raw in spec.stages:
+        st = resolve_stage_defaults(raw)
+        hp = st.hyperparameters
+        wb = 4.0 if (dtype == "float32" or hp.precision == "fp32") else 2.0
+        out.append(estimate_memory(
+            arch, method=st.method, stage_type=st.type, stage=st.name,
+            bits=st.quantization.bits if st.quantization else None, weight_bytes=wb,
+            double_quant=st.quantization.double_quantization if st.quantization else True,
+            batch=hp.batch_size, seq=hp.cutoff_len, grad_ckpt=hp.gradient_checkpointing,
+            lora_rank=st.lora.rank, lora_target=st.lora.target, trainable_layers=st.freeze.trainable_layers,
+            optimizer=hp.optimizer, shards=shards, reference=st.type in ("dpo", "kto", "ppo", "grpo", "rloo", "distill"),
+        ))
+    return arch, out
+
+
+def _gib(b: float) -> str:
+    return f"{b / GIB:.1f} GiB"
+
+
+def estimate_main(file: str, overrides: list[str], params: str | None, gpu_memory: str | None) -> int:
+    from .spec import load_job
+
+    job = load_job(file, overrides)
+    arch, ests = estimate_job(job, params)
+    print(f"model {job.spec.model.name}: {arch.params / 1e9:.2f}B parameters ({arch.layers} layers, hidden "
+          f"{arch.hidden}, vocab {arch.vocab}; from {arch.source})")
+    limit = parse_size(gpu_memory) if gpu_memory else None
+    cols = ["weights", "gradients", "optimizer", "lora", "reference", "activations", "overhead"]
+    print(f"{'STAGE':<14}{'METHOD':<8}" + "".join(f"{c.upper():>13}" for c in cols) + f"{'TOTAL':>12}")
+    worst = 0
+    for e in ests:
+        row = "".join(f"{(_gib(e.parts[c]) if c in e.parts else '-'):>13}" for c in cols)
+        print(f"{e.stage:<14}{e.method:<8}{row}{_gib(e.total):>12}")
+        for n in e.notes:
+            print(f"    note: {n}")
+        if limit and e.total > limit:
+            worst += 1
+            print(f"WARNING: stage {e.stage!r} needs about {_gib(e.total)} per GPU but the GPU has {_gib(limit)}: it "
+                  "will not fit — try method qlora, a smaller batchSize/cutoffLen, gradientCheckpointing, or "
+                  "resources.strategy fsdp over more GPUs", file=sys.stderr)
+    print("(estimate per GPU; expect ±25 %: allocator behaviour, kernels and framework versions vary)")
+    if limit and not worst:
+        print(f"fits in {_gib(limit)} per GPU")
+    return 0
+
