@@ -1,8 +1,9 @@
 """Load a stage's datasets, convert them, and tokenize SFT/PT data for TRL.
 
 SFT conversations are tokenized here in batches through the tokenizer's own chat template
-(`apply_chat_template(..., return_assistant_tokens_mask=True)`), giving `input_ids` and
-`assistant_masks`; TRL's SFTTrainer then builds labels (assistant-only loss), truncates and packs.
+(`apply_chat_template(..., return_assistant_tokens_mask=True)`), giving `input_ids`,
+`assistant_masks` and `labels` (-100 outside the assistant's tokens: assistant-only loss); TRL's
+SFTTrainer then truncates and packs.
 For a template without `{% generation %}` markers (most model hubs' templates) the assistant
 spans are found by rendering each conversation's prefixes and mapping their character offsets
 to tokens.
@@ -63,13 +64,21 @@ def tokenize_conversations(examples: list[dict[str, Any]], tokenizer, batch_size
     if has_generation_markers(tokenizer.chat_template):
         ids: list[list[int]] = []
         masks: list[list[int]] = []
+        fast = True
         for start in range(0, len(examples), batch_size):
             batch = [e["messages"] for e in examples[start : start + batch_size]]
-            out = tokenizer.apply_chat_template(
-                batch, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-            )
-            ids += out["input_ids"]
-            masks += out["assistant_masks"]
+            out = _chat_batch(batch, tokenizer) if fast else None
+            if start == 0 and out is not None:
+                slow = tokenizer.apply_chat_template(batch, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+                if slow["input_ids"] != out[0] or slow["assistant_masks"] != out[1]:
+                    log.debug("fast chat-template path disagrees with apply_chat_template; using the latter")
+                    out = None
+            if out is None:
+                fast = False
+                slow = tokenizer.apply_chat_template(batch, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+                out = (slow["input_ids"], slow["assistant_masks"])
+            ids += out[0]
+            masks += out[1]
     else:
         ids, masks = [], []
         for e in examples:
@@ -79,7 +88,44 @@ def tokenize_conversations(examples: list[dict[str, Any]], tokenizer, batch_size
     empty = next((n for n, m in enumerate(masks) if not any(m)), None)
     if empty is not None:
         raise DataError(f"example {empty}: the chat template produced no assistant tokens to learn from", where)
-    return {"input_ids": ids, "assistant_masks": masks}
+    # Labels made here, in one pass over plain lists: TRL then skips its own per-example
+    # `Dataset.map` that builds them from the masks (the slowest step of its preparation).
+    labels = [[t if m else -100 for t, m in zip(i, mk)] for i, mk in zip(ids, masks)]
+    return {"input_ids": ids, "assistant_masks": masks, "labels": labels}
+
+
+def _chat_batch(batch: list[list[dict[str, Any]]], tokenizer) -> tuple[list[list[int]], list[list[int]]] | None:
+    """`apply_chat_template(batch, return_assistant_tokens_mask=True)` without its per-token Python
+    loop: render with transformers' own renderer, tokenize the batch, and turn each `{% generation %}`
+    span into a token range through the Rust encodings (two lookups per span). None when this
+    transformers or tokenizer does not offer what it needs; the caller checks the first batch
+    against `apply_chat_template` and keeps using that one on any difference."""
+    try:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        convs = [[{k: v for k, v in m.items() if v is not None} for m in conv] for conv in batch]
+        rendered, spans = render_jinja_template(
+            conversations=convs, chat_template=tokenizer.get_chat_template(), return_assistant_tokens_mask=True,
+            **tokenizer.special_tokens_map,
+        )
+        enc = tokenizer(rendered, add_special_tokens=False)
+        encodings = enc.encodings
+    except Exception:  # noqa: BLE001 - an older/newer API: the caller falls back
+        return None
+    if encodings is None:
+        return None
+    masks = []
+    for e, text_spans in zip(encodings, spans):
+        mask = [0] * len(e.ids)
+        for a, b in text_spans:
+            if b <= a:  # an empty span marks no token
+                continue
+            first, last = e.char_to_token(a), e.char_to_token(b - 1)
+            if first is None or last is None:
+                return None
+            mask[first : last + 1] = [1] * (last + 1 - first)
+        masks.append(mask)
+    return enc["input_ids"], masks
 
 
 def _tokenize_by_prefixes(messages: list[dict[str, str]], tokenizer) -> tuple[list[int], list[int]]:
