@@ -101,8 +101,10 @@ def reconcile_object(namespace: str, name: str, *, poll: bool, config: OperatorC
             if decision.status.get("phase") != old.get("phase"):
                 log.info("phase %s → %s", old.get("phase"), decision.status.get("phase"),
                          extra={**ctx, "phase": decision.status.get("phase")})
-        metrics.observe(namespace, name, decision.status, time.monotonic() - started)
+        metrics.observe(namespace, name, decision.status, time.monotonic() - started,
+                        old=old, created=body["metadata"].get("creationTimestamp"))
         if errors:
+            metrics.ERRORS.inc()
             raise kopf.TemporaryError("; ".join(errors), delay=max(5.0, config.poll_interval))
         return decision
 

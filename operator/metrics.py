@@ -1,8 +1,11 @@
 """The operator's own Prometheus metrics (training metrics come from the runtime pods).
 
-kubetune_operator_reconciles_total, kubetune_operator_reconcile_duration_seconds,
-kubetune_operator_child_actions_total{verb,kind,result}, and kubetune_finetunejobs{phase}
-(how many FineTuneJobs this replica sees in each phase).
+kubetune_operator_reconciles_total, kubetune_operator_reconcile_errors_total,
+kubetune_operator_reconcile_duration_seconds, kubetune_operator_child_actions_total{verb,kind,result},
+kubetune_operator_stage_transitions_total{phase} (a stage entering a phase),
+kubetune_operator_pod_restarts_total (failed training pods retried),
+kubetune_operator_first_pod_running_seconds (creation → first running pod), and
+kubetune_finetunejobs{phase} (how many FineTuneJobs this replica sees in each phase).
 """
 
 from __future__ import annotations
@@ -15,6 +18,14 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 RECONCILES = Counter("kubetune_operator_reconciles_total", "Reconciles of FineTuneJobs.")
 DURATION = Histogram("kubetune_operator_reconcile_duration_seconds", "Time one reconcile took.")
 ACTIONS = Counter("kubetune_operator_child_actions_total", "Writes to child objects.", ["verb", "kind", "result"])
+ERRORS = Counter("kubetune_operator_reconcile_errors_total", "Reconciles that failed and will be retried.")
+TRANSITIONS = Counter("kubetune_operator_stage_transitions_total", "Stages entering a phase.", ["phase"])
+RESTARTS = Counter("kubetune_operator_pod_restarts_total", "Failed training pods that were retried.")
+FIRST_RUNNING = Histogram(
+    "kubetune_operator_first_pod_running_seconds",
+    "Seconds from a FineTuneJob's creation to its first running training pod.",
+    buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+)
 PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
 JOBS = Gauge("kubetune_finetunejobs", "FineTuneJobs by phase.", ["phase"])
 
@@ -32,9 +43,39 @@ def _refresh() -> None:
         JOBS.labels(p).set(n)
 
 
-def observe(namespace: str, name: str, status: dict[str, Any], seconds: float) -> None:
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    from datetime import datetime
+
+    if not start or not end:
+        return None
+    parse = lambda t: datetime.fromisoformat(t.replace("Z", "+00:00"))  # noqa: E731
+    return (parse(end) - parse(start)).total_seconds()
+
+
+def changes(old: dict[str, Any], new: dict[str, Any], created: str | None) -> dict[str, Any]:
+    """What happened between two statuses: stage phase transitions, new restarts, and the
+    seconds to the first running pod (when startTime appeared). Pure, for the counters."""
+    before = {r.get("name"): r.get("phase") for r in old.get("stages") or []}
+    transitions = [r["phase"] for r in new.get("stages") or [] if r.get("phase") and before.get(r.get("name")) != r["phase"]]
+    restarts = max(0, int(new.get("restartCount") or 0) - int(old.get("restartCount") or 0))
+    first = None
+    if new.get("startTime") and not old.get("startTime"):
+        first = _seconds_between(created, new["startTime"])
+    return {"transitions": transitions, "restarts": restarts, "first_running_seconds": first}
+
+
+def observe(namespace: str, name: str, status: dict[str, Any], seconds: float,
+            old: dict[str, Any] | None = None, created: str | None = None) -> None:
     RECONCILES.inc()
     DURATION.observe(seconds)
+    if old is not None:
+        seen = changes(old, status, created)
+        for phase in seen["transitions"]:
+            TRANSITIONS.labels(phase).inc()
+        if seen["restarts"]:
+            RESTARTS.inc(seen["restarts"])
+        if seen["first_running_seconds"] is not None and seen["first_running_seconds"] >= 0:
+            FIRST_RUNNING.observe(seen["first_running_seconds"])
     with _guard:
         _phase[(namespace, name)] = status.get("phase") or "Pending"
         _refresh()

@@ -336,3 +336,16 @@ def test_a_finished_pod_keeps_the_stage_running_until_the_job_completes(config):
     obs.pods = {"llama-sft": [pod("llama-sft", "Succeeded", exit_code=0)]}
     _, d = step(body, obs, config)
     assert d.status["phase"] == "Running" and d.events == []
+
+
+def test_metric_changes_between_statuses():
+    """The operator's counters come from comparing the status before and after a reconcile."""
+    from kubetune.operator.metrics import changes
+
+    old = {"stages": [{"name": "sft", "phase": "Pending"}], "restartCount": 0}
+    new = {"stages": [{"name": "sft", "phase": "Running"}, {"name": "dpo", "phase": "Pending"}],
+           "restartCount": 2, "startTime": "2026-01-01T00:00:42Z"}
+    seen = changes(old, new, created="2026-01-01T00:00:00Z")
+    assert seen == {"transitions": ["Running", "Pending"], "restarts": 2, "first_running_seconds": 42.0}
+    # nothing changed: nothing counted
+    assert changes(new, new, created="2026-01-01T00:00:00Z") == {"transitions": [], "restarts": 0, "first_running_seconds": None}
