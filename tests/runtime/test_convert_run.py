@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from kubetune.runtime.cli import main
@@ -40,3 +41,43 @@ def test_converted_llamafactory_sft_and_export_run_locally(tiny_model, tmp_path,
     assert len(losses) == 6 and losses[-1] < losses[0]  # max_steps, logging_steps and learning_rate carried over
     assert (tmp_path / "saves" / "sft" / "output" / "adapter_config.json").exists()
     assert (tmp_path / "saves" / "export" / "output" / "config.json").exists()
+
+
+def _lf_data(folder):
+    from tests.conftest import CORPUS, IDENTITY
+
+    d = folder / "data"
+    d.mkdir(parents=True)
+    dpo = [{"conversations": [{"from": "human", "value": q}], "chosen": {"from": "gpt", "value": a},
+            "rejected": {"from": "gpt", "value": "I do not know."}} for q, a in IDENTITY]
+    kto = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a if i % 2 else "No idea."}],
+            "label": bool(i % 2)} for i, (q, a) in enumerate(IDENTITY)]
+    (d / "dpo_en_demo.json").write_text(json.dumps(dpo))
+    (d / "kto_en_demo.json").write_text(json.dumps(kto))
+    (d / "c4_demo.json").write_text(json.dumps([{"text": t} for t in CORPUS]))
+    (d / "dataset_info.json").write_text(json.dumps({
+        "dpo_en_demo": {"file_name": "dpo_en_demo.json", "formatting": "sharegpt", "ranking": True,
+                        "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
+        "kto_en_demo": {"file_name": "kto_en_demo.json", "formatting": "sharegpt",
+                        "columns": {"messages": "messages", "kto_tag": "label"},
+                        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}},
+        "c4_demo": {"file_name": "c4_demo.json", "columns": {"prompt": "text"}},
+    }))
+
+
+@pytest.mark.parametrize("stage,dataset", [("dpo", "dpo_en_demo"), ("kto", "kto_en_demo"), ("pt", "c4_demo")])
+def test_converted_llamafactory_preference_and_pt_files_run_locally(stage, dataset, tiny_model, tmp_path, monkeypatch):
+    """dataset_info.json's sharegpt ranking pairs, kto_tag labels with role tags, and pt text
+    columns reach the trainers as LLaMA-Factory meant them."""
+    _lf_data(tmp_path)
+    cfg = {"model_name_or_path": str(tiny_model), "stage": stage, "finetuning_type": "lora", "dataset": dataset,
+           "template": "chatml", "cutoff_len": 64, "max_steps": 2, "per_device_train_batch_size": 2,
+           "gradient_accumulation_steps": 1, "logging_steps": 1, "output_dir": "saves", "pref_beta": 0.1}
+    if stage == "pt":
+        cfg.pop("pref_beta")
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "train.yaml", "-o", "job.yaml"]) == 0
+    assert main(["validate", "job.yaml"]) == 0
+    assert run_doc(yaml.safe_load((tmp_path / "job.yaml").read_text()), tmp_path) == 0
+    assert len([r for r in read_log(tmp_path / "saves" / stage / "output") if "loss" in r]) == 2
