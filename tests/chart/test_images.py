@@ -1,0 +1,208 @@
+"""images/: the Dockerfiles parse (dockerfile-parse, the parser of OpenShift's build tooling),
+their base images, users, entrypoints and install lines are what we say; the runtime's
+constraints keep the image's torch (make_constraints.py run against a fake NGC package set);
+the Makefile builds both images for amd64 + arm64 with buildx. No Docker engine here: the
+images themselves are built by `make images` on a machine that has one."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+dockerfile_parse = pytest.importorskip("dockerfile_parse")
+
+from .chartlib import REPO  # noqa: E402
+
+IMAGES = REPO / "images"
+sys.path.insert(0, str(IMAGES / "runtime"))
+import make_constraints  # noqa: E402
+
+
+def parse(path):
+    p = dockerfile_parse.DockerfileParser(path=str(path), cache_content=True)
+    p.content  # noqa: B018 - parse now: a broken file fails here
+    return p
+
+
+def instructions(p, name: str, stage: str | None = None) -> list[dict]:
+    out, current = [], None
+    for ins in p.structure:
+        if ins["instruction"] == "FROM":
+            parts = ins["value"].split()
+            current = parts[2] if len(parts) == 3 and parts[1].upper() == "AS" else None
+        if ins["instruction"] == name and (stage is None or current == stage):
+            out.append(ins)
+    return out
+
+
+def arg_default(p, name: str) -> str:
+    for ins in instructions(p, "ARG"):
+        key, _, value = ins["value"].partition("=")
+        if key == name:
+            return value.strip('"')
+    raise KeyError(name)
+
+
+def final_user(p) -> str:
+    return instructions(p, "USER")[-1]["value"]
+
+
+def exec_form(ins: dict) -> list[str]:
+    value = json.loads(ins["value"])
+    assert isinstance(value, list), f"{ins['instruction']} must be in exec form (signals reach python)"
+    return value
+
+
+# ------------------------------------------------------------------------------ runtime image
+
+
+def test_runtime_dockerfile():
+    p = parse(IMAGES / "runtime" / "Dockerfile")
+    assert arg_default(p, "BASE_IMAGE") == "nvcr.io/nvidia/pytorch:25.11-py3"
+    froms = [i["value"] for i in instructions(p, "FROM")]
+    assert froms == ["${BASE_IMAGE} AS bitsandbytes", "${BASE_IMAGE} AS runtime"]
+    assert final_user(p) == "1000:1000"
+    assert exec_form(instructions(p, "ENTRYPOINT")[-1]) == ["python", "-m", "kubetune.runtime"]
+    runs = " ".join(i["value"] for i in instructions(p, "RUN", stage="runtime"))
+    assert "make_constraints.py" in runs and "--constraint /etc/kubetune-constraints.txt" in runs
+    assert '"/tmp/kubetune-build/src[train]"' in runs
+    assert "torch changed" in runs  # the build fails if the install replaced the image's torch
+    assert "pip install torch" not in runs
+    # bitsandbytes: built for Hopper and GB10 (DGX Spark) when no wheel fits
+    archs = arg_default(p, "BNB_CUDA_ARCHS").split(";")
+    assert {"90", "121"} <= set(archs)
+    assert "build-bitsandbytes.sh" in " ".join(i["value"] for i in instructions(p, "RUN", stage="bitsandbytes"))
+    copies = [i["value"] for i in instructions(p, "COPY", stage="runtime")]
+    assert "--from=bitsandbytes /wheels /tmp/kubetune-build/wheels" in copies
+    assert [i["value"] for i in instructions(p, "EXPOSE")] == ["9400"]
+
+
+def test_runtime_dockerignore_sends_only_what_is_needed():
+    lines = [ln for ln in (IMAGES / "runtime" / "Dockerfile.dockerignore").read_text().splitlines()
+             if ln and not ln.startswith("#")]
+    assert lines[0] == "*" and "!runtime/" in lines and "!constraints.txt" in lines and "!images/runtime/" in lines
+
+
+def test_build_bitsandbytes_script():
+    script = IMAGES / "runtime" / "build-bitsandbytes.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert "-DCOMPUTE_BACKEND=cuda" in text and '-DCOMPUTE_CAPABILITY="$ARCHS"' in text
+    assert "set -euo pipefail" in text
+    # the wheel is used only when it has the library for the image's CUDA
+    assert 'LIB="libbitsandbytes_cuda${CUDA/./}.so"' in text
+
+
+def test_bitsandbytes_version_comes_from_constraints():
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert pins.get("bitsandbytes"), "constraints.txt pins bitsandbytes (the Dockerfile reads it)"
+
+
+NGC = {  # a package set shaped like nvcr.io/nvidia/pytorch:25.11-py3 (versions illustrative)
+    "torch": "2.10.0a0+b558c986e8.nv25.11", "torchvision": "0.25.0a0+nv25.11", "triton": "3.5.0",
+    "nvidia-cudnn-frontend": "1.15.0", "transformer-engine": "2.9.0", "flash-attn": "2.7.4.post1",
+    "numpy": "2.1.0", "packaging": "25.0", "pyyaml": "6.0.2", "tqdm": "4.67.1",
+}
+
+
+def test_constraints_keep_the_images_torch():
+    merged = make_constraints.merge((REPO / "constraints.txt").read_text(), NGC)
+    lines = [ln for ln in merged.splitlines() if ln and not ln.startswith("#")]
+    pins = dict(ln.split("==", 1) for ln in lines)
+    assert pins["torch"] == NGC["torch"] and pins["torchvision"] == NGC["torchvision"]
+    assert pins["triton"] == NGC["triton"] and pins["numpy"] == NGC["numpy"]
+    assert pins["transformer-engine"] == NGC["transformer-engine"] and pins["nvidia-cudnn-frontend"]
+    assert [ln for ln in lines if ln.startswith("torch==")] == [f"torch=={NGC['torch']}"]  # repo's torch pin dropped
+    assert "bitsandbytes" not in pins  # installed from the wheel that fits
+    assert pins["transformers"] == make_constraints_pin("transformers")  # kubetune's pins for the rest
+    assert "packaging" not in pins and "tqdm" not in pins  # the image's other packages stay free
+
+
+def make_constraints_pin(name: str) -> str:
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.startswith(f"{name}=="):
+            return line.split("==", 1)[1]
+    raise KeyError(name)
+
+
+def test_constraints_accepted_by_pip_with_torch_prerelease():
+    """pip reads the generated file and lets the image's pre-release torch satisfy torch>=2.4."""
+    packaging = pytest.importorskip("packaging.specifiers")
+    merged = make_constraints.merge((REPO / "constraints.txt").read_text(), NGC)
+    torch_pin = next(ln for ln in merged.splitlines() if ln.startswith("torch=="))
+    spec = packaging.SpecifierSet(">=2.4") & packaging.SpecifierSet(torch_pin[len("torch"):])
+    assert spec.contains(NGC["torch"], prereleases=True)
+    assert packaging.SpecifierSet(torch_pin[len("torch"):]).prereleases  # an explicit pre-release pin admits it
+
+
+def test_make_constraints_refuses_to_run_without_torch(tmp_path):
+    c = tmp_path / "c.txt"
+    c.write_text("torch==2.0\n")
+    r = subprocess.run([sys.executable, str(IMAGES / "runtime" / "make_constraints.py"), str(c)],
+                       capture_output=True, text=True)
+    try:
+        import torch  # noqa: F401
+        has_torch = True
+    except ImportError:
+        has_torch = False
+    if has_torch:
+        assert r.returncode == 0 and "torch==" in r.stdout
+    else:
+        assert r.returncode == 1 and "inside the NGC PyTorch image" in r.stderr
+
+
+# ----------------------------------------------------------------------------- operator image
+
+
+def test_operator_dockerfile():
+    p = parse(IMAGES / "operator" / "Dockerfile")
+    assert arg_default(p, "PYTHON_IMAGE") == "python:3.11-slim-bookworm"
+    assert [i["value"] for i in instructions(p, "FROM")] == ["${PYTHON_IMAGE} AS operator"]
+    assert final_user(p) == "1000:1000"
+    assert exec_form(instructions(p, "ENTRYPOINT")[-1]) == ["python", "-m", "kubetune.operator"]
+    (install,) = [i["value"] for i in instructions(p, "RUN") if "pip install" in i["value"]]
+    words = shlex.split(install.replace("\\\n", " "))
+    assert "/tmp/kubetune-build[operator]" in words
+    pip_args = words[words.index("install") + 1:words.index("&&")]
+    assert not [w for w in pip_args if "torch" in w or "[train" in w or w.endswith("[all]")], pip_args
+    assert "torch must not be in the operator image" in install
+    assert sorted(i["value"] for i in instructions(p, "EXPOSE")) == ["8080 8081"]
+
+
+def test_the_chart_runs_what_the_operator_image_has():
+    """The chart's Deployment command is the image's entrypoint and its user the image's user."""
+    import yaml
+
+    values = yaml.safe_load((REPO / "charts" / "kubetune" / "values.yaml").read_text())
+    assert values["podSecurityContext"]["runAsUser"] == 1000
+    dep = (REPO / "charts" / "kubetune" / "templates" / "deployment.yaml").read_text()
+    assert 'command: ["python", "-m", "kubetune.operator"]' in dep
+    assert values["image"]["repository"].endswith("/operator") and values["runtime"]["image"]["repository"].endswith("/runtime")
+
+
+# ----------------------------------------------------------------------------------- Makefile
+
+
+def make_n(*args: str) -> str:
+    r = subprocess.run(["make", "-n", "-C", str(REPO), *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.mark.skipif(subprocess.run(["which", "make"], capture_output=True).returncode != 0, reason="no make")
+def test_makefile_builds_both_images_multi_arch():
+    out = make_n("images")
+    builds = [ln for ln in out.replace("\\\n", " ").splitlines() if "docker buildx build" in ln]
+    assert len(builds) == 2
+    for b in builds:
+        assert "--platform linux/amd64,linux/arm64" in b and "--push" not in b
+    assert "-f images/operator/Dockerfile -t ghcr.io/kubetune/operator:0.1.0 ." in out
+    assert "-f images/runtime/Dockerfile -t ghcr.io/kubetune/runtime:0.1.0 ." in out
+    assert "BNB_CUDA_ARCHS=90;100;120;121" in out
+    assert "--push" in make_n("image-operator", "PUSH=1")
+    assert "--platform linux/arm64 --load" in make_n("image-runtime", "PLATFORMS=linux/arm64", "LOAD=1")
