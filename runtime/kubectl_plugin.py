@@ -303,6 +303,11 @@ def cmd_logs(args) -> int:
     if pod is None:
         raise UserError(f"no pod of FineTuneJob {args.name!r} stage {stage!r} yet (phase {st.get('phase') or 'Pending'}); "
                         f"`kubetune describe {args.name}` shows why")
+    if args.follow:  # a pod still starting has no log yet: wait for it (as `kubectl logs -f` users expect)
+        deadline = time.monotonic() + 300
+        while (pod.status is None or pod.status.phase == "Pending") and time.monotonic() < deadline:
+            time.sleep(1)
+            pod = c._call(c.core.read_namespaced_pod, pod.metadata.name, c.namespace)
     containers = [ct.name for ct in pod.spec.containers]
     container = args.container or (CONTAINER if CONTAINER in containers else containers[0])
     print(f"==> pod {pod.metadata.name} (stage {stage}, rank 0) <==", file=sys.stderr)
