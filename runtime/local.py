@@ -86,21 +86,41 @@ def execute_stage(
     """Run one stage under the storage protocol. Returns its summary (with `skipped` when its
     output was already committed). Metrics and `/progress` are served by `server` when given;
     `console` draws them on stderr: "bar" (redrawn on a terminal) or "lines"."""
-    from transformers import TrainerCallback
-
+    from .launcher import coordinator
     from .stages import stage_runner
-    from .stages.base import StageContext
-    from .storage import CheckpointUploader, download_latest_checkpoint, find_committed_output, open_storage
-    from .storage.factory import is_local_uri
+    from .storage import find_committed_output, open_storage
 
+    # Several training processes (torchrun): rank 0 decides, uploads and commits; the others
+    # follow its decisions (broadcast) and wait for its uploads (barriers). One process: no-ops.
+    team = coordinator()
     s = cfg.storage
     storage = open_storage(cfg.io.stage_root, endpoint=s.endpoint, region=s.region, addressing_style=s.addressing_style)
     storage.check()  # a missing bucket or rejected credentials fail here, before any training
-    done = find_committed_output(storage, "")
-    if done is not None:
-        log.info("stage %s: output already committed at %s, skipping", cfg.name, done.uri)
-        return {"stage": cfg.name, "skipped": True, "output": done.uri}
+    done = find_committed_output(storage, "") if team.is_main else None
+    done_uri = team.broadcast(done.uri if done is not None else None)
+    if done_uri is not None:
+        log.info("stage %s: output already committed at %s, skipping", cfg.name, done_uri)
+        return {"stage": cfg.name, "skipped": True, "output": done_uri}
     runner = stage_runner(cfg.stage.type, f"spec.stages[{cfg.index}].type")
+    if team.distributed and cfg.stage.type == "export":  # no trainer: rank 0 alone merges
+        summary = _execute_single(cfg, base_dir, server, console, storage, runner) if team.is_main else None
+        output = team.broadcast(summary["output"] if summary else None)  # the others wait here
+        return summary or {"stage": cfg.name, "skipped": True, "output": output}
+    return _execute_single(cfg, base_dir, server, console, storage, runner)
+
+
+def _execute_single(cfg: ResolvedStage, base_dir, server, console, storage, runner) -> dict[str, Any]:
+    from transformers import TrainerCallback
+
+    from .launcher import Coordinator, coordinator
+    from .stages.base import StageContext
+    from .storage import CheckpointUploader, download_latest_checkpoint
+    from .storage.checkpoints import download_checkpoint
+    from .storage.factory import is_local_uri
+
+    team = coordinator()
+    if cfg.stage.type == "export" and team.distributed:
+        team = Coordinator({})  # rank 0 alone (see execute_stage)
     metrics = _stage_metrics(cfg)
     if server is not None:
         server.attach(metrics)
@@ -111,26 +131,41 @@ def execute_stage(
         callbacks.append(ConsoleProgress(metrics, plain=console == "lines"))
 
     work = _work_dir(cfg, is_local_uri(cfg.io.stage_root))
-    shutil.rmtree(work, ignore_errors=True)  # scratch only: everything durable is in storage
-    work.mkdir(parents=True, exist_ok=True)
-    restored = download_latest_checkpoint(storage, "", work / "restore")
-    if restored is not None:
-        log.info("stage %s: resuming from %s (step %d)", cfg.name, restored.checkpoint.uri, restored.checkpoint.step)
+    if team.is_local_main:  # one scratch folder per node, emptied once
+        shutil.rmtree(work, ignore_errors=True)  # scratch only: everything durable is in storage
+        work.mkdir(parents=True, exist_ok=True)
+    restored = download_latest_checkpoint(storage, "", work / "restore") if team.is_main else None
+    # every rank resumes from rank 0's checkpoint; each other node downloads that one, once
+    checkpoint = team.broadcast(restored.checkpoint if restored is not None else None)
+    resume_from = None
+    if checkpoint is not None:
+        resume_from = work / "restore" / checkpoint.name
+        if team.is_local_main and not team.is_main:
+            resume_from = download_checkpoint(storage, checkpoint, resume_from)
+        if team.is_main:
+            resume_from = restored.path
+        log.info("stage %s: resuming from %s (step %d)", cfg.name, checkpoint.uri, checkpoint.step)
+    team.barrier()  # downloads done before any rank reads them
+    if not team.is_main:  # its own trainer/output scratch: rank 0's are the ones uploaded
+        work = work / "ranks" / str(team.rank)
+        work.mkdir(parents=True, exist_ok=True)
 
-    uploader = CheckpointUploader(
-        storage,
-        "",
-        keep=cfg.checkpoint.keep,
-        staging_dir=work / "staging",  # hard-linked snapshots: the trainer may rotate its folders
-        retry_deadline=float(os.environ.get("KUBETUNE_UPLOAD_RETRY_SECONDS", "600")),
-        on_uploaded=metrics.on_uploaded,
-    )
+    uploader = None
+    if team.is_main:
+        uploader = CheckpointUploader(
+            storage,
+            "",
+            keep=cfg.checkpoint.keep,
+            staging_dir=work / "staging",  # hard-linked snapshots: the trainer may rotate its folders
+            retry_deadline=float(os.environ.get("KUBETUNE_UPLOAD_RETRY_SECONDS", "600")),
+            on_uploaded=metrics.on_uploaded,
+        )
 
     class CheckpointSync(TrainerCallback):
         """Hands every checkpoint the trainer saves to the background uploader."""
 
         def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
+            if state.is_world_process_zero and uploader is not None:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if folder.is_dir():
                     uploader.submit(folder, state.global_step)
@@ -141,26 +176,34 @@ def execute_stage(
         work_dir=work,
         resolve=resolver,
         callbacks=[CheckpointSync(), *callbacks],
-        resume_from=restored.path if restored else None,
+        resume_from=resume_from,
         base_dir=base_dir,
         fetch=resolver.fetch,
     )
     try:
         result = runner(ctx)
-        # waits for the last checkpoint, then commits the output (retrying through S3 outages)
-        committed = uploader.commit_output(result.output_dir, step=result.summary.get("steps"), extra={"summary": result.summary})
-        uploader.close()
-        metrics.set_output(committed.uri)
+        team.barrier()  # every rank has finished writing
+        output_uri = None
+        if uploader is not None:
+            # waits for the last checkpoint, then commits the output (retrying through S3 outages)
+            committed = uploader.commit_output(result.output_dir, step=result.summary.get("steps"),
+                                               extra={"summary": result.summary})
+            uploader.close()
+            output_uri = committed.uri
+        output_uri = team.broadcast(output_uri)  # the other ranks wait here for the commit
+        metrics.set_output(output_uri)
         metrics.set_phase("finished")
     except BaseException:
         metrics.set_phase("failed")
         try:
-            uploader.close()
+            if uploader is not None:
+                uploader.close()
         except Exception as err:  # the original failure matters more
             log.warning("checkpoint upload also failed: %s", err)
         raise
-    summary = dict(result.summary, output=committed.uri)
-    log.info("stage %s: output committed to %s", cfg.name, committed.uri)
+    summary = dict(result.summary, output=output_uri)
+    if team.is_main:
+        log.info("stage %s: output committed to %s", cfg.name, output_uri)
     return summary
 
 
@@ -198,6 +241,20 @@ def run_job(
         if only_stage not in names:
             raise UserError(f"no stage named {only_stage!r}; stages: {', '.join(names)}", "--stage")
         stages = [s for s in stages if s.name == only_stage]
+    from . import launcher
+
+    if stages and not launcher.already_launched():
+        topo = launcher.topology(stages[0].resources, cluster=False, rdzv_id=job.metadata.name)
+        if topo.distributed:  # re-run this very command as every rank, under torchrun
+            cli = ["run", str(Path(file).resolve()), *(f"--set={o}" for o in overrides or [])]
+            cli += [f"--output-root={output_root}"] if output_root else []
+            cli += [f"--stage={only_stage}"] if only_stage else []
+            cli += [f"--metrics-port={metrics_port}"] if metrics_port is not None else []
+            cli += [] if progress else ["--no-progress"]
+            return launcher.launch(topo, cli)
+    if launcher.already_launched():
+        launcher.die_with_agent()
+    team = launcher.coordinator()
     base_dir = Path(file).resolve().parent
     started = time.time()
     summaries = []
@@ -205,12 +262,17 @@ def run_job(
     if metrics_port is not None:
         from .metrics import start_metrics_server
 
-        server = start_metrics_server(port=metrics_port, addr=os.environ.get("KUBETUNE_METRICS_ADDR", "127.0.0.1"))
-        print(f"kubetune: metrics at {server.url}/metrics, progress at {server.url}/progress", file=sys.stderr)
+        port = metrics_port + team.local_rank if metrics_port else 0  # one port per local rank
+        server = start_metrics_server(port=port, addr=os.environ.get("KUBETUNE_METRICS_ADDR", "127.0.0.1"))
+        print(f"kubetune: metrics at {server.url}/metrics, progress at {server.url}/progress{launcher.rank_suffix()}",
+              file=sys.stderr)
     for cfg in stages:
-        print(f"kubetune: stage {cfg.index + 1}/{cfg.count} {cfg.name} ({cfg.stage.type}/{cfg.stage.method})", file=sys.stderr)
+        if team.is_main:
+            print(f"kubetune: stage {cfg.index + 1}/{cfg.count} {cfg.name} ({cfg.stage.type}/{cfg.stage.method})",
+                  file=sys.stderr)
+        console = ("bar" if progress else "lines") if team.is_main else None  # one progress display
         try:
-            summaries.append(execute_stage(cfg, base_dir, server, "bar" if progress else "lines"))
+            summaries.append(execute_stage(cfg, base_dir, server, console))
         except UserError:
             raise
         except Exception as err:
@@ -219,7 +281,8 @@ def run_job(
             log.exception("stage %s failed", cfg.name)
             print(f"error: stage {cfg.name} failed: {type(err).__name__}: {err}", file=sys.stderr)
             return EXIT_FAILED
-    _print_summary(summaries, started)
+    if team.is_main:
+        _print_summary(summaries, started)
     if server is not None:
         server.stop()
     return 0
@@ -269,9 +332,22 @@ def run_stage_config(config_path: str, metrics_port: int | None = None) -> int:
             from .spec import format_validation_error
 
             raise UserError("; ".join(format_validation_error(err)), config_path) from None
+        from . import launcher
+
+        if not launcher.already_launched():
+            topo = launcher.topology(cfg.resources, cluster=True, rdzv_id=f"{cfg.job}-{cfg.name}")
+            if topo.distributed:  # every GPU of this node (and every node) trains: torchrun
+                cli = ["stage", f"--config={Path(config_path).resolve()}"]
+                cli += [f"--metrics-port={metrics_port}"] if metrics_port is not None else []
+                return launcher.launch(topo, cli)
+        else:
+            launcher.die_with_agent()
         from .metrics import start_metrics_server
 
-        # the operator polls /progress on the pod IP (POD_IP) at $KUBETUNE_METRICS_PORT
+        # the operator polls /progress on the pod IP (POD_IP) at $KUBETUNE_METRICS_PORT: local
+        # rank 0 serves there, local rank N at that port + N
+        if metrics_port:
+            metrics_port += launcher.coordinator().local_rank
         server = start_metrics_server(port=metrics_port)
         summary = execute_stage(cfg, None, server, console="lines")
         log.info("stage %s finished: %s", cfg.name, summary)

@@ -97,6 +97,12 @@ def common_args(ctx: StageContext, *, eval_enabled: bool = False) -> dict[str, A
     )
     if gradient_checkpointing_kwargs := ({"use_reentrant": False} if checkpointing else None):
         args["gradient_checkpointing_kwargs"] = gradient_checkpointing_kwargs
+    from ..launcher import distributed_args  # DDP / FSDP when several processes train (torchrun)
+
+    args.update(distributed_args(cfg.resources, cfg.stage.method, cuda=cuda,
+                                 gradient_checkpointing=args["gradient_checkpointing"]))
+    if not args["gradient_checkpointing"]:
+        args.pop("gradient_checkpointing_kwargs", None)
     if eval_enabled:
         args["eval_strategy"] = "steps" if hp.eval_steps else "epoch"
         if hp.eval_steps:

@@ -1,0 +1,127 @@
+"""A `nodes: 2` FineTuneJob on the real control plane: the operator (a real process, as in
+test_operator.py) makes an Indexed Job (completions = parallelism = 2, podReplacementPolicy
+Failed) and a headless Service (clusterIP None, publishNotReadyAddresses, selecting the stage's
+pods, the rendezvous port); the Job controller makes pods 0 and 1 with hostname `<job>-<index>`
+and subdomain = the Service, so `<job>-0.<service>` — MASTER_ADDR — names pod 0.
+
+What runs in the pods is a PROBE RUNTIME, not training: the process kubelet runs each pod as a
+local process with its env resolved (fieldRefs included: KUBETUNE_NODE_RANK from the
+completion-index annotation, POD_IP a per-pod loopback address), and the probe records that env,
+the hostname it got, and what `kubetune.runtime.launcher` makes of it (topology + torchrun
+arguments), into the shared storage folder. It checks the wiring between the operator's
+manifests and the runtime's launcher, end to end through the real Job controller.
+
+What the process kubelet cannot do: it has no cluster DNS and no network namespace, and Services
+do not route — `<job>-0.<service>` resolves nowhere, so the real c10d rendezvous across the two
+pods cannot happen here (that would need MASTER_ADDR to resolve, e.g. an /etc/hosts entry or
+hostAliases pointing it at pod 0's loopback POD_IP, which the operator cannot know before pod 0
+starts). The rendezvous itself is covered on one machine by tests/unit/test_launcher.py (two
+torchrun agents meeting at MASTER_ADDR:MASTER_PORT) and tests/runtime/test_distributed.py (two
+"nodes" training, killed and resumed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster.util import wait_for
+
+from test_operator import OperatorProcess, apply, crd, jobs, pods, quickstart  # noqa: F401 - crd: a fixture
+
+pytestmark = pytest.mark.e2e
+
+PROBE_RUNTIME = r'''
+"""PROBE RUNTIME (multi-node e2e only): records the pod's env and the launcher's reading of it."""
+import json, os, socket, sys
+from pathlib import Path
+from kubetune.runtime import launcher
+from kubetune.runtime.plan import ResolvedStage
+
+config = sys.argv[sys.argv.index("--config") + 1]
+cfg = ResolvedStage.model_validate_json(Path(config).read_text())
+# the GPUs Kubernetes would have given this pod (the host has none to show)
+topo = launcher.topology(cfg.resources, cluster=True, gpus=cfg.resources.gpus_per_node, rdzv_id=f"{cfg.job}-{cfg.name}")
+keys = ["KUBETUNE_NODES", "KUBETUNE_NODE_RANK", "JOB_COMPLETION_INDEX", "MASTER_ADDR", "MASTER_PORT", "POD_IP",
+        "POD_NAME", "KUBETUNE_METRICS_PORT", "KUBETUNE_STAGE", "KUBETUNE_CONFIG"]
+record = {"env": {k: os.environ.get(k) for k in keys}, "hostname": socket.gethostname(),
+          "topology": {"nnodes": topo.nnodes, "nproc_per_node": topo.nproc_per_node, "node_rank": topo.node_rank,
+                       "world_size": topo.world_size, "backend": topo.backend},
+          "torchrun": launcher.torchrun_args(topo, ["-m", "kubetune.runtime", "stage", f"--config={config}"])}
+root = Path(cfg.io.stage_root.removeprefix("file://"))
+root.mkdir(parents=True, exist_ok=True)
+(root / f"probe-{topo.node_rank}.json").write_text(json.dumps(record))
+print("probe runtime:", json.dumps(record), flush=True)
+'''
+
+
+@pytest.fixture(scope="module")
+def probe_operator(control_plane, kubelet, crd, tmp_path_factory):
+    op = OperatorProcess(control_plane, tmp_path_factory.mktemp("operator-multinode"))
+    op.fake.write_text(PROBE_RUNTIME)  # `--runtime-command python <this script>`
+    op.start()
+    yield op
+    op.stop()
+    print(f"\n--- operator log (last lines) ---\n{op.tail(30)}")
+
+
+def test_two_nodes_make_an_indexed_job_and_a_headless_service(control_plane, kube, probe_operator, namespace,
+                                                               tmp_path):
+    store = tmp_path
+    (store / "identity.json").write_text(json.dumps([{"instruction": "who are you?", "output": "kubetune"}]))
+    doc = quickstart(store, name="mn", max_steps=4)
+    doc["spec"]["resources"] = {"nodes": 2, "gpusPerNode": 2, "strategy": "fsdp"}
+    apply(control_plane, doc, namespace)
+
+    (job,) = wait_for(lambda: jobs(kube, namespace, "mn"), 60, "the stage's Job")
+    name = job["metadata"]["name"]
+    assert name == "mn-sft"
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    assert spec["podReplacementPolicy"] == "Failed"
+    pod_spec = spec["template"]["spec"]
+    assert pod_spec["subdomain"] == "mn-sft" and pod_spec["restartPolicy"] == "Never"
+    (container,) = pod_spec["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MASTER_ADDR"]["value"] == "mn-sft-0.mn-sft" and env["MASTER_PORT"]["value"] == "29500"
+    assert env["KUBETUNE_NODES"]["value"] == "2"
+    assert env["KUBETUNE_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert {"name": "rendezvous", "containerPort": 29500} in [
+        {k: p[k] for k in ("name", "containerPort")} for p in container["ports"]]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+
+    svc = kube.get(f"/api/v1/namespaces/{namespace}/services/mn-sft")
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {"kubetune.io/job": "mn", "kubetune.io/stage": "sft"}
+    assert [p["port"] for p in svc["spec"]["ports"]] == [29500]
+    assert svc["metadata"]["ownerReferences"][0]["name"] == "mn"
+
+    # the Job controller's pods: one per index, hostname <job>-<index>, in the Service's subdomain
+    made = wait_for(lambda: (ps := pods(kube, namespace, "mn")) and len(ps) == 2 and ps, 60, "two pods")
+    by_index = {int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]): p for p in made}
+    assert sorted(by_index) == [0, 1]
+    for i, p in by_index.items():
+        assert p["spec"]["hostname"] == f"mn-sft-{i}" and p["spec"]["subdomain"] == "mn-sft"
+        assert svc["spec"]["selector"].items() <= p["metadata"]["labels"].items()
+
+    # what each pod's runtime saw, and made of it
+    probes = {}
+    for i in (0, 1):
+        f = store / "saves" / "mn" / "sft" / f"probe-{i}.json"
+        wait_for(f.exists, 90, f"probe of pod {i}")
+        probes[i] = json.loads(f.read_text())
+    for i, rec in probes.items():
+        e = rec["env"]
+        assert (e["KUBETUNE_NODE_RANK"], e["JOB_COMPLETION_INDEX"], e["KUBETUNE_NODES"]) == (str(i), str(i), "2")
+        assert (e["MASTER_ADDR"], e["MASTER_PORT"]) == ("mn-sft-0.mn-sft", "29500")
+        assert e["POD_NAME"] == by_index[i]["metadata"]["name"] and e["POD_IP"].startswith("127.")
+        assert rec["hostname"] == f"mn-sft-{i}"
+        assert rec["topology"] == {"nnodes": 2, "nproc_per_node": 2, "node_rank": i, "world_size": 4,
+                                   "backend": "nccl"}
+        assert rec["torchrun"][:7] == ["--nnodes=2", "--nproc-per-node=2", "--max-restarts=0",
+                                       "--monitor-interval=0.5", f"--node-rank={i}", "--master-addr=mn-sft-0.mn-sft",
+                                       "--master-port=29500"]
+    assert probes[0]["env"]["POD_IP"] != probes[1]["env"]["POD_IP"]
