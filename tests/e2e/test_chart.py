@@ -2,7 +2,8 @@
 dry run (every option), NOTES from `helm install --dry-run`, and the quickstart run by the
 operator that the chart installs — its Deployment's pod runs on the process kubelet as the
 chart's ServiceAccount (a bound token from the pod's kube-api-access volume, in-cluster config;
-never the admin kubeconfig) with the namespace-scoped Role the chart makes.
+never the admin kubeconfig), once with the namespace-scoped Role the chart makes and once with
+its cluster-wide ClusterRole; the operator's log must show no permission error.
 
 As in test_operator.py the training pods run the FAKE RUNTIME (test_operator.FAKE_RUNTIME, via the
 chart's `runtime.command` value): it honours the runtime's contracts and trains nothing.
@@ -79,13 +80,15 @@ def test_template_accepted_by_server_side_dry_run(control_plane, chart_crds, nam
         assert {"PodMonitor", "ServiceMonitor", "NetworkPolicy", "Role", "KopfPeering"} <= set(kinds)
 
 
-def test_quickstart_through_the_chart(control_plane, kube, kubelet, chart_crds, namespace, store, tmp_path):
+@pytest.mark.parametrize("mode", ["namespaced", "cluster-wide"])
+def test_quickstart_through_the_chart(control_plane, kube, kubelet, chart_crds, namespace, store, tmp_path, mode):
     fake = tmp_path / "fake_runtime.py"
     fake.write_text(FAKE_RUNTIME)
     release = f"kt-{uuid.uuid4().hex[:6]}"
     health, metrics = free_port(), free_port()
     values = {
-        "operator": {"watchNamespaces": [namespace], "peering": {"name": release}, "pollInterval": 1,
+        "operator": {"watchNamespaces": [namespace] if mode == "namespaced" else [], "peering": {"name": release},
+                     "pollInterval": 1,
                      "logFormat": "plain", "healthPort": health, "metricsPort": metrics},
         "runtime": {"command": f"python {fake}", "metricsPort": free_port(), "image": {"tag": "e2e"}},
         "service": {"port": metrics},
@@ -94,7 +97,8 @@ def test_quickstart_through_the_chart(control_plane, kube, kubelet, chart_crds, 
         "tmpVolume": {"enabled": False},
     }
     r = helm(control_plane, "install", release, str(CHART), "-n", namespace, *set_args(values), timeout=180)
-    assert "Watching:   " + namespace in r.stdout and "kubectl get ftj -w" in r.stdout, r.stdout  # NOTES.txt
+    watching = namespace if mode == "namespaced" else "all namespaces"
+    assert "Watching:   " + watching in r.stdout and "kubectl get ftj -w" in r.stdout, r.stdout  # NOTES.txt
     sa = f"{release}-kubetune"
     try:
         pod = wait_for(lambda: [p for p in kube.get(f"/api/v1/namespaces/{namespace}/pods",
@@ -118,14 +122,19 @@ def test_quickstart_through_the_chart(control_plane, kube, kubelet, chart_crds, 
         tpl = job["spec"]["template"]["spec"]
         assert tpl["containers"][0]["image"] == "ghcr.io/kubetune/runtime:e2e"  # the chart's runtime image value
         assert tpl.get("automountServiceAccountToken") is False
-        # kopf's peering object (leader election) is the chart's, in the watched namespace
-        peering = kube.get(f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings/{release}")
+        # kopf's peering object (leader election) is the chart's: in the watched namespace, or cluster-wide
+        peering = kube.get(f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings/{release}" if mode == "namespaced"
+                           else f"/apis/kopf.dev/v1/clusterkopfpeerings/{release}")
         assert peering["metadata"]["labels"]["app.kubernetes.io/instance"] == release
         with urllib.request.urlopen(f"http://{ip}:{metrics}/metrics", timeout=5) as resp:
             assert "kubetune_operator_reconciles_total" in resp.read().decode()
         # the operator's finalizer goes while the operator still runs
         r = control_plane.kubectl("delete", "ftj", "-n", namespace, "chartquick", "--timeout=60s", timeout=70)
         assert r.returncode == 0, r.stderr
+        # least privilege, and yet enough: the operator never hit a permission error
+        log = control_plane.kubectl("logs", "-n", namespace, pod["metadata"]["name"]).stdout
+        assert "kubetune operator starting" in log
+        assert "forbidden" not in log.lower(), [ln for ln in log.splitlines() if "forbidden" in ln.lower()][:5]
     finally:
         logs = control_plane.kubectl("logs", "-n", namespace, f"deploy/{release}-kubetune", "--tail=30").stdout
         print(f"\n--- chart operator log (last lines) ---\n{logs}")

@@ -62,7 +62,10 @@ NAMESPACED_MATRIX = [
     ("create", "customresourcedefinitions.apiextensions.k8s.io", "cluster", NO),
     ("delete", "customresourcedefinitions.apiextensions.k8s.io", "cluster", NO),
     ("list", "finetunejobs.kubetune.io", "cluster", NO),
-    ("list", "namespaces", "cluster", NO),
+    ("list", "namespaces", "cluster", YES),  # kopf follows the watched namespaces
+    ("watch", "namespaces", "cluster", YES),
+    ("get", "namespaces", "cluster", NO),
+    ("delete", "namespaces", "cluster", NO),
     ("list", "nodes", "cluster", NO),
     ("list", "secrets", "cluster", NO),
     ("patch", "clusterkopfpeerings.kopf.dev", "cluster", NO),
@@ -78,8 +81,7 @@ CLUSTER_MATRIX = [
     ("create", "jobs.batch", "other", YES),
     ("create", "configmaps", "other", YES),
     ("list", "pods", "cluster", YES),
-    ("list", "namespaces", "cluster", YES),
-    ("watch", "namespaces", "cluster", YES),
+    ("list", "namespaces", "cluster", NO),  # kopf needs no namespace list when cluster-wide
     ("patch", "clusterkopfpeerings.kopf.dev", "cluster", YES),
     ("get", "secrets", "other", NO),
     ("list", "secrets", "cluster", NO),
