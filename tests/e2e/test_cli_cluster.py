@@ -28,11 +28,13 @@ G = "/apis/kubetune.io/v1alpha1"
 
 
 @pytest.fixture(scope="module")
-def crd(control_plane):
+def crd(control_plane, kube):
     r = control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
     assert r.returncode == 0, r.stdout + r.stderr
-    r = control_plane.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s", timeout=70)
-    assert r.returncode == 0, r.stdout + r.stderr
+    # (not `kubectl wait`: it errors out when it looks before the CRD has any status.conditions)
+    wait_for(lambda: any(c["type"] == "Established" and c["status"] == "True" for c in
+                         (kube.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/finetunejobs.kubetune.io")
+                          .get("status") or {}).get("conditions") or []), 60, "the FineTuneJob CRD to be established")
     wait_for(lambda: control_plane.kubectl("get", "ftj", "-A").returncode == 0, 30, "ftj in discovery")
 
 
