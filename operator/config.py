@@ -7,6 +7,7 @@ variables); flags win. Nothing here talks to the cluster.
 from __future__ import annotations
 
 import argparse
+import json
 import dataclasses
 import os
 import shlex
@@ -29,6 +30,10 @@ class OperatorConfig:
     standalone: bool = False  # no peering at all (one replica only, e.g. tests)
     runtime_command: tuple[str, ...] = ("python", "-m", "kubetune.runtime", "stage")
     service_account: str | None = None  # ServiceAccount of training pods (no API rights needed)
+    # GPU scheduling defaults for training pods whose FineTuneJob sets none of its own
+    default_runtime_class_name: str | None = None
+    default_node_selector: tuple[tuple[str, str], ...] = ()
+    default_tolerations: tuple[str, ...] = ()  # JSON of each toleration (hashable)
 
 
 def _env(name: str, default: str) -> str:
@@ -74,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime-command", default=_env("RUNTIME_COMMAND", " ".join(d.runtime_command)),
                    help="command that runs one stage inside the runtime image; `--config <stage.json>` is "
                         "appended (env KUBETUNE_OPERATOR_RUNTIME_COMMAND)")
+    p.add_argument("--default-runtime-class-name", default=_env("DEFAULT_RUNTIME_CLASS_NAME", "") or None,
+                   help="runtimeClassName of training pods whose spec sets none, e.g. nvidia "
+                        "(env KUBETUNE_OPERATOR_DEFAULT_RUNTIME_CLASS_NAME)")
+    p.add_argument("--default-node-selector", default=_env("DEFAULT_NODE_SELECTOR", "{}"),
+                   help="JSON node selector of training pods whose spec sets none "
+                        "(env KUBETUNE_OPERATOR_DEFAULT_NODE_SELECTOR)")
+    p.add_argument("--default-tolerations", default=_env("DEFAULT_TOLERATIONS", "[]"),
+                   help="JSON list of tolerations of training pods whose spec sets none "
+                        "(env KUBETUNE_OPERATOR_DEFAULT_TOLERATIONS)")
     p.add_argument("--log-format", choices=["json", "plain"], default=_env("LOG_FORMAT", "json"),
                    help="structured JSON logs (default) or plain text (env KUBETUNE_OPERATOR_LOG_FORMAT)")
     p.add_argument("--print-peering-manifests", action="store_true",
@@ -92,6 +106,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[OperatorConfig, argpars
             namespaces = tuple(n.strip() for n in _env("NAMESPACES", "").split(",") if n.strip())
     if args.poll_interval <= 0:
         raise SystemExit("kubetune operator: --poll-interval must be > 0")
+    selector, tolerations = _json_arg(args.default_node_selector, dict, "--default-node-selector"), \
+        _json_arg(args.default_tolerations, list, "--default-tolerations")
     cfg = OperatorConfig(
         runtime_image=args.runtime_image,
         image_pull_policy=args.image_pull_policy,
@@ -105,5 +121,18 @@ def parse_config(argv: list[str] | None = None) -> tuple[OperatorConfig, argpars
         standalone=args.standalone,
         service_account=args.service_account,
         runtime_command=tuple(shlex.split(args.runtime_command)),
+        default_runtime_class_name=args.default_runtime_class_name,
+        default_node_selector=tuple(sorted((str(k), str(v)) for k, v in selector.items())),
+        default_tolerations=tuple(json.dumps(t, sort_keys=True) for t in tolerations),
     )
     return cfg, args
+
+
+def _json_arg(text: str, kind: type, flag: str):
+    try:
+        value = json.loads(text or ("{}" if kind is dict else "[]"))
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"kubetune operator: {flag}: not valid JSON: {err}") from None
+    if not isinstance(value, kind):
+        raise SystemExit(f"kubetune operator: {flag}: expected a JSON {kind.__name__}")
+    return value

@@ -255,12 +255,19 @@ def build_job(
     }
     if config.service_account:
         pod_spec["serviceAccountName"] = config.service_account
-    if r.runtime_class_name:
-        pod_spec["runtimeClassName"] = r.runtime_class_name
-    if r.node_selector:
-        pod_spec["nodeSelector"] = dict(r.node_selector)
-    if r.tolerations:
-        pod_spec["tolerations"] = [t.to_yaml_dict() for t in r.tolerations]
+    # the spec's placement wins; the operator's GPU defaults fill what it leaves out (GPU pods only)
+    gpu = r.gpus_per_node > 0
+    runtime_class = r.runtime_class_name or (config.default_runtime_class_name if gpu else None)
+    if runtime_class:
+        pod_spec["runtimeClassName"] = runtime_class
+    node_selector = dict(r.node_selector) or (dict(config.default_node_selector) if gpu else {})
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    tolerations = [t.to_yaml_dict() for t in r.tolerations] or (
+        [json.loads(t) for t in config.default_tolerations] if gpu else []
+    )
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
     if r.priority_class_name:
         pod_spec["priorityClassName"] = r.priority_class_name
     if r.nodes > 1:

@@ -150,3 +150,34 @@ def test_second_stage_config_reads_the_first_stage_output(config):
     assert cfg["io"]["policy"]["adapter"] == "s3://ckpt/llama/sft/output"
     assert j["metadata"]["name"] == "llama-dpo"
     assert j["metadata"]["annotations"][m.ANNOTATION_CONFIG_HASH] == m.config_hash(stage)
+
+
+def test_operator_gpu_defaults_fill_what_the_spec_leaves_out():
+    """The chart's runtime.runtimeClassName/nodeSelector/tolerations reach GPU pods that set none."""
+    from kubetune.operator.config import parse_config
+
+    cfg, _ = parse_config(["--default-runtime-class-name", "nvidia",
+                           "--default-node-selector", '{"nvidia.com/gpu.present": "true"}',
+                           "--default-tolerations", '[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]'])
+    _, _, (_, j) = build(ftj(), cfg)
+    pod = j["spec"]["template"]["spec"]
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+    # the spec's own placement wins
+    _, _, (_, j) = build(ftj({"resources": {"runtimeClassName": "kata", "nodeSelector": {"pool": "a"}}}), cfg)
+    pod = j["spec"]["template"]["spec"]
+    assert pod["runtimeClassName"] == "kata" and pod["nodeSelector"] == {"pool": "a"}
+    # CPU pods get no GPU placement
+    _, _, (_, j) = build(ftj({"resources": {"gpusPerNode": 0}}), cfg)
+    pod = j["spec"]["template"]["spec"]
+    assert "runtimeClassName" not in pod and "nodeSelector" not in pod and "tolerations" not in pod
+
+
+def test_bad_default_json_is_a_clear_error():
+    import pytest
+
+    from kubetune.operator.config import parse_config
+
+    with pytest.raises(SystemExit, match="--default-node-selector: not valid JSON"):
+        parse_config(["--default-node-selector", "{nope"])
