@@ -259,7 +259,7 @@ def estimate_job(job, params: str | None = None) -> tuple[Arch, list[Estimate]]:
             arch, method=st.method, stage_type=st.type, stage=st.name,
             bits=st.quantization.bits if st.quantization else None, weight_bytes=wb,
             double_quant=st.quantization.double_quantization if st.quantization else True,
-            batch=hp.batch_size, seq=hp.cutoff_len, grad_ckpt=hp.gradient_checkpointing,
+            batch=hp.batch_size, seq=hp.cutoff_len, grad_ckpt=hp.gradient_checkpointing is not False,
             lora_rank=st.lora.rank, lora_target=st.lora.target, trainable_layers=st.freeze.trainable_layers,
             optimizer=hp.optimizer, shards=shards, reference=st.type in ("dpo", "kto", "ppo", "grpo", "rloo", "distill"),
         ))
