@@ -27,8 +27,14 @@ def crd(control_plane):
     r = control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
     assert r.returncode == 0, r.stdout + r.stderr
     name = crd_doc()["metadata"]["name"]
-    r = control_plane.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s", timeout=70)
-    assert r.returncode == 0, r.stdout + r.stderr
+
+    def established() -> bool:
+        # poll: `kubectl wait` fails when it looks before the CRD has any status conditions
+        r = control_plane.kubectl("get", "crd", name, "-o", "json")
+        conds = json.loads(r.stdout).get("status", {}).get("conditions", []) if r.returncode == 0 else []
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conds)
+
+    wait_for(established, 60, "CRD Established")
     # discovery (and so `kubectl get ftj`) lags the Established condition a little
     wait_for(lambda: control_plane.kubectl("get", "ftj", "-A").returncode == 0, 30, "ftj in discovery")
     return crd_doc()
