@@ -48,7 +48,7 @@ log = logging.getLogger("kubetune")
 
 DEFAULT_MASTER_PORT = 29500  # the operator's RENDEZVOUS_PORT
 CONTROL_TIMEOUT = timedelta(hours=6)  # barrier waits (a big model's commit can take a while)
-FSDP_SHARDINGS = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "no_shard")
+FSDP_SHARDINGS = ("full_shard", "shard_grad_op")  # FSDP2's reshard_after_forward true / false
 
 
 @dataclass(frozen=True)
@@ -314,9 +314,10 @@ def rank_suffix() -> str:
 
 
 def fsdp_options(resources, env: Mapping[str, str] | None = None) -> tuple[str, bool]:
-    """(sharding strategy, CPU offload) for FSDP: `resources.fsdp.sharding` / `.cpuOffload` when
-    the spec has them, else `KUBETUNE_FSDP_SHARDING` (default full_shard) and
-    `KUBETUNE_FSDP_OFFLOAD` (default off)."""
+    """(sharding, CPU offload) for FSDP: `resources.fsdp.sharding` / `.cpuOffload` when the spec
+    has them, else `KUBETUNE_FSDP_SHARDING` (full_shard: parameters resharded after the forward,
+    ZeRO-3-like; shard_grad_op: kept gathered until the backward, ZeRO-2-like) and
+    `KUBETUNE_FSDP_OFFLOAD` (parameters, gradients and optimizer state in host memory)."""
     env = os.environ if env is None else env
     spec = getattr(resources, "fsdp", None)
     sharding = getattr(spec, "sharding", None) or env.get("KUBETUNE_FSDP_SHARDING") or "full_shard"
@@ -333,7 +334,12 @@ def fsdp_options(resources, env: Mapping[str, str] | None = None) -> tuple[str, 
 def distributed_args(resources, method: str, *, world_size: int | None = None, cuda: bool = False,
                      gradient_checkpointing: bool = False, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """TrainingArguments fields for DDP / FSDP (empty in a single process). The Trainer (through
-    accelerate) wraps the model; nothing here wraps anything itself."""
+    accelerate) wraps the model; nothing here wraps anything itself.
+
+    FSDP is FSDP2 (transformers 5's default: per-parameter sharding, so frozen and trainable
+    parameters — LoRA, freeze, and QLoRA's 4-bit base — shard together) with full state dicts,
+    so that rank 0 alone writes whole checkpoints and outputs that it can upload. accelerate
+    applies FSDP only on GPUs: on CPU a `strategy: fsdp` stage trains with DDP, with a warning."""
     env = os.environ if env is None else env
     world_size = int(env.get("WORLD_SIZE") or 1) if world_size is None else world_size
     if world_size <= 1:
@@ -341,22 +347,23 @@ def distributed_args(resources, method: str, *, world_size: int | None = None, c
     args: dict[str, Any] = {"ddp_backend": "nccl" if cuda else "gloo", "ddp_timeout": 3 * 3600}
     if not cuda:
         args["use_cpu"] = True  # accelerate: MULTI_CPU (DDP over gloo) only when told it is on CPU
-    if resources.strategy == "ddp":
-        # adapters and frozen layers leave parameters without gradients only when something is unused
-        args["ddp_find_unused_parameters"] = False if method == "full" else None
-        if args["ddp_find_unused_parameters"] is None:
-            del args["ddp_find_unused_parameters"]
+    if resources.strategy == "ddp" or not cuda:
+        if resources.strategy == "fsdp":
+            log.warning("strategy fsdp: FSDP needs GPUs (accelerate shards only on them); %d CPU processes train "
+                        "with DDP", world_size)
+        if method == "full":  # every parameter gets a gradient: skip DDP's unused-parameter search
+            args["ddp_find_unused_parameters"] = False
         return args
     sharding, offload = fsdp_options(resources, env)
-    fsdp = f"{sharding} auto_wrap" + (" offload" if offload else "")
     config: dict[str, Any] = {
+        "version": 2,
+        "reshard_after_forward": sharding == "full_shard",
+        "cpu_offload": offload,
         "state_dict_type": "FULL_STATE_DICT",  # rank 0 alone writes (and uploads) whole checkpoints
-        "sync_module_states": True,
-        "cpu_ram_efficient_loading": True,
-        "use_orig_params": method != "qlora",  # frozen + trainable params in one unit (LoRA, freeze)
+        "cpu_ram_efficient_loading": True,  # rank 0 loads the weights, the others get them sharded
         "activation_checkpointing": bool(gradient_checkpointing),
     }
-    args.update(fsdp=fsdp, fsdp_config=config)
+    args.update(fsdp=True, fsdp_config=config)
     if gradient_checkpointing:
         args["gradient_checkpointing"] = False  # FSDP's own activation checkpointing does it
     return args

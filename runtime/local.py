@@ -21,8 +21,11 @@ log = logging.getLogger("kubetune")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    rank = f" [rank {os.environ.get('RANK', '0')}/{world}]" if world > 1 else ""  # under torchrun
     logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
+        level=level, format=f"%(asctime)s %(levelname)s %(name)s{rank}: %(message)s", datefmt="%H:%M:%S",
+        stream=sys.stderr,
     )
     for noisy in ("httpx", "urllib3", "botocore", "boto3", "s3transfer", "filelock", "datasets", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

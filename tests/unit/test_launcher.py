@@ -92,7 +92,7 @@ def test_already_launched_inside_a_worker():
     assert not launcher.already_launched({"MASTER_ADDR": "x"})
 
 
-def test_trainer_arguments_for_ddp_and_fsdp():
+def test_trainer_arguments_for_ddp_and_fsdp(caplog):
     assert launcher.distributed_args(res(), "full", world_size=1) == {}
     ddp = launcher.distributed_args(res(), "full", world_size=2, cuda=False, env={})
     assert ddp["ddp_backend"] == "gloo" and ddp["use_cpu"] and ddp["ddp_find_unused_parameters"] is False
@@ -100,15 +100,31 @@ def test_trainer_arguments_for_ddp_and_fsdp():
     assert lora["ddp_backend"] == "nccl" and "use_cpu" not in lora and "ddp_find_unused_parameters" not in lora
     fsdp = launcher.distributed_args(res(strategy="fsdp"), "lora", world_size=8, cuda=True, env={},
                                      gradient_checkpointing=True)
-    assert fsdp["fsdp"] == "full_shard auto_wrap" and fsdp["gradient_checkpointing"] is False
-    assert fsdp["fsdp_config"] == {"state_dict_type": "FULL_STATE_DICT", "sync_module_states": True,
-                                   "cpu_ram_efficient_loading": True, "use_orig_params": True,
+    assert fsdp["fsdp"] is True and fsdp["gradient_checkpointing"] is False
+    assert fsdp["fsdp_config"] == {"version": 2, "reshard_after_forward": True, "cpu_offload": False,
+                                   "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": True,
                                    "activation_checkpointing": True}
-    env = {"KUBETUNE_FSDP_SHARDING": "hybrid_shard", "KUBETUNE_FSDP_OFFLOAD": "true"}
+    env = {"KUBETUNE_FSDP_SHARDING": "shard_grad_op", "KUBETUNE_FSDP_OFFLOAD": "true"}
     q = launcher.distributed_args(res(strategy="fsdp"), "qlora", world_size=2, cuda=True, env=env)
-    assert q["fsdp"] == "hybrid_shard auto_wrap offload" and q["fsdp_config"]["use_orig_params"] is False
+    assert q["fsdp_config"]["reshard_after_forward"] is False and q["fsdp_config"]["cpu_offload"] is True
     with pytest.raises(UserError, match="full_shard"):
-        launcher.distributed_args(res(strategy="fsdp"), "full", world_size=2, env={"KUBETUNE_FSDP_SHARDING": "zero3"})
+        launcher.distributed_args(res(strategy="fsdp"), "full", world_size=2, cuda=True,
+                                  env={"KUBETUNE_FSDP_SHARDING": "zero3"})
+    # accelerate shards only on GPUs: FSDP on CPU processes is DDP, said out loud
+    with caplog.at_level("WARNING", logger="kubetune"):
+        cpu = launcher.distributed_args(res(strategy="fsdp"), "full", world_size=2, cuda=False, env={})
+    assert "fsdp" not in cpu and cpu["ddp_backend"] == "gloo" and "FSDP needs GPUs" in caplog.text
+
+
+def test_fsdp_arguments_are_what_transformers_hands_to_accelerate():
+    from transformers import TrainingArguments
+
+    args = launcher.distributed_args(res(strategy="fsdp"), "full", world_size=2, cuda=True, env={})
+    ta = TrainingArguments.__new__(TrainingArguments)  # no device setup: only the FSDP translation
+    ta.fsdp, ta.fsdp_config, ta.activation_checkpointing = args["fsdp"], dict(args["fsdp_config"]), False
+    plugin = ta._process_fsdp_args()
+    assert plugin["fsdp_version"] == 2 and plugin["state_dict_type"] == "FULL_STATE_DICT"
+    assert plugin["reshard_after_forward"] is True and plugin["cpu_ram_efficient_loading"] is True
 
 
 def _job_file(tmp_path: Path) -> Path:
