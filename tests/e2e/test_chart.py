@@ -22,7 +22,7 @@ import pytest
 from cluster.util import wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from chart.chartlib import CHART, objects, one, set_args  # noqa: E402
+from chart.chartlib import CHART, objects, set_args  # noqa: E402
 from test_operator import FAKE_RUNTIME, apply, condition, free_port, quickstart, store, wait_status  # noqa: E402,F401
 
 pytestmark = pytest.mark.e2e
@@ -139,5 +139,5 @@ def test_quickstart_through_the_chart(control_plane, kube, kubelet, chart_crds, 
         logs = control_plane.kubectl("logs", "-n", namespace, f"deploy/{release}-kubetune", "--tail=30").stdout
         print(f"\n--- chart operator log (last lines) ---\n{logs}")
         helm(control_plane, "uninstall", release, "-n", namespace, "--wait", "--timeout=60s")
-    assert not kube.get(f"/apis/rbac.authorization.k8s.io/v1/clusterroles",
+    assert not kube.get("/apis/rbac.authorization.k8s.io/v1/clusterroles",
                         labelSelector=f"app.kubernetes.io/instance={release}")["items"]
