@@ -106,6 +106,13 @@ def test_deployment(helm):
     assert "prometheus.io/scrape" not in (dep["spec"]["template"]["metadata"].get("annotations") or {})
 
 
+def test_bring_your_own_service_account_and_rbac(helm):
+    objs = render(helm, {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "ops-sa"}})
+    assert not [o for o in objs if o["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
+                                                  "RoleBinding")]
+    assert one(objs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "ops-sa"
+
+
 def test_standalone_and_replicas(helm):
     dep = one(render(helm, {"operator": {"peering": {"enabled": False}}}), "Deployment")
     assert dep["spec"]["template"]["spec"]["containers"][0]["args"] == ["--standalone"]
