@@ -344,7 +344,10 @@ def distributed_args(resources, method: str, *, world_size: int | None = None, c
     world_size = int(env.get("WORLD_SIZE") or 1) if world_size is None else world_size
     if world_size <= 1:
         return {}
-    args: dict[str, Any] = {"ddp_backend": "nccl" if cuda else "gloo", "ddp_timeout": 3 * 3600}
+    # ddp_timeout stays the Trainer's 30 min: a peer node that died surfaces as a collective
+    # timeout; slow uploads never block training collectives (they run in the background, and
+    # the final commit is waited for on the separate gloo control group)
+    args: dict[str, Any] = {"ddp_backend": "nccl" if cuda else "gloo"}
     if not cuda:
         args["use_cpu"] = True  # accelerate: MULTI_CPU (DDP over gloo) only when told it is on CPU
     if resources.strategy == "ddp" or not cuda:
