@@ -90,7 +90,9 @@ def test_quickstart_through_the_chart(control_plane, kube, kubelet, chart_crds, 
         "operator": {"watchNamespaces": [namespace] if mode == "namespaced" else [], "peering": {"name": release},
                      "pollInterval": 1,
                      "logFormat": "plain", "healthPort": health, "metricsPort": metrics},
-        "runtime": {"command": f"python {fake}", "metricsPort": free_port(), "image": {"tag": "e2e"}},
+        "runtime": {"command": f"python {fake}", "metricsPort": free_port(), "image": {"tag": "e2e"},
+                    # GPU scheduling defaults the operator applies to GPU pods (quickstart asks for 1 GPU)
+                    "nodeSelector": {"kubernetes.io/os": "linux"}},
         "service": {"port": metrics},
         # the process kubelet bind-mounts volumes over the HOST's paths, and its own pod volumes
         # live under /tmp: an emptyDir at /tmp would hide the pod's token volume from it
@@ -122,6 +124,8 @@ def test_quickstart_through_the_chart(control_plane, kube, kubelet, chart_crds, 
         tpl = job["spec"]["template"]["spec"]
         assert tpl["containers"][0]["image"] == "ghcr.io/kubetune/runtime:e2e"  # the chart's runtime image value
         assert tpl.get("automountServiceAccountToken") is False
+        assert tpl["nodeSelector"] == {"kubernetes.io/os": "linux"}  # the chart's runtime.* defaults
+        assert tpl["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
         # kopf's peering object (leader election) is the chart's: in the watched namespace, or cluster-wide
         peering = kube.get(f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings/{release}" if mode == "namespaced"
                            else f"/apis/kopf.dev/v1/clusterkopfpeerings/{release}")
