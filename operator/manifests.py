@@ -131,6 +131,20 @@ def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
 
+# set by the operator from the spec and the pod; podOverrides.env cannot replace them
+RESERVED_ENV = frozenset({
+    "POD_IP", "POD_NAME", "HF_HOME", "HF_TOKEN", "MASTER_ADDR", "MASTER_PORT", "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "PYTHONUNBUFFERED",
+})
+
+
+def _override_env(stage: ResolvedStage) -> list[dict[str, Any]]:
+    """spec.resources.podOverrides.env (NCCL settings and the like); the runtime's own contract
+    variables cannot be overridden this way."""
+    return [{"name": e.name, "value": e.value} for e in stage.resources.pod_overrides.env
+            if not e.name.startswith("KUBETUNE_") and e.name not in RESERVED_ENV]
+
+
 def _env(job: FineTuneJob, stage: ResolvedStage, config: OperatorConfig) -> list[dict[str, Any]]:
     spec = job.spec
     env: list[dict[str, Any]] = [
@@ -230,7 +244,7 @@ def build_job(
         "image": r.image or config.runtime_image,
         "imagePullPolicy": r.image_pull_policy or config.image_pull_policy,
         "command": [*config.runtime_command, "--config", CONFIG_PATH],
-        "env": _env(job, stage, config),
+        "env": _env(job, stage, config) + _override_env(stage),
         "ports": [{"name": "metrics", "containerPort": config.runtime_metrics_port}],
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -270,6 +284,9 @@ def build_job(
         pod_spec["tolerations"] = tolerations
     if r.priority_class_name:
         pod_spec["priorityClassName"] = r.priority_class_name
+    if r.pod_overrides.host_network:  # RDMA/RoCE fabrics without a CNI plugin for them
+        pod_spec["hostNetwork"] = True
+        pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
     if r.nodes > 1:
         pod_spec["subdomain"] = service_name(job.metadata.name, stage.name)
     job_spec: dict[str, Any] = {
@@ -280,7 +297,11 @@ def build_job(
         "podFailurePolicy": pod_failure_policy(),
         "suspend": bool(suspend),
         "template": {
-            "metadata": {"labels": dict(meta["labels"]), "annotations": dict(meta["annotations"])},
+            "metadata": {
+                # the pod overrides add labels/annotations (e.g. Multus networks); ours win on a clash
+                "labels": {**r.pod_overrides.labels, **meta["labels"]},
+                "annotations": {**r.pod_overrides.annotations, **meta["annotations"]},
+            },
             "spec": pod_spec,
         },
     }

@@ -313,22 +313,12 @@ def rank_suffix() -> str:
 # ---------------------------------------------------------------------------- trainer arguments
 
 
-def fsdp_options(resources, env: Mapping[str, str] | None = None) -> tuple[str, bool]:
-    """(sharding, CPU offload) for FSDP: `resources.fsdp.sharding` / `.cpuOffload` when the spec
-    has them, else `KUBETUNE_FSDP_SHARDING` (full_shard: parameters resharded after the forward,
-    ZeRO-3-like; shard_grad_op: kept gathered until the backward, ZeRO-2-like) and
-    `KUBETUNE_FSDP_OFFLOAD` (parameters, gradients and optimizer state in host memory)."""
-    env = os.environ if env is None else env
-    spec = getattr(resources, "fsdp", None)
-    sharding = getattr(spec, "sharding", None) or env.get("KUBETUNE_FSDP_SHARDING") or "full_shard"
-    offload = getattr(spec, "cpu_offload", None)
-    if offload is None:
-        offload = (env.get("KUBETUNE_FSDP_OFFLOAD") or "").lower() in ("1", "true", "yes", "on")
-    if sharding not in FSDP_SHARDINGS:
-        from .errors import UserError
-
-        raise UserError(f"FSDP sharding {sharding!r}: use one of {', '.join(FSDP_SHARDINGS)}", "resources.fsdp.sharding")
-    return sharding, bool(offload)
+def fsdp_options(resources) -> tuple[str, bool]:
+    """(sharding, CPU offload) for FSDP from `resources.fsdp`: full_shard reshards parameters
+    after the forward (ZeRO-3-like), shard_grad_op keeps them gathered until the backward
+    (ZeRO-2-like); cpuOffload keeps parameters, gradients and optimizer state in host memory.
+    The spec's Literal type already limits the sharding to FSDP_SHARDINGS."""
+    return resources.fsdp.sharding, resources.fsdp.cpu_offload
 
 
 def distributed_args(resources, method: str, *, world_size: int | None = None, cuda: bool = False,
@@ -357,7 +347,7 @@ def distributed_args(resources, method: str, *, world_size: int | None = None, c
         if method == "full":  # every parameter gets a gradient: skip DDP's unused-parameter search
             args["ddp_find_unused_parameters"] = False
         return args
-    sharding, offload = fsdp_options(resources, env)
+    sharding, offload = fsdp_options(resources)
     config: dict[str, Any] = {
         "version": 2,
         "reshard_after_forward": sharding == "full_shard",

@@ -250,7 +250,11 @@ class Hyperparameters(Spec):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = _field(
         "Mixed precision: auto (bf16 where the GPU supports it, fp32 on CPU), bf16, fp16, fp32.", "auto"
     )
-    gradient_checkpointing: bool = _field("Recompute activations in the backward pass to save memory. Default true.", True)
+    gradient_checkpointing: bool | None = _field(
+        "Recompute activations in the backward pass to save memory. Default: on a GPU only when "
+        "the activations would not fit (saves a third of the matmul work when they do); on CPU on.",
+        None,
+    )
     seed: int = _field("Random seed. Default 42.", 42, ge=0)
     logging_steps: int = _field("Log loss every N steps. Default 5.", 5, ge=1)
     val_size: float = _field(
@@ -356,6 +360,38 @@ class Toleration(Spec):
     toleration_seconds: int | None = _field("For NoExecute: how long to stay bound.", None)
 
 
+class FsdpSpec(Spec):
+    sharding: Literal["full_shard", "shard_grad_op"] = _field(
+        "full_shard: parameters resharded after the forward (ZeRO-3-like, least memory); "
+        "shard_grad_op: kept gathered until the backward (ZeRO-2-like, faster). Default full_shard.",
+        "full_shard",
+    )
+    cpu_offload: bool = _field("Keep parameters, gradients and optimizer state in host memory.", False)
+
+
+class EnvVar(Spec):
+    name: str = _field("Variable name, e.g. NCCL_SOCKET_IFNAME.", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=253)
+    value: str = _field("Its value.", "", max_length=4096)
+
+
+class PodOverrides(Spec):
+    """What a fabric such as DGX Spark's ConnectX-7 (RDMA/RoCE) needs on the training pods."""
+
+    env: list[EnvVar] = _field(
+        "Extra environment of the training container, e.g. NCCL_SOCKET_IFNAME, NCCL_IB_HCA, "
+        "NCCL_DEBUG. Secrets belong in Secret references, not here.",
+        default_factory=list,
+        max_length=64,
+    )
+    host_network: bool = _field("Run training pods in the node's network namespace (RDMA/RoCE without a CNI plugin).", False)
+    annotations: dict[str, str] = _field(
+        "Pod annotations, e.g. k8s.v1.cni.cncf.io/networks for extra (Multus) interfaces.",
+        default_factory=dict,
+        max_length=64,
+    )
+    labels: dict[str, str] = _field("Extra pod labels.", default_factory=dict, max_length=64)
+
+
 class ResourcesSpec(Spec):
     nodes: int = _field("Number of nodes (pods) per stage. Default 1.", 1, ge=1, le=1024)
     gpus_per_node: int = _field(
@@ -366,6 +402,7 @@ class ResourcesSpec(Spec):
         le=64,
     )
     strategy: Literal["ddp", "fsdp"] = _field("Multi-GPU strategy when more than one process trains. Default ddp.", "ddp")
+    fsdp: FsdpSpec = _field("FSDP settings (strategy fsdp).", default_factory=FsdpSpec)
     cpu: str | None = _field("CPU request and limit of each training pod (e.g. 8).", None, max_length=32)
     memory: str | None = _field("Memory request and limit of each training pod (e.g. 64Gi).", None, max_length=32)
     runtime_class_name: str | None = _field("RuntimeClass of the training pods (e.g. nvidia).", None, max_length=253)
@@ -374,6 +411,7 @@ class ResourcesSpec(Spec):
     priority_class_name: str | None = _field("PriorityClass of the training pods.", None, max_length=253)
     image: str | None = _field("Runtime image; default: the operator's configured runtime image.", None, max_length=1024)
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = _field("Image pull policy.", None)
+    pod_overrides: PodOverrides = _field("Network and environment settings of the training pods (NCCL, hostNetwork, interfaces).", default_factory=PodOverrides)
 
 
 class StorageSpec(Spec):

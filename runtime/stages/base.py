@@ -63,8 +63,8 @@ def common_args(ctx: StageContext, *, eval_enabled: bool = False) -> dict[str, A
         bf16 = False  # CPU training in fp32: bf16 autocast on CPU is slow and lossy
     warmup: float | int = hp.warmup_steps if hp.warmup_steps > 0 else hp.warmup_ratio
     checkpointing = hp.gradient_checkpointing
-    if cuda and "gradient_checkpointing" not in hp.model_fields_set:
-        checkpointing = not _activations_fit(ctx, bf16)  # left at its default: recompute only if needed
+    if checkpointing is None:  # unset: recompute on a GPU only when the activations would not fit
+        checkpointing = not _activations_fit(ctx, bf16) if cuda else True
     args: dict[str, Any] = dict(
         output_dir=str(ctx.trainer_dir),
         num_train_epochs=hp.epochs,

@@ -259,7 +259,7 @@ def run(ctx: StageContext) -> StageResult:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if getattr(model, "hf_device_map", None) is None:
         model.to(device)
-    if hp.gradient_checkpointing:
+    if hp.gradient_checkpointing is not False:  # unset means on here
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if is_peft:
             model.enable_input_require_grads()

@@ -181,3 +181,24 @@ def test_bad_default_json_is_a_clear_error():
 
     with pytest.raises(SystemExit, match="--default-node-selector: not valid JSON"):
         parse_config(["--default-node-selector", "{nope"])
+
+
+def test_pod_overrides_for_rdma_fabrics(config):
+    """NCCL env, hostNetwork and Multus annotations reach the pods; the runtime's own env stays ours."""
+    body = ftj({"resources": {"nodes": 2, "gpusPerNode": 1, "podOverrides": {
+        "env": [{"name": "NCCL_SOCKET_IFNAME", "value": "enp1s0f0np0"}, {"name": "NCCL_IB_HCA", "value": "mlx5"},
+                {"name": "KUBETUNE_JOB", "value": "hijack"}, {"name": "MASTER_ADDR", "value": "elsewhere"}],
+        "hostNetwork": True,
+        "annotations": {"k8s.v1.cni.cncf.io/networks": "cx7-roce"},
+        "labels": {"fabric": "cx7", "kubetune.io/job": "hijack"},
+    }}})
+    _, _, children = build(body, config)
+    j = next(c for c in children if c["kind"] == "Job")
+    tmpl = j["spec"]["template"]
+    env = {e["name"]: e.get("value") for e in tmpl["spec"]["containers"][0]["env"]}
+    assert env["NCCL_SOCKET_IFNAME"] == "enp1s0f0np0" and env["NCCL_IB_HCA"] == "mlx5"
+    assert env["KUBETUNE_JOB"] == "llama" and env["MASTER_ADDR"] != "elsewhere"
+    assert [e["name"] for e in tmpl["spec"]["containers"][0]["env"]].count("MASTER_ADDR") == 1
+    assert tmpl["spec"]["hostNetwork"] is True and tmpl["spec"]["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert tmpl["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "cx7-roce"
+    assert tmpl["metadata"]["labels"]["fabric"] == "cx7" and tmpl["metadata"]["labels"]["kubetune.io/job"] == "llama"

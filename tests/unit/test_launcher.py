@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from kubetune.runtime import launcher
 from kubetune.runtime.errors import UserError
@@ -104,12 +105,11 @@ def test_trainer_arguments_for_ddp_and_fsdp(caplog):
     assert fsdp["fsdp_config"] == {"version": 2, "reshard_after_forward": True, "cpu_offload": False,
                                    "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": True,
                                    "activation_checkpointing": True}
-    env = {"KUBETUNE_FSDP_SHARDING": "shard_grad_op", "KUBETUNE_FSDP_OFFLOAD": "true"}
-    q = launcher.distributed_args(res(strategy="fsdp"), "qlora", world_size=2, cuda=True, env=env)
+    q = launcher.distributed_args(res(strategy="fsdp", fsdp={"sharding": "shard_grad_op", "cpuOffload": True}),
+                                  "qlora", world_size=2, cuda=True, env={})
     assert q["fsdp_config"]["reshard_after_forward"] is False and q["fsdp_config"]["cpu_offload"] is True
-    with pytest.raises(UserError, match="full_shard"):
-        launcher.distributed_args(res(strategy="fsdp"), "full", world_size=2, cuda=True,
-                                  env={"KUBETUNE_FSDP_SHARDING": "zero3"})
+    with pytest.raises(ValidationError, match="full_shard"):
+        res(strategy="fsdp", fsdp={"sharding": "zero3"})
     # accelerate shards only on GPUs: FSDP on CPU processes is DDP, said out loud
     with caplog.at_level("WARNING", logger="kubetune"):
         cpu = launcher.distributed_args(res(strategy="fsdp"), "full", world_size=2, cuda=False, env={})
