@@ -242,28 +242,31 @@ def parse_size(text: str) -> float:
     return float(m.group(1)) * (1000 if decimal else 1024) ** exp
 
 
+def estimate_stage(arch: Arch, stage, model, resources, grad_ckpt: bool | None = None) -> Estimate:
+    """Bytes per device of one stage (a StageSpec with its defaults resolved). `grad_ckpt` None:
+    what the stage says, assuming recomputation when it leaves the choice open."""
+    hp = stage.hyperparameters
+    wb = 4.0 if (model.dtype == "float32" or hp.precision == "fp32") else 2.0
+    shards = resources.nodes * max(resources.gpus_per_node, 1) if resources.strategy == "fsdp" else 1
+    return estimate_memory(
+        arch, method=stage.method, stage_type=stage.type, stage=stage.name,
+        bits=stage.quantization.bits if stage.quantization else None, weight_bytes=wb,
+        double_quant=stage.quantization.double_quantization if stage.quantization else True,
+        batch=hp.batch_size, seq=hp.cutoff_len,
+        grad_ckpt=(hp.gradient_checkpointing is not False) if grad_ckpt is None else grad_ckpt,
+        lora_rank=stage.lora.rank, lora_target=stage.lora.target, trainable_layers=stage.freeze.trainable_layers,
+        optimizer=hp.optimizer, shards=shards,
+        reference=stage.type in ("dpo", "kto", "ppo", "grpo", "rloo", "distill"),
+    )
+
+
 def estimate_job(job, params: str | None = None) -> tuple[Arch, list[Estimate]]:
     """One estimate per stage of a FineTuneJob (spec model instance)."""
     from .plan import resolve_stage_defaults
 
     spec = job.spec
     arch = model_arch(spec.model.name, params)
-    dtype = spec.model.dtype
-    shards = spec.resources.nodes * max(spec.resources.gpus_per_node, 1) if spec.resources.strategy == "fsdp" else 1
-    out = []
-    for raw in spec.stages:
-        st = resolve_stage_defaults(raw)
-        hp = st.hyperparameters
-        wb = 4.0 if (dtype == "float32" or hp.precision == "fp32") else 2.0
-        out.append(estimate_memory(
-            arch, method=st.method, stage_type=st.type, stage=st.name,
-            bits=st.quantization.bits if st.quantization else None, weight_bytes=wb,
-            double_quant=st.quantization.double_quantization if st.quantization else True,
-            batch=hp.batch_size, seq=hp.cutoff_len, grad_ckpt=hp.gradient_checkpointing is not False,
-            lora_rank=st.lora.rank, lora_target=st.lora.target, trainable_layers=st.freeze.trainable_layers,
-            optimizer=hp.optimizer, shards=shards, reference=st.type in ("dpo", "kto", "ppo", "grpo", "rloo", "distill"),
-        ))
-    return arch, out
+    return arch, [estimate_stage(arch, resolve_stage_defaults(raw), spec.model, spec.resources) for raw in spec.stages]
 
 
 def _gib(b: float) -> str:

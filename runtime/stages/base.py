@@ -64,7 +64,7 @@ def common_args(ctx: StageContext, *, eval_enabled: bool = False) -> dict[str, A
     warmup: float | int = hp.warmup_steps if hp.warmup_steps > 0 else hp.warmup_ratio
     checkpointing = hp.gradient_checkpointing
     if checkpointing is None:  # unset: recompute on a GPU only when the activations would not fit
-        checkpointing = not _activations_fit(ctx, bf16) if cuda else True
+        checkpointing = not _activations_fit(ctx) if cuda else True
     args: dict[str, Any] = dict(
         output_dir=str(ctx.trainer_dir),
         num_train_epochs=hp.epochs,
@@ -110,40 +110,20 @@ def common_args(ctx: StageContext, *, eval_enabled: bool = False) -> dict[str, A
     return args
 
 
-def _activations_fit(ctx: StageContext, half: bool) -> bool:
-    """Whether one micro-batch's activations fit on this GPU without recomputation: weights,
-    gradients and AdamW states of what trains, plus ~(32h + 8kv + 8i) bytes per token and layer
-    (HF Llama-style layer, bf16, saved for the backward), with 25 % margin, under 90 % of the
-    card. Unknown shapes, or any error, keep gradient checkpointing on."""
+def _activations_fit(ctx: StageContext) -> bool:
+    """Whether the stage fits on this GPU without recomputing activations: `kubetune
+    estimate`'s per-device figure with gradient checkpointing off, under 90 % of the card.
+    Unknown shapes, or any error, keep gradient checkpointing on."""
     try:
         import torch
-        from transformers import AutoConfig
 
-        cfg, stage = ctx.cfg, ctx.cfg.stage
-        hp = stage.hyperparameters
-        c = AutoConfig.from_pretrained(ctx.resolve(cfg.io.policy.model, "spec.model.name"))
-        c = getattr(c, "text_config", None) or c
-        h, layers, inter = c.hidden_size, c.num_hidden_layers, c.intermediate_size
-        heads = c.num_attention_heads
-        head_dim = getattr(c, "head_dim", None) or h // heads
-        kv = (getattr(c, "num_key_value_heads", None) or heads) * head_dim
-        per_layer = h * (heads * head_dim + 2 * kv) + heads * head_dim * h + 3 * h * inter
-        embed = c.vocab_size * h * (1 if getattr(c, "tie_word_embeddings", False) else 2)
-        params = layers * per_layer + embed
-        width = 2 if half else 4
-        if stage.method == "qlora":
-            weights = layers * per_layer * 0.56 + embed * width
-            trained = 0.0
-        elif stage.method == "lora":
-            weights, trained = params * width, 0.0  # adapters are small
-        elif stage.method == "full":
-            weights, trained = params * width, params * width * 3  # gradients + two AdamW moments
-        else:
-            return False
-        tokens = hp.batch_size * hp.cutoff_len
-        activations = 1.25 * tokens * layers * (32 * h + 8 * kv + 8 * inter) * width / 2
+        from ..estimate import estimate_stage, model_arch
+
+        cfg = ctx.cfg
+        arch = model_arch(ctx.resolve(cfg.io.policy.model, "spec.model.name"))
+        need = estimate_stage(arch, cfg.stage, cfg.model, cfg.resources, grad_ckpt=False).total
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-        return weights + trained + activations + 2 * 2**30 < 0.9 * total
+        return need < 0.9 * total
     except Exception as err:  # noqa: BLE001 - a guess must never fail a stage
         import logging
 
