@@ -114,8 +114,13 @@ def test_quickstart_through_the_chart(control_plane, kube, kubelet, chart_crds, 
                  "the chart's operator answers /healthz")
 
         apply(control_plane, quickstart(store, name="chartquick", step_s=0.3, max_steps=6), namespace)
-        done = wait_status(kube, namespace, "chartquick", lambda s: s.get("phase") in ("Succeeded", "Failed"), 150,
-                           "quickstart finished under the chart's operator")
+        try:
+            done = wait_status(kube, namespace, "chartquick", lambda s: s.get("phase") in ("Succeeded", "Failed"),
+                               150, "quickstart finished under the chart's operator")
+        except AssertionError:
+            for what in (("get", "pods,jobs", "-o", "wide"), ("get", "events", "--sort-by=.lastTimestamp")):
+                print(control_plane.kubectl(*what, "-n", namespace).stdout)
+            raise
         st = done["status"]
         assert st["phase"] == "Succeeded", st
         assert condition(done, "Succeeded")["status"] == "True"
