@@ -315,8 +315,12 @@ def cmd_logs(args) -> int:
     if args.tail is not None and args.tail >= 0:
         kw["tail_lines"] = args.tail
     if not args.follow:
-        text = c._call(c.core.read_namespaced_pod_log, pod.metadata.name, c.namespace, **kw)
-        sys.stdout.write(text)
+        # raw bytes: some client versions hand back the repr of the bytes ("b'...'") as a str
+        resp = c._call(c.core.read_namespaced_pod_log, pod.metadata.name, c.namespace, _preload_content=False, **kw)
+        try:
+            sys.stdout.write(resp.data.decode("utf-8", "replace"))
+        finally:
+            resp.release_conn()
         return 0
     resp = c._call(c.core.read_namespaced_pod_log, pod.metadata.name, c.namespace, follow=True,
                    _preload_content=False, **kw)
