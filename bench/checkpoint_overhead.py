@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_description  # bench/machine.py (the script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -118,7 +120,7 @@ def main() -> int:
         server.stop()
     med = {m: {k: statistics.median(r[k] for r in rs) for k in ("train_s", "stage_s")} for m, rs in runs.items()}
     report = {
-        "date": time.strftime("%Y-%m-%d"), "cpu": _cpu(), "torch_threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"), "cpu": cpu_description(), "torch_threads": torch.get_num_threads(),
         "model_params": params, "steps": args.steps, "every": args.every, "checkpoints": args.steps // args.every,
         "kept_checkpoint_bytes_on_s3": ckpt_bytes, "runs": runs, "median": med,
         "overhead_train": med["ckpt"]["train_s"] / med["none"]["train_s"] - 1,
@@ -134,14 +136,6 @@ def main() -> int:
         print(f"{m:<6}{med[m]['train_s']:>10.2f}{med[m]['stage_s']:>10.2f}")
     print(f"overhead: training {100 * report['overhead_train']:+.1f} %   whole stage {100 * report['overhead_stage']:+.1f} %   (goal < 5 %)")
     return 0
-
-
-def _cpu() -> str:
-    try:
-        name = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        name = "cpu"
-    return f"{name}, {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_description  # bench/machine.py (the script's folder is on sys.path)
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +169,7 @@ def main() -> int:
     shares = padding_shares(packed_ours, columns, tok, batch_rows=4, batch_samples=8)
     fill = n_ours / (len(packed_ours) * args.max_length)
     report = {
-        "samples": len(records), "max_length": args.max_length, "cpu": _cpu(), "date": time.strftime("%Y-%m-%d"),
+        "samples": len(records), "max_length": args.max_length, "cpu": cpu_description(), "date": time.strftime("%Y-%m-%d"),
         "ours": {"seconds": t_ours, "tokens": n_ours, "label_tokens": lab_ours, "rows": len(packed_ours), "tokens_per_s": n_ours / t_ours},
         "baseline": {"seconds": t_base, "tokens": n_base, "label_tokens": lab_base, "rows": len(packed_base), "tokens_per_s": n_base / t_base},
         "ratio": (n_ours / t_ours) / (n_base / t_base),
@@ -186,14 +188,6 @@ def main() -> int:
           f"naive (8 samples padded to the longest) {100 * shares['naive_padded']:.1f} %   (goal < 2 %)")
     print(f"bfd bins filled to {100 * fill:.1f} % of {args.max_length} tokens (rows are not padded to it)")
     return 0
-
-
-def _cpu() -> str:
-    try:
-        name = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        name = "cpu"
-    return f"{name}, {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":
