@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from ..errors import UserError
 
-TEMPLATES: dict[str, dict[str, str]] = {
-    "chatml": {
-        "template": (
+_CHATML = (
             "{%- for m in messages -%}"
             "{%- if m['role'] == 'assistant' -%}"
             "{{ '<|im_start|>assistant\n' }}{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
@@ -21,22 +19,16 @@ TEMPLATES: dict[str, dict[str, str]] = {
             "{%- endif -%}"
             "{%- endfor -%}"
             "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
-        ),
-        "stop": "<|im_end|>",
-    },
+)
+
+TEMPLATES: dict[str, dict[str, str]] = {
+    "chatml": {"template": _CHATML, "stop": "<|im_end|>"},
+    # chatml with Qwen's default system prompt when the conversation brings none
     "qwen": {
         "template": (
             "{%- if messages[0]['role'] != 'system' -%}"
             "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
-            "{%- endif -%}"
-            "{%- for m in messages -%}"
-            "{%- if m['role'] == 'assistant' -%}"
-            "{{ '<|im_start|>assistant\n' }}{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
-            "{%- else -%}"
-            "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-            "{%- endif -%}"
-            "{%- endfor -%}"
-            "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+            "{%- endif -%}" + _CHATML
         ),
         "stop": "<|im_end|>",
     },
