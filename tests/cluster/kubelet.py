@@ -969,12 +969,16 @@ class PodWorker:
         key = json.dumps([status, [(c["type"], c["status"]) for c in ours]], sort_keys=True, default=str)
         if key == self.last_written and not terminal:
             return
-        for _ in range(10):
+        graph_lag_until = time.monotonic() + 60
+        for _ in range(200):
             try:
                 cur = self.k.client.get(self.api)
             except ApiError as e:
                 if e.status == 404:
                     return
+                if _node_graph_lag(e) and time.monotonic() < graph_lag_until:
+                    time.sleep(0.3)
+                    continue
                 raise
             if cur["metadata"]["uid"] != self.uid:
                 return
@@ -1002,7 +1006,16 @@ class PodWorker:
                     continue
                 if e.status == 404:
                     return
+                if _node_graph_lag(e) and time.monotonic() < graph_lag_until:
+                    time.sleep(0.3)
+                    continue
                 raise
+
+
+def _node_graph_lag(e: ApiError) -> bool:
+    """A 403 from the Node authorizer that has not yet seen the pod's binding (its graph follows an
+    informer, which lags under load): a real kubelet retries, and so do we."""
+    return e.status == 403 and "no relationship found between node" in str(e)
 
 
 # --- entry point -----------------------------------------------------------------------------
