@@ -109,6 +109,23 @@ def reconcile_object(namespace: str, name: str, *, poll: bool, config: OperatorC
         return decision
 
 
+def configure_settings(settings: kopf.OperatorSettings) -> None:
+    """kopf's settings for this operator (called at startup)."""
+    settings.persistence.finalizer = "kubetune.io/finalizer"
+    settings.posting.enabled = True  # kopf.info/kopf.warn: one event per transition
+    settings.posting.level = logging.INFO
+    settings.posting.loggers = False  # ...and not every log line
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.execution.max_workers = 8
+    # The timer puts kopf's finalizer on every FineTuneJob; on deletion kopf stops the timer and
+    # removes it. A timer call still queued for a worker thread does not stop at once, and kopf
+    # then looks again only after cancellation_polling (60 s by default): `kubectl delete` hung
+    # for a minute on a busy operator. Look again within a second.
+    settings.background.cancellation_polling = 1.0
+    settings.background.instant_exit_timeout = 0.1
+
+
 def register(config: OperatorConfig, registry: kopf.OperatorRegistry | None = None) -> kopf.OperatorRegistry:
     """Register the handlers for `config` (the timer's interval comes from it)."""
     registry = registry if registry is not None else kopf.get_default_registry()
@@ -120,13 +137,7 @@ def register(config: OperatorConfig, registry: kopf.OperatorRegistry | None = No
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.persistence.finalizer = "kubetune.io/finalizer"
-        settings.posting.enabled = True  # kopf.info/kopf.warn: one event per transition
-        settings.posting.level = logging.INFO
-        settings.posting.loggers = False  # ...and not every log line
-        settings.watching.server_timeout = 300
-        settings.watching.client_timeout = 330
-        settings.execution.max_workers = 8
+        configure_settings(settings)
         if config.metrics_port:
             metrics.serve(config.metrics_port)
 

@@ -45,3 +45,16 @@ def test_operator_starts_without_the_training_stack():
     assert r.returncode == 0, r.stderr
     assert "HEAVY [] 0" in r.stderr
     assert len(list(yaml.safe_load_all(r.stdout))) == 3
+
+
+def test_kopf_settings_let_a_deleted_finetunejob_go_within_seconds():
+    import kopf
+
+    from kubetune.operator.handlers import configure_settings
+
+    settings = kopf.OperatorSettings()
+    assert settings.background.cancellation_polling == 60  # kopf's default: a minute per deletion re-check
+    configure_settings(settings)
+    assert settings.persistence.finalizer == "kubetune.io/finalizer"
+    assert settings.background.cancellation_polling <= 1.0 and settings.background.instant_exit_timeout <= 0.1
+    assert settings.posting.enabled and not settings.posting.loggers
