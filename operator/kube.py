@@ -127,8 +127,11 @@ def apply(namespace: str, action: Action) -> str:
             return "patched"
         fn = {"Job": batch.delete_namespaced_job, "ConfigMap": core.delete_namespaced_config_map,
               "Service": core.delete_namespaced_service}[action.kind]
-        # Background: the Job goes now, the garbage collector removes its pods.
-        fn(action.name, namespace, body=kubernetes.client.V1DeleteOptions(propagation_policy="Background"),
+        # Background (default): the Job goes now, the garbage collector removes its pods.
+        # Foreground (a gang restart): the Job stays until its pods are gone, so no new pod
+        # meets an old one at the rendezvous.
+        policy = (action.body or {}).get("propagationPolicy", "Background")
+        fn(action.name, namespace, body=kubernetes.client.V1DeleteOptions(propagation_policy=policy),
            _request_timeout=TIMEOUT)
         return "deleted"
     except ApiException as e:

@@ -219,13 +219,18 @@ POD_SECURITY_CONTEXT = {
 }
 
 
-def pod_failure_policy() -> dict[str, Any]:
-    """Bad input (exit 42) fails the stage at once; evictions and preemptions cost no retry."""
+def pod_failure_policy(gang: bool = False) -> dict[str, Any]:
+    """Bad input (exit 42) fails the stage at once; evictions and preemptions cost no retry.
+
+    One pod: a disrupted pod is replaced (Ignore). A gang (several nodes): a disrupted pod fails
+    the Job at once, so the operator restarts all pods now instead of the others waiting for
+    their collective to time out; the operator does not count that restart.
+    """
     return {
         "rules": [
             {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
                                                  "values": [EXIT_BAD_INPUT]}},
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            {"action": "FailJob" if gang else "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
         ]
     }
 
@@ -293,8 +298,11 @@ def build_job(
         "completionMode": "Indexed",
         "completions": r.nodes,
         "parallelism": r.nodes,
-        "backoffLimit": job.spec.run_policy.backoff_limit,
-        "podFailurePolicy": pod_failure_policy(),
+        # Several nodes are one gang: the first failed pod fails the whole Job (its other pods are
+        # stopped at once, none is replaced on its own), and the operator restarts every pod from
+        # the checkpoint, counting the restart against runPolicy.backoffLimit itself.
+        "backoffLimit": job.spec.run_policy.backoff_limit if r.nodes <= 1 else 0,
+        "podFailurePolicy": pod_failure_policy(gang=r.nodes > 1),
         "suspend": bool(suspend),
         "template": {
             "metadata": {

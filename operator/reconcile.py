@@ -329,7 +329,12 @@ def _current_stage(
         _pending(status, rec, conds, d, gen, now, "Pending", "Waiting", waiting)
         return
     if child is not None and (child.get("metadata") or {}).get("deletionTimestamp"):
-        _pending(status, rec, conds, d, gen, now, "Pending", "Waiting", f"Job {jname} is being deleted")
+        if rec.get("restartedJob") and rec["restartedJob"] == (child.get("metadata") or {}).get("uid"):
+            _pending(status, rec, conds, d, gen, now, "Pending", "Restarting",
+                     f"all {st.resources.nodes} pods of stage {_label(st)} restart from the last checkpoint: "
+                     f"waiting for the pods of Job {jname} to stop")
+        else:
+            _pending(status, rec, conds, d, gen, now, "Pending", "Waiting", f"Job {jname} is being deleted")
         return
 
     if child is None:
@@ -338,7 +343,9 @@ def _current_stage(
         else:
             manifest = m.build_job(job, st, uid, config, suspend=suspend or kueue)
             d.actions.append(Action("create", "Job", jname, manifest, why=f"stage {_label(st)}"))
-            if rec.get("phase") in ("Running", "Pending") and rec.get("startTime"):
+            if rec.pop("restartedJob", None):
+                pass  # the Job of a gang restart, announced by GangRestarted
+            elif rec.get("phase") in ("Running", "Pending") and rec.get("startTime"):
                 if not (kueue and prev_susp):
                     d.warn("JobRecreated", f"Job {jname} of stage {_label(st)} was missing; recreated, "
                                            "the stage resumes from its last checkpoint")
@@ -351,15 +358,20 @@ def _current_stage(
             d.actions.append(Action("patch", "Job", jname, {"metadata": {
                 "ownerReferences": [m.owner_reference(job, uid)]}}, why="adopt"))
             d.info("Adopted", f"Adopted Job {jname}")
-        failed_pods = int((child.get("status") or {}).get("failed") or 0)
+        if st.resources.nodes <= 1:  # one pod: the Job controller retries it (a gang: see below)
+            failed_pods = int((child.get("status") or {}).get("failed") or 0)
+            if s.job_failed(child):
+                failed_pods = max(0, failed_pods - 1)  # the last failure ended the stage: not retried
+            if failed_pods > int(rec.get("restarts") or 0) and not s.job_failed(child):
+                msg = s.job_failure_message(child, pods)
+                d.warn("PodRetried", f"Stage {_label(st)}: a pod failed ({msg}); retry {failed_pods} of "
+                                     f"{job.spec.run_policy.backoff_limit} resumes from the last checkpoint")
+            rec["restarts"] = max(int(rec.get("restarts") or 0), failed_pods)
         if s.job_failed(child):
-            failed_pods = max(0, failed_pods - 1)  # the last failure ended the stage: not retried
-        if failed_pods > int(rec.get("restarts") or 0) and not s.job_failed(child):
-            msg = s.job_failure_message(child, pods)
-            d.warn("PodRetried", f"Stage {_label(st)}: a pod failed ({msg}); retry {failed_pods} of "
-                                 f"{job.spec.run_policy.backoff_limit} resumes from the last checkpoint")
-        rec["restarts"] = max(int(rec.get("restarts") or 0), failed_pods)
-        if s.job_failed(child):
+            if st.resources.nodes > 1 and _gang_restart(job, st, rec, child, pods, d):
+                _pending(status, rec, conds, d, gen, now, "Pending", "Restarting",
+                         f"all {st.resources.nodes} pods of stage {_label(st)} restart from the last checkpoint")
+                return
             _failed(job, st, rec, child, pods, d, gen, now, validated)
             return
         job_suspended = bool((child.get("spec") or {}).get("suspend"))
@@ -436,6 +448,39 @@ def _apply_progress(st: ResolvedStage, rec: dict[str, Any], report: dict[str, An
     out = s.artifact(report.get("output"))
     if out:
         rec["output"] = out
+
+
+def _gang_restart(job, st, rec, child, pods, d: Decision) -> bool:
+    """A multi-node stage's Job failed: restart all its pods together from the checkpoint.
+
+    The pods of a rendezvous are one gang: the Job (backoffLimit 0) fails at the first failed pod
+    and stops the others; this deletes it (foreground, so the new pods never meet old ones) and
+    the next reconcile creates it again. Each restart counts against runPolicy.backoffLimit,
+    except when a pod was disrupted (evicted, preempted: the Job's Ignore rule). Bad input and
+    activeDeadlineSeconds are final. Returns False when the stage fails instead.
+    """
+    reason = s.job_failure_reason(child)
+    if reason in ("BadInput", "DeadlineExceeded"):
+        return False
+    meta = child.get("metadata") or {}
+    delete = Action("delete", "Job", meta.get("name", ""), {"propagationPolicy": "Foreground"},
+                    why="restart all pods of a multi-node stage from the checkpoint")
+    if meta.get("uid") and rec.get("restartedJob") == meta["uid"]:
+        d.actions.append(delete)  # counted already: its deletion is on its way
+        return True
+    restarts, limit = int(rec.get("restarts") or 0), job.spec.run_policy.backoff_limit
+    disrupted = reason == "Disrupted" or s.pods_disrupted(pods)
+    if not disrupted and restarts >= limit:
+        return False
+    if not disrupted:
+        rec["restarts"] = restarts + 1
+    if meta.get("uid"):
+        rec["restartedJob"] = meta["uid"]
+    why = "a pod was disrupted: not counted as a retry" if disrupted else f"retry {restarts + 1} of {limit}"
+    d.warn("GangRestarted", f"Stage {_label(st)}: a pod failed ({s.job_failure_message(child, pods)}); all "
+                            f"{st.resources.nodes} pods restart together from the last checkpoint ({why})")
+    d.actions.append(delete)
+    return True
 
 
 def _failed(job, st, rec, child, pods, d: Decision, gen, now, validated) -> None:

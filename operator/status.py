@@ -172,6 +172,8 @@ def job_failed(job: dict[str, Any]) -> bool:
 
 def job_failure_reason(job: dict[str, Any]) -> str:
     c = job_condition(job, "Failed") or {}
+    if c.get("reason") == "PodFailurePolicy" and "DisruptionTarget" in (c.get("message") or ""):
+        return "Disrupted"  # the gang rule (multi-node stages); otherwise the rule is exit code 42
     return _JOB_FAILURE_REASONS.get(c.get("reason", ""), c.get("reason") or "StageFailed")
 
 
@@ -216,6 +218,12 @@ def pods_running(pods: list[dict[str, Any]]) -> int:
 
 def pods_succeeded(pods: list[dict[str, Any]]) -> int:
     return sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Succeeded")
+
+
+def pods_disrupted(pods: list[dict[str, Any]]) -> bool:
+    """Whether a pod was disrupted (evicted, preempted, its node drained): DisruptionTarget=True."""
+    return any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+               for p in pods for c in (p.get("status") or {}).get("conditions") or [])
 
 
 def pending_reason(pods: list[dict[str, Any]]) -> str | None:

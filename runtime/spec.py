@@ -543,7 +543,10 @@ class StageRecord(Spec):
     completion_time: str | None = _field("When the stage finished.", None)
     checkpoint: ArtifactRef | None = _field("Latest committed checkpoint.", None)
     output: ArtifactRef | None = _field("The stage's output.", None)
-    restarts: int = _field("Failed pods retried in this stage.", 0)
+    restarts: int = _field("Retries of this stage after a failed pod (a multi-node stage restarts all its pods as one retry).", 0)
+    restarted_job: str | None = _field(
+        "UID of the stage's last Job that the operator deleted to restart all pods of a multi-node stage "
+        "together from the checkpoint (counts each gang restart once).", None)
     message: str | None = _field("Why it failed.", None)
 
 
@@ -558,7 +561,7 @@ class FineTuneJobStatus(Spec):
     progress: Progress | None = _field("Progress of the current stage, read from its rank-0 pod.", None)
     checkpoint: ArtifactRef | None = _field("Latest committed checkpoint of the current stage.", None)
     output: ArtifactRef | None = _field("The final output (the last stage's).", None)
-    restart_count: int = _field("Failed pods retried, all stages together.", 0)
+    restart_count: int = _field("Retries after failed pods, all stages together.", 0)
     start_time: str | None = _field("When the first stage started.", None)
     completion_time: str | None = _field("When the job finished.", None)
     eta: str | None = _field("ETA of the current stage, human readable (printer column).", None)

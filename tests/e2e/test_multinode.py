@@ -29,7 +29,7 @@ import pytest
 
 from cluster.util import wait_for
 
-from test_operator import OperatorProcess, apply, crd, jobs, pods, quickstart  # noqa: F401 - crd: a fixture
+from test_operator import OperatorProcess, apply, crd, events, jobs, pods, quickstart, wait_status  # noqa: F401 - crd: a fixture
 
 pytestmark = pytest.mark.e2e
 
@@ -54,6 +54,23 @@ root = Path(cfg.io.stage_root.removeprefix("file://"))
 root.mkdir(parents=True, exist_ok=True)
 (root / f"probe-{topo.node_rank}.json").write_text(json.dumps(record))
 print("probe runtime:", json.dumps(record), flush=True)
+
+if "gang-fail-once" in cfg.model.name:
+    # the first time round, rank 1 crashes and rank 0 hangs as in a collective whose peer died
+    # (until it is stopped); the second time both finish
+    import time
+    def note(event):
+        with open(root / "attempts.jsonl", "a") as f:
+            f.write(json.dumps({"rank": topo.node_rank, "pod": os.environ["POD_NAME"], "event": event}) + "\n")
+    note("start")
+    first = root / f"rank{topo.node_rank}-started"
+    if not first.exists():
+        first.write_text(os.environ["POD_NAME"])
+        if topo.node_rank == 1:
+            note("crash")
+            sys.exit(1)
+        time.sleep(300)
+    note("done")
 '''
 
 
@@ -125,3 +142,38 @@ def test_two_nodes_make_an_indexed_job_and_a_headless_service(control_plane, kub
                                        "--monitor-interval=0.5", f"--node-rank={i}", "--master-addr=mn-sft-0.mn-sft",
                                        "--master-port=29500"]
     assert probes[0]["env"]["POD_IP"] != probes[1]["env"]["POD_IP"]
+
+
+def test_a_failed_pod_restarts_every_pod_of_the_stage_together(control_plane, kube, probe_operator, namespace,
+                                                                tmp_path):
+    """All or nothing: pod 1 crashes while pod 0 waits for it; the Job (backoffLimit 0) fails and
+    stops pod 0; the operator deletes the Job and makes it again, and both pods start anew."""
+    store = tmp_path
+    (store / "identity.json").write_text(json.dumps([{"instruction": "who are you?", "output": "kubetune"}]))
+    doc = quickstart(store, name="gang", max_steps=4)
+    doc["spec"]["model"]["name"] = "fake/gang-fail-once"
+    doc["spec"]["resources"] = {"nodes": 2, "gpusPerNode": 1}
+    apply(control_plane, doc, namespace)
+    (first_job,) = wait_for(lambda: jobs(kube, namespace, "gang"), 60, "the stage's Job")
+    assert first_job["spec"]["backoffLimit"] == 0
+
+    done = wait_status(kube, namespace, "gang", lambda s: s.get("phase") in ("Succeeded", "Failed"), 180, "finished",
+                       probe_operator)
+    st = done["status"]
+    assert st["phase"] == "Succeeded", st
+    assert st["restartCount"] == 1 and st["stages"][0]["restarts"] == 1 and "restartedJob" not in st["stages"][0]
+    seen = events(kube, namespace, "gang")
+    assert seen.count("GangRestarted") == 1 and "PodRetried" not in seen and "JobRecreated" not in seen
+
+    attempts = [json.loads(line) for line in (store / "saves" / "gang" / "sft" / "attempts.jsonl").read_text().splitlines()]
+    by_pod: dict[str, list[str]] = {}
+    for a in attempts:
+        by_pod.setdefault((a["rank"], a["pod"]), []).append(a["event"])
+    first = {rank: pod for (rank, pod), ev in by_pod.items() if ev[0] == "start" and ev[-1] != "done"}
+    second = {rank: pod for (rank, pod), ev in by_pod.items() if ev == ["start", "done"]}
+    # first round: rank 1 crashed, rank 0 was stopped (never finished); second round: two new pods finished
+    assert by_pod[(1, first[1])] == ["start", "crash"] and by_pod[(0, first[0])] == ["start"]
+    assert sorted(second) == [0, 1] and not set(second.values()) & set(first.values())
+    (job,) = jobs(kube, namespace, "gang")
+    assert job["metadata"]["uid"] != first_job["metadata"]["uid"]
+    assert {p["metadata"]["name"] for p in pods(kube, namespace, "gang")} == set(second.values())

@@ -43,20 +43,25 @@ def owner() -> list[dict[str, Any]]:
 
 
 def k8s_job(name: str, *, conditions: list[tuple[str, str]] = (), failed: int = 0, suspend: bool = False,
-            owned: bool = True, active: int = 0, completion_time: str | None = None) -> dict[str, Any]:
+            owned: bool = True, active: int = 0, completion_time: str | None = None, uid: str = "job-uid-1",
+            message: str = "", deleting: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": "ml", "uid": uid, "ownerReferences": owner() if owned else []}
+    if deleting:
+        meta["deletionTimestamp"] = "2025-06-01T12:00:00Z"
     return {
-        "metadata": {"name": name, "namespace": "ml", "ownerReferences": owner() if owned else []},
+        "metadata": meta,
         "spec": {"suspend": suspend},
         "status": {
             "failed": failed, "active": active,
-            "conditions": [{"type": t, "status": "True", "reason": r} for t, r in conditions],
+            "conditions": [{"type": t, "status": "True", "reason": r, **({"message": message} if message else {})}
+                           for t, r in conditions],
             **({"completionTime": completion_time} if completion_time else {}),
         },
     }
 
 
 def pod(job: str, phase: str, *, ip: str = "10.0.0.5", index: str = "0", exit_code: int | None = None,
-        message: str = "", finished: str = "2025-06-01T11:59:00Z") -> dict[str, Any]:
+        message: str = "", finished: str = "2025-06-01T11:59:00Z", disrupted: bool = False) -> dict[str, Any]:
     cs: dict[str, Any] = {"name": "trainer", "state": {}}
     if phase == "Running":
         cs["state"] = {"running": {"startedAt": "2025-06-01T11:00:00Z"}}
@@ -67,7 +72,9 @@ def pod(job: str, phase: str, *, ip: str = "10.0.0.5", index: str = "0", exit_co
         "metadata": {"name": f"{job}-{index}-abcde", "creationTimestamp": "2025-06-01T10:00:00Z",
                      "annotations": {"batch.kubernetes.io/job-completion-index": index},
                      "labels": {"batch.kubernetes.io/job-name": job}},
-        "status": {"phase": phase, "podIP": ip, "containerStatuses": [cs]},
+        "status": {"phase": phase, "podIP": ip, "containerStatuses": [cs],
+                   **({"conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}]}
+                      if disrupted else {})},
     }
 
 

@@ -122,6 +122,10 @@ def test_multi_node_stage_gets_a_headless_service(config):
     assert pod["subdomain"] == svc["metadata"]["name"]
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert env["MASTER_ADDR"]["value"] == "llama-sft-0.llama-sft" and env["KUBETUNE_NODES"]["value"] == "2"
+    # one gang: the first failed or disrupted pod fails the Job; the operator restarts all pods
+    assert j["spec"]["backoffLimit"] == 0 and j["spec"]["podReplacementPolicy"] == "Failed"
+    assert j["spec"]["podFailurePolicy"]["rules"][1] == {"action": "FailJob",
+                                                         "onPodConditions": [{"type": "DisruptionTarget"}]}
 
 
 def test_names_are_deterministic_and_bounded():

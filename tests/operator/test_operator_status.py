@@ -167,6 +167,85 @@ def test_retries_are_counted_and_reported(config):
     assert "after 3 retries" in cond(d3.status, "Failed")["message"] and d3.status["restartCount"] == 3
 
 
+def _gang(body, config, job, pods):
+    return Observed(jobs={"llama-sft": job}, configmaps={"llama-sft": _cm(body, config)},
+                    services={"llama-sft": {"metadata": {"name": "llama-sft"}}}, pods={"llama-sft": pods})
+
+
+def _events(d, reason):
+    return [e for e in d.events if e.reason == reason]
+
+
+def test_a_failed_pod_of_a_multi_node_stage_restarts_the_whole_gang(config):
+    body, d = step(ftj({"resources": {"nodes": 2, "gpusPerNode": 1}}), Observed(), config)
+    assert verbs(d) == [("create", "ConfigMap", "llama-sft"), ("create", "Service", "llama-sft"),
+                        ("create", "Job", "llama-sft")]
+    running = [pod("llama-sft", "Running", index="0"), pod("llama-sft", "Running", index="1", ip="10.0.0.6")]
+    body, d = step(body, _gang(body, config, k8s_job("llama-sft", active=2), running), config, now=LATER)
+    assert d.status["phase"] == "Running" and d.actions == []
+
+    # pod 1 fails: the Job (backoffLimit 0) fails and stops pod 0; the operator restarts both
+    lost = [pod("llama-sft", "Running", index="0"),
+            pod("llama-sft", "Failed", index="1", exit_code=1, message="NCCL error: remote process exited")]
+    failed = k8s_job("llama-sft", conditions=[("Failed", "BackoffLimitExceeded")], failed=1, active=1)
+    body, d = step(body, _gang(body, config, failed, lost), config, now=LATER)
+    assert verbs(d) == [("delete", "Job", "llama-sft")] and d.actions[0].body == {"propagationPolicy": "Foreground"}
+    (ev,) = _events(d, "GangRestarted")
+    assert ev.type == "Warning" and "NCCL error" in ev.message and "all 2 pods" in ev.message
+    assert "retry 1 of 3" in ev.message
+    st = d.status
+    assert st["phase"] == "Pending" and st["restartCount"] == 1 and st["stages"][0]["restarts"] == 1
+    assert st["stages"][0]["restartedJob"] == "job-uid-1"
+    assert cond(st, "Running")["reason"] == "Restarting" and cond(st, "Failed")["status"] == "False"
+    # seen again before the delete shows: counted once, deleted again (idempotent)
+    body, d = step(body, _gang(body, config, failed, lost), config, now=LATER)
+    assert verbs(d) == [("delete", "Job", "llama-sft")] and not d.events and d.status["restartCount"] == 1
+    # the Job waits (foreground) for its pods to go
+    going = k8s_job("llama-sft", conditions=[("Failed", "BackoffLimitExceeded")], failed=1, deleting=True)
+    body, d = step(body, _gang(body, config, going, lost), config, now=LATER)
+    assert d.actions == [] and not d.events and cond(d.status, "Running")["reason"] == "Restarting"
+    # gone: the same Job again, quietly (GangRestarted said it all), no JobRecreated warning
+    body, d = step(body, Observed(configmaps={"llama-sft": _cm(body, config)}, services={"llama-sft": {}}), config,
+                   now=LATER)
+    assert verbs(d) == [("create", "Job", "llama-sft")] and not d.events
+    assert "restartedJob" not in d.status["stages"][0] and d.status["restartCount"] == 1
+    assert d.actions[0].body["spec"]["backoffLimit"] == 0
+
+    # two more failures use up backoffLimit 3 ...
+    for n, uid in ((2, "job-uid-2"), (3, "job-uid-3")):
+        f = k8s_job("llama-sft", conditions=[("Failed", "BackoffLimitExceeded")], failed=1, uid=uid)
+        body, d = step(body, _gang(body, config, f, lost), config, now=LATER)
+        assert f"retry {n} of 3" in _events(d, "GangRestarted")[0].message
+        body, d = step(body, Observed(configmaps={"llama-sft": _cm(body, config)}, services={"llama-sft": {}}),
+                       config, now=LATER)
+    # ... and the fourth fails the stage
+    f = k8s_job("llama-sft", conditions=[("Failed", "BackoffLimitExceeded")], failed=1, uid="job-uid-4")
+    body, d = step(body, _gang(body, config, f, lost), config, now=LATER)
+    assert d.actions == [] and d.status["phase"] == "Failed" and not _events(d, "GangRestarted")
+    failed_cond = cond(d.status, "Failed")
+    assert failed_cond["reason"] == "BackoffLimitExceeded" and "after 3 retries" in failed_cond["message"]
+    assert "NCCL error" in failed_cond["message"] and d.status["restartCount"] == 3
+
+
+def test_a_disrupted_gang_restarts_without_using_a_retry_and_bad_input_is_final(config):
+    body, _ = step(ftj({"resources": {"nodes": 2, "gpusPerNode": 1}}), Observed(), config)
+    preempted = k8s_job("llama-sft", conditions=[("Failed", "PodFailurePolicy")], failed=1, message=(
+        "Pod ml/llama-sft-1-abcde has condition DisruptionTarget matching FailJob rule at index 1"))
+    pods = [pod("llama-sft", "Running", index="0"), pod("llama-sft", "Failed", index="1", exit_code=143, disrupted=True)]
+    body, d = step(body, _gang(body, config, preempted, pods), config, now=LATER)
+    (ev,) = _events(d, "GangRestarted")
+    assert "not counted" in ev.message and d.status["restartCount"] == 0
+    assert verbs(d) == [("delete", "Job", "llama-sft")]
+
+    body, _ = step(ftj({"resources": {"nodes": 2, "gpusPerNode": 1}}), Observed(), config)
+    bad = k8s_job("llama-sft", conditions=[("Failed", "PodFailurePolicy")], failed=1, message=(
+        "Container trainer for pod ml/llama-sft-0-abcde failed with exit code 42 matching FailJob rule at index 0"))
+    pods = [pod("llama-sft", "Failed", index="0", exit_code=42, message="data[0].source: no such file")]
+    _, d = step(body, _gang(body, config, bad, pods), config, now=LATER)
+    assert d.actions == [] and d.status["phase"] == "Failed" and cond(d.status, "Failed")["reason"] == "BadInput"
+    assert not _events(d, "GangRestarted")
+
+
 def test_deleted_job_is_recreated_and_orphan_is_adopted(config):
     body, _ = step(ftj(), Observed(), config)
     obs = Observed(jobs={"llama-sft": k8s_job("llama-sft", active=1)}, configmaps={"llama-sft": _cm(body, config)},
