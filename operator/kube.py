@@ -78,7 +78,8 @@ def observe(namespace: str, job_name: str) -> Observed:
     jobs = _json(_batch().list_namespaced_job, namespace, label_selector=sel)["items"]
     cms = _json(_core().list_namespaced_config_map, namespace, label_selector=sel)["items"]
     svcs = _json(_core().list_namespaced_service, namespace, label_selector=sel)["items"]
-    pods = _json(_core().list_namespaced_pod, namespace, label_selector=sel)["items"]
+    # pods are read by their Job: none to read before the first stage Job exists (a new job)
+    pods = _json(_core().list_namespaced_pod, namespace, label_selector=sel)["items"] if jobs else []
     by_job: dict[str, list[dict[str, Any]]] = {}
     for p in pods:
         labels = (p.get("metadata") or {}).get("labels") or {}
