@@ -196,6 +196,7 @@ def _resources(stage: ResolvedStage) -> dict[str, Any]:
         limits["cpu"] = requests["cpu"] = r.cpu
     if r.memory:
         limits["memory"] = requests["memory"] = r.memory
+    limits.update(r.pod_overrides.resources)  # device plugins' extended resources (RDMA NICs)
     out: dict[str, Any] = {}
     if limits:
         out["limits"] = limits

@@ -29,10 +29,10 @@ import re
 from typing import Any, Callable
 
 from .errors import UserError
-from .spec import RewardSpec
+from .spec import REWARD_BUILTINS as BUILTINS
+from .spec import REWARD_IMPORT_PATH, RewardSpec
 
-BUILTINS = ("exact_match", "format", "length")
-IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+IMPORT_PATH = re.compile(REWARD_IMPORT_PATH)
 
 RewardFunc = Callable[..., list[float]]
 

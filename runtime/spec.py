@@ -15,9 +15,10 @@ user applied is what Argo CD sees.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -264,6 +265,23 @@ class Hyperparameters(Spec):
     neftune_alpha: float | None = _field("NEFTune noise alpha for SFT embeddings.", None, gt=0)
 
 
+# The loss variants DPOTrainer accepts in TRL 1.16 (DPOConfig.loss_type / DPOTrainer._compute_loss);
+# tests/runtime/test_preference.py checks this tuple against the installed TRL's own list.
+DPO_LOSS_TYPES: tuple[str, ...] = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+# KTOConfig.loss_type choices; our spec's default `sigmoid` means KTO's own loss in a kto stage.
+KTO_LOSS_TYPES: tuple[str, ...] = ("kto", "apo_zero_unpaired")
+# Built-in reward functions of the online RL stages, and the form of a custom one's import path.
+REWARD_BUILTINS: tuple[str, ...] = ("exact_match", "format", "length")
+REWARD_IMPORT_PATH = r"^[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"  # RE2 and re alike
+
+
+def _cel_list(items) -> str:
+    return "[" + ", ".join(f"'{i}'" for i in items) + "]"
+
+
 class PreferenceSpec(Spec):
     """Knobs of the preference stages (LLaMA-Factory pref_* keys)."""
 
@@ -288,7 +306,7 @@ class RewardSpec(Spec):
     model_stage: str | None = _field(
         "Use the reward model written by this earlier `rm` stage of the same job.", None, max_length=40
     )
-    functions: list[str] = _field(
+    functions: list[Annotated[str, Field(max_length=200)]] = _field(
         "Built-in reward functions: exact_match (completion equals the `answer` column), "
         "format (completion matches `pattern`), length (penalty per token over `maxLength`), or "
         "the import path module:function of a function installed in the image.",
@@ -302,6 +320,23 @@ class RewardSpec(Spec):
     max_new_tokens: int = _field("Maximum tokens generated per completion. Default 64.", 64, ge=1)
     temperature: float = _field("Sampling temperature for rollouts. Default 1.", 1.0, gt=0)
     kl_coef: float = _field("KL penalty coefficient to the reference policy.", 0.05, ge=0)
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule=f"!has(self.functions) || self.functions.all(f, f in {_cel_list(REWARD_BUILTINS)} || "
+            f"f.matches('{REWARD_IMPORT_PATH}'))",
+            message=f"reward.functions: each is one of {', '.join(REWARD_BUILTINS)} or the import path "
+            "package.module:function of a function installed in the image",
+            check=lambda s: all(f in REWARD_BUILTINS or re.match(REWARD_IMPORT_PATH, f) for f in s.functions),
+            field_path=".functions",
+        ),
+        CelRule(
+            rule="!has(self.functions) || !('format' in self.functions) || has(self.pattern)",
+            message="the format reward needs reward.pattern (a regular expression)",
+            check=lambda s: "format" not in s.functions or bool(s.pattern),
+            field_path=".pattern",
+        ),
+    )
 
 
 class StageSpec(Spec):
@@ -329,6 +364,19 @@ class StageSpec(Spec):
     )
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="!has(self.preference) || !has(self.preference.lossType) || "
+            f"((self.type != 'dpo' || self.preference.lossType in {_cel_list(DPO_LOSS_TYPES)}) && "
+            f"(self.type != 'kto' || self.preference.lossType in {_cel_list(('sigmoid',) + KTO_LOSS_TYPES)}) && "
+            "(self.type in ['dpo', 'kto'] || self.preference.lossType == 'sigmoid'))",
+            message=f"a dpo stage takes one of {', '.join(DPO_LOSS_TYPES)}; a kto stage "
+            f"sigmoid (KTO's own loss), {' or '.join(KTO_LOSS_TYPES)}; other stage types have no loss variants "
+            "(leave it unset)",
+            check=lambda s: (s.type != "dpo" or s.preference.loss_type in DPO_LOSS_TYPES)
+            and (s.type != "kto" or s.preference.loss_type in ("sigmoid",) + KTO_LOSS_TYPES)
+            and (s.type in ("dpo", "kto") or s.preference.loss_type == "sigmoid"),
+            field_path=".preference.lossType",
+        ),
         CelRule(
             rule="!has(self.method) || self.method != 'qlora' || has(self.quantization)",
             message="method qlora needs quantization.bits (4 or 8)",
@@ -390,6 +438,32 @@ class PodOverrides(Spec):
         max_length=64,
     )
     labels: dict[str, str] = _field("Extra pod labels.", default_factory=dict, max_length=64)
+    resources: dict[str, Annotated[str, Field(max_length=64)]] = _field(
+        "Extra resource limits of the training container, from device plugins: e.g. "
+        "rdma/rdma_shared_device_a: 1 for the RDMA devices of a ConnectX NIC. cpu, memory and GPUs "
+        "have their own fields.",
+        default_factory=dict,
+        max_length=16,
+    )
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="!has(self.resources) || !self.resources.exists(k, k in ['cpu', 'memory', 'nvidia.com/gpu'])",
+            message="podOverrides.resources cannot set cpu, memory or nvidia.com/gpu: use resources.cpu, "
+            "resources.memory and resources.gpusPerNode",
+            check=lambda s: not set(s.resources) & {"cpu", "memory", "nvidia.com/gpu"},
+            field_path=".resources",
+        ),
+        CelRule(
+            rule="!has(self.resources) || self.resources.all(k, isQuantity(self.resources[k]))",
+            message="podOverrides.resources: every value must be a Kubernetes quantity such as 1, 500m or 2Gi",
+            check=lambda s: all(_QUANTITY.fullmatch(v) for v in s.resources.values()),
+            field_path=".resources",
+        ),
+    )
+
+
+_QUANTITY = re.compile(r"[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[KMGTPE]i|[numkMGTPE])?")
 
 
 class ResourcesSpec(Spec):

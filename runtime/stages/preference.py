@@ -24,16 +24,9 @@ from typing import Any
 
 from ..errors import UserError
 from ..outputs import TrainerLogCallback, write_run_summary
+from ..spec import DPO_LOSS_TYPES, KTO_LOSS_TYPES  # declared with the spec, which validates them too
 from .base import StageContext, StageResult, check_method, common_args, finish, train
 
-# The loss variants DPOTrainer accepts in TRL 1.16 (DPOConfig.loss_type / DPOTrainer._compute_loss);
-# tests/runtime/test_preference.py checks this tuple against the installed TRL's own list.
-DPO_LOSS_TYPES: tuple[str, ...] = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-)
-# KTOConfig.loss_type choices; our spec's default `sigmoid` means KTO's own loss in a kto stage.
-KTO_LOSS_TYPES: tuple[str, ...] = ("kto", "apo_zero_unpaired")
 LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair")
 
 # The stage's own signal, copied from trainer_log.jsonl into run.json (TRL's metric names).

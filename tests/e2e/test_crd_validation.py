@@ -39,6 +39,12 @@ INVALID = [
     ("reward stage not rm", {"stages": [{"name": "s", "type": "sft"}, {"name": "g", "type": "grpo", "reward": {"modelStage": "s"}}]}, "must name an rm stage"),
     ("checkpoint every 0 steps", {"checkpoint": {"everySteps": 0}}, "spec.checkpoint.everySteps"),
     ("bad addressing style", {"storage": {"uri": "s3://b/p", "addressingStyle": "sideways"}}, "spec.storage.addressingStyle"),
+    ("gpus through podOverrides", {"resources": {"podOverrides": {"resources": {"nvidia.com/gpu": "2"}}}}, "use resources.cpu"),
+    ("extra resource not a quantity", {"resources": {"podOverrides": {"resources": {"rdma/hca": "lots"}}}}, "must be a Kubernetes quantity"),
+    ("unknown dpo loss type", {"stages": [{"name": "s", "type": "sft"}, {"name": "d", "type": "dpo", "preference": {"lossType": "ipo2"}}]}, "spec.stages[1].preference.lossType"),
+    ("dpo loss type on a kto stage", {"stages": [{"name": "k", "type": "kto", "preference": {"lossType": "ipo"}}]}, "a kto stage sigmoid"),
+    ("unknown reward function", {"stages": [{"name": "g", "type": "grpo", "reward": {"functions": ["exact-match"]}}]}, "reward.functions: each is one of"),
+    ("format reward without pattern", {"stages": [{"name": "g", "type": "grpo", "reward": {"functions": ["format"]}}]}, "the format reward needs reward.pattern"),
 ]
 
 

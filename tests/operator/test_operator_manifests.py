@@ -195,6 +195,7 @@ def test_pod_overrides_for_rdma_fabrics(config):
         "hostNetwork": True,
         "annotations": {"k8s.v1.cni.cncf.io/networks": "cx7-roce"},
         "labels": {"fabric": "cx7", "kubetune.io/job": "hijack"},
+        "resources": {"rdma/rdma_shared_device_a": "1"},
     }}})
     _, _, children = build(body, config)
     j = next(c for c in children if c["kind"] == "Job")
@@ -206,3 +207,4 @@ def test_pod_overrides_for_rdma_fabrics(config):
     assert tmpl["spec"]["hostNetwork"] is True and tmpl["spec"]["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert tmpl["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "cx7-roce"
     assert tmpl["metadata"]["labels"]["fabric"] == "cx7" and tmpl["metadata"]["labels"]["kubetune.io/job"] == "llama"
+    assert tmpl["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1", "rdma/rdma_shared_device_a": "1"}

@@ -148,7 +148,7 @@ def test_dpo_margin_and_accuracy_go_up_on_the_training_pairs(method, tiny_model,
 def test_dpo_loss_types_match_trl_and_bad_ones_are_rejected(tiny_model, tmp_path):
     from trl import DPOConfig
 
-    from kubetune.runtime.errors import UserError
+    from kubetune.runtime.errors import SpecError, UserError
     from kubetune.runtime.stages.preference import DPO_LOSS_TYPES
 
     help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
@@ -157,15 +157,15 @@ def test_dpo_loss_types_match_trl_and_bad_ones_are_rejected(tiny_model, tmp_path
     data = write_pairs(tmp_path / "prefs.json")
     stage = {"name": "dpo", "type": "dpo", "preference": {"lossType": "sigmoidal"}, "hyperparameters": FAST}
     doc = job_doc("bad", tiny_model, [{"name": "prefs", "source": str(data), "format": "preference"}], [stage], tmp_path / "saves")
-    with pytest.raises(UserError) as err:
+    with pytest.raises(SpecError) as err:  # refused by the spec, before any model loads
         run_doc(doc, tmp_path)
     msg = str(err.value)
-    assert "spec.stages[0].preference.lossType" in msg and "'sigmoidal'" in msg
+    assert "spec.stages[0].preference.lossType: a dpo stage takes one of" in msg
     assert all(t in msg for t in ("sigmoid", "ipo", "hinge", "robust", "apo_zero"))
 
     stage = {"name": "orpo", "type": "orpo", "preference": {"lossType": "ipo"}, "hyperparameters": FAST}
     doc["spec"]["stages"] = [stage]
-    with pytest.raises(UserError, match=r"spec.stages\[0\].preference.lossType: lossType 'ipo' does not apply to orpo"):
+    with pytest.raises(SpecError, match=r"spec.stages\[0\].preference.lossType: .*other stage types have no loss variants"):
         run_doc(doc, tmp_path)
     stage = {"name": "dpo", "type": "dpo", "preference": {"lossType": "exo_pair"}, "hyperparameters": FAST}
     doc["spec"]["stages"] = [stage]

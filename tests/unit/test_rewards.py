@@ -49,19 +49,32 @@ def test_functions_keep_their_order_and_import_paths_load():
 
 
 @pytest.mark.parametrize(
+    "reward, words",
+    [
+        ({"functions": ["exact_match", "exactmatch"]}, "each is one of exact_match, format, length or the import path"),
+        ({"functions": ["os.system('rm -rf /')"]}, "package.module:function"),
+        ({"functions": ["lambda x: 1"]}, "package.module:function"),
+        ({"functions": ["length", "format"]}, "the format reward needs reward.pattern"),
+    ],
+)
+def test_reward_functions_the_spec_rejects(reward, words):
+    """Unknown names and a format reward without a pattern fail in the spec (`kubetune validate`
+    and the apiserver's CEL rule), before any pod starts."""
+    with pytest.raises(ValueError, match=words.replace(".", r"\.")):
+        RewardSpec(**reward)
+
+
+@pytest.mark.parametrize(
     "reward, where, words",
     [
-        ({"functions": ["exact_match", "exactmatch"]}, ".functions[1]", "unknown reward function 'exactmatch'"),
-        ({"functions": ["os.system('rm -rf /')"]}, ".functions[0]", "unknown reward function"),
-        ({"functions": ["lambda x: 1"]}, ".functions[0]", "package.module:function"),
         ({"functions": ["format", "no_such_pkg_xyz.mod:f"], "pattern": "x"}, ".functions[1]", "cannot import module 'no_such_pkg_xyz.mod'"),
         ({"functions": ["kubetune.runtime.rewards:nope"]}, ".functions[0]", "has no attribute 'nope'"),
         ({"functions": ["kubetune.runtime.rewards:BUILTINS"]}, ".functions[0]", "is not callable"),
-        ({"functions": ["length", "format"]}, ".functions[1]", "needs reward.pattern"),
         ({"functions": ["format"], "pattern": "(unclosed"}, ".pattern", "not a valid regular expression"),
     ],
 )
 def test_bad_reward_functions_name_the_field(reward, where, words):
+    """What only the stage can find out: the module, the function, the regular expression."""
     with pytest.raises(UserError) as err:
         funcs(**reward)
     assert err.value.where == WHERE + where
@@ -81,6 +94,9 @@ def test_missing_reference_column_is_caught_up_front_and_at_call_time():
 def test_custom_function_is_never_evaluated(tmp_path, monkeypatch):
     """The spec names an import path; a string that is code is refused, not run."""
     marker = tmp_path / "ran"
-    with pytest.raises(UserError):
-        funcs(functions=[f"__import__('pathlib').Path('{marker}').touch()"])
+    code = f"__import__('pathlib').Path('{marker}').touch()"
+    with pytest.raises(ValueError, match="package.module:function"):
+        funcs(functions=[code])  # the spec refuses it
+    with pytest.raises(UserError, match="unknown reward function"):  # and so would the stage
+        build_reward_functions(RewardSpec.model_construct(functions=[code]), WHERE)
     assert not marker.exists()

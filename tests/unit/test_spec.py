@@ -80,6 +80,19 @@ BAD_INPUTS = [
     ("bad addressing style", {"storage": {"uri": "s3://b/p", "addressingStyle": "sideways"}}, "storage.addressingStyle"),
     ("unknown dtype", {"model": {"name": "m", "dtype": "fp8"}}, "spec.model.dtype"),
     ("missing model", {"model": None}, "spec.model"),
+    ("gpus through podOverrides", {"resources": {"podOverrides": {"resources": {"nvidia.com/gpu": "2"}}}},
+     "spec.resources.podOverrides: podOverrides.resources cannot set cpu, memory or nvidia.com/gpu"),
+    ("extra resource not a quantity", {"resources": {"podOverrides": {"resources": {"rdma/hca": "lots"}}}},
+     "must be a Kubernetes quantity"),
+    ("unknown dpo loss type", {"stages": [{"name": "s", "type": "sft"}, {"name": "d", "type": "dpo",
+                                                                         "preference": {"lossType": "ipo2"}}]},
+     "spec.stages[1].preference.lossType: a dpo stage takes one of sigmoid, hinge, ipo"),
+    ("dpo loss type on a kto stage", {"stages": [{"name": "k", "type": "kto", "preference": {"lossType": "ipo"}}]},
+     "a kto stage sigmoid (KTO's own loss), kto or apo_zero_unpaired"),
+    ("unknown reward function", {"stages": [{"name": "g", "type": "grpo", "reward": {"functions": ["exact-match"]}}]},
+     "reward.functions: each is one of exact_match, format, length or the import path"),
+    ("format reward without pattern", {"stages": [{"name": "g", "type": "grpo", "reward": {"functions": ["format"]}}]},
+     "the format reward needs reward.pattern"),
 ]
 
 
@@ -217,3 +230,16 @@ def test_validate_cli_exit_codes(tmp_path):
     res = subprocess.run([sys.executable, "-m", "kubetune.runtime", "validate", str(bad)], capture_output=True, text=True)
     assert res.returncode == 42
     assert "spec.stages[0].method" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_reward_functions_and_loss_types_that_are_valid_pass():
+    job = parse_job(doc(stages=[
+        {"name": "s", "type": "sft"},
+        {"name": "d", "type": "dpo", "preference": {"lossType": "ipo"}},
+        {"name": "k", "type": "kto"},
+        {"name": "k2", "type": "kto", "preference": {"lossType": "apo_zero_unpaired"}},
+        {"name": "g", "type": "grpo", "reward": {"functions": ["exact_match", "format", "my_pkg.rewards:score"],
+                                                  "pattern": "^<answer>"}},
+    ]))
+    assert [st.preference.loss_type for st in job.spec.stages[1:4]] == ["ipo", "sigmoid", "apo_zero_unpaired"]
+    assert job.spec.stages[4].reward.functions[2] == "my_pkg.rewards:score"
