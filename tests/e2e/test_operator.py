@@ -371,7 +371,10 @@ def test_suspend_then_resume(control_plane, kube, operator, namespace, store):
     committed = json.loads((store / "saves" / "pause" / "sft" / "output" / "COMMITTED.json").read_text())
     assert committed["resumedFrom"] >= 2
     seen = events(kube, namespace, "pause")
-    assert "Suspended" in seen and "Resumed" in seen
+    assert "Suspended" in seen and "Resumed" in seen and "PodRetried" not in seen
+    # the Job controller does not count the pod a suspend stopped as failed, so neither do we
+    (job,) = jobs(kube, namespace, "pause")
+    assert done["status"]["restartCount"] == 0 and not job["status"].get("failed")
 
 
 def test_bad_dataset_fails_at_once_with_the_reason(control_plane, kube, operator, namespace, store):
