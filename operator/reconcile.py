@@ -456,7 +456,7 @@ def _gang_restart(job, st, rec, child, pods, d: Decision) -> bool:
     The pods of a rendezvous are one gang: the Job (backoffLimit 0) fails at the first failed pod
     and stops the others; this deletes it (foreground, so the new pods never meet old ones) and
     the next reconcile creates it again. Each restart counts against runPolicy.backoffLimit,
-    except when a pod was disrupted (evicted, preempted: the Job's Ignore rule). Bad input and
+    except when a pod was disrupted (evicted, preempted: its DisruptionTarget condition). Bad input and
     activeDeadlineSeconds are final. Returns False when the stage fails instead.
     """
     reason = s.job_failure_reason(child)
