@@ -19,6 +19,10 @@ What it does, like a kubelet:
   ``kube-api-access`` volume gives pods a working in-cluster config) at their mount paths
   (subPath, readOnly), for that process only: see ``podexec.py`` (mount + UTS namespaces);
 * ``status.podIP``: one loopback address per pod (127.0.x.y), also exported as ``POD_IP``;
+* ``/etc/hosts`` per pod (bind-mounted): localhost and the pod's own names, and — in place of the
+  cluster DNS this kubelet lacks — ``<hostname>.<subdomain>`` of the other pods of the same
+  namespace and subdomain on this node, kept current as they come and go (so an Indexed Job's
+  pods find each other by the names a headless Service would give them);
 * pod status through ``pods/status``: Pending (waiting reasons), Running (containerStatuses,
   conditions), then Succeeded/Failed with exitCode, reason Completed/Error/StartError/
   DeadlineExceeded and the termination message (terminationMessagePath, and
@@ -40,7 +44,7 @@ What differs from a real kubelet (on purpose or for want of a container runtime)
   removed again when no pod uses them; mounts are bind mounts, so atomic configMap updates
   (the ``..data`` symlink swap) and later refreshes of configMaps/secrets/tokens do not happen;
 * no network namespace: the pod IP is an extra loopback address, ports are shared with the
-  host, Services do not route; no cgroups, so resources (and GPUs) are only accounted by the
+  host, Services do not route, and no DNS server answers (only the ``/etc/hosts`` names above); no cgroups, so resources (and GPUs) are only accounted by the
   scheduler, never enforced; no probes (a running container is Ready), no lifecycle hooks,
   no ``kubectl exec``/``attach``/``port-forward``, no ``logs --previous``;
 * it needs root (or unprivileged user namespaces) for the mount namespaces; with
@@ -175,6 +179,7 @@ class Kubelet:
         self.ips_free = [f"127.{ip_block}.{i // 250}.{i % 250 + 2}" for i in range(1000)]
         self.my_mounts: dict[str, int] = {}
         self.log_port = 0
+        self.hosts: dict[str, tuple] = {}  # pod uid -> (ip, names, hosts file, namespace, subdomain)
         self.api_host = client.host
         self.api_port = client.port
         (root / "pods").mkdir(parents=True, exist_ok=True)
@@ -307,6 +312,42 @@ class Kubelet:
         except ApiError as e:
             if e.status not in (404, 409):
                 log(f"delete {md['namespace']}/{md['name']}: {e}")
+
+    # /etc/hosts of each pod: localhost, the pod's own names, and — standing in for cluster DNS,
+    # which this kubelet does not have — `<hostname>.<subdomain>` of every pod of the same
+    # namespace and subdomain on this node (what a headless Service gives an Indexed Job's pods).
+    # Each file is rewritten in place when a peer comes or goes, so the bind mount sees it.
+    def add_hosts(self, pod: dict, ip: str, path: Path) -> None:
+        md, spec = pod["metadata"], pod["spec"]
+        hostname = (spec.get("hostname") or md["name"])[:63]
+        names = [hostname]
+        if spec.get("subdomain"):
+            fqdn = f"{hostname}.{spec['subdomain']}.{md['namespace']}.svc.cluster.local"
+            names = [fqdn, f"{hostname}.{spec['subdomain']}", hostname]
+        with self.lock:
+            self.hosts[md["uid"]] = (ip, names, path, md["namespace"], spec.get("subdomain"))
+        path.write_text("")
+        self.write_hosts()
+
+    def remove_hosts(self, uid: str) -> None:
+        with self.lock:
+            self.hosts.pop(uid, None)
+        self.write_hosts()
+
+    def write_hosts(self) -> None:
+        with self.lock:
+            entries = list(self.hosts.values())
+        for ip, names, path, ns, sub in entries:
+            lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", f"{ip}\t{' '.join(names)}"]
+            if sub:
+                lines += [f"{pip}\t{' '.join(pnames[:2])}" for pip, pnames, _, pns, psub in entries
+                          if (pns, psub) == (ns, sub) and pip != ip]
+            try:
+                with open(path, "r+") as f:  # in place: the pod's bind mount follows this inode
+                    f.truncate(0)
+                    f.write("# process kubelet\n" + "\n".join(lines) + "\n")
+            except OSError:
+                continue
 
     def alloc_ip(self) -> str:
         with self.lock:
@@ -541,6 +582,10 @@ class PodWorker:
     def _main(self) -> None:
         self.start_time = now()
         self.ip = self.k.alloc_ip()
+        self.hosts_file = self.dir / "etc-hosts"
+        if not self.pod["spec"].get("hostNetwork"):
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.k.add_hosts(self.pod, self.ip, self.hosts_file)
         (self.dir / "volumes").mkdir(parents=True, exist_ok=True)
         logdir = self.k.root / "logs" / self.ns / self.name
         if logdir.exists():
@@ -699,6 +744,8 @@ class PodWorker:
                         src.mkdir(parents=True)
                 mounts.append({"source": str(src), "target": vm["mountPath"], "readOnly": bool(vm.get("readOnly")),
                                "isFile": Path(src).is_file()})
+            if self.hosts_file.exists():
+                mounts.append({"source": str(self.hosts_file), "target": "/etc/hosts", "readOnly": True, "isFile": True})
             tpath = spec.get("terminationMessagePath") or "/dev/termination-log"
             mounts.append({"source": str(term_file), "target": tpath, "readOnly": False, "isFile": True})
         for m in mounts:
@@ -765,6 +812,7 @@ class PodWorker:
             self.k.delete_pod_now(self.pod)
 
     def cleanup(self) -> None:
+        self.k.remove_hosts(self.uid)
         targets, self.mount_targets = self.mount_targets, []
         for t in targets:
             self.k.release_mount_point(t)

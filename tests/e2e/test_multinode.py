@@ -11,13 +11,11 @@ the hostname it got, and what `kubetune.runtime.launcher` makes of it (topology 
 arguments), into the shared storage folder. It checks the wiring between the operator's
 manifests and the runtime's launcher, end to end through the real Job controller.
 
-What the process kubelet cannot do: it has no cluster DNS and no network namespace, and Services
-do not route — `<job>-0.<service>` resolves nowhere, so the real c10d rendezvous across the two
-pods cannot happen here (that would need MASTER_ADDR to resolve, e.g. an /etc/hosts entry or
-hostAliases pointing it at pod 0's loopback POD_IP, which the operator cannot know before pod 0
-starts). The rendezvous itself is covered on one machine by tests/unit/test_launcher.py (two
-torchrun agents meeting at MASTER_ADDR:MASTER_PORT) and tests/runtime/test_distributed.py (two
-"nodes" training, killed and resumed).
+What the process kubelet gives in place of cluster DNS: a per-pod /etc/hosts naming the pods of
+the same namespace and subdomain, so MASTER_ADDR resolves to pod 0's loopback POD_IP (the probe
+checks it). With that, the real rendezvous and training across two pods is
+tests/e2e/test_operator_real_runtime.py::test_two_nodes_train_for_real_through_one_rendezvous;
+here the probe also lets pod 1 crash once to show the gang restart.
 """
 
 from __future__ import annotations
@@ -46,7 +44,16 @@ cfg = ResolvedStage.model_validate_json(Path(config).read_text())
 topo = launcher.topology(cfg.resources, cluster=True, gpus=cfg.resources.gpus_per_node, rdzv_id=f"{cfg.job}-{cfg.name}")
 keys = ["KUBETUNE_NODES", "KUBETUNE_NODE_RANK", "JOB_COMPLETION_INDEX", "MASTER_ADDR", "MASTER_PORT", "POD_IP",
         "POD_NAME", "KUBETUNE_METRICS_PORT", "KUBETUNE_STAGE", "KUBETUNE_CONFIG"]
-record = {"env": {k: os.environ.get(k) for k in keys}, "hostname": socket.gethostname(),
+import time
+for _ in range(150):  # pod 0's name appears in /etc/hosts once the kubelet starts pod 0
+    try:
+        master_ip = socket.gethostbyname(os.environ["MASTER_ADDR"])
+        break
+    except OSError:
+        time.sleep(0.2)
+else:
+    master_ip = None
+record = {"env": {k: os.environ.get(k) for k in keys}, "hostname": socket.gethostname(), "master_ip": master_ip,
           "topology": {"nnodes": topo.nnodes, "nproc_per_node": topo.nproc_per_node, "node_rank": topo.node_rank,
                        "world_size": topo.world_size, "backend": topo.backend},
           "torchrun": launcher.torchrun_args(topo, ["-m", "kubetune.runtime", "stage", f"--config={config}"])}
@@ -58,7 +65,6 @@ print("probe runtime:", json.dumps(record), flush=True)
 if "gang-fail-once" in cfg.model.name:
     # the first time round, rank 1 crashes and rank 0 hangs as in a collective whose peer died
     # (until it is stopped); the second time both finish
-    import time
     def note(event):
         with open(root / "attempts.jsonl", "a") as f:
             f.write(json.dumps({"rank": topo.node_rank, "pod": os.environ["POD_NAME"], "event": event}) + "\n")
@@ -142,6 +148,8 @@ def test_two_nodes_make_an_indexed_job_and_a_headless_service(control_plane, kub
                                        "--monitor-interval=0.5", f"--node-rank={i}", "--master-addr=mn-sft-0.mn-sft",
                                        "--master-port=29500"]
     assert probes[0]["env"]["POD_IP"] != probes[1]["env"]["POD_IP"]
+    # MASTER_ADDR names pod 0 for both pods (the process kubelet's /etc/hosts stands in for DNS)
+    assert probes[0]["master_ip"] == probes[1]["master_ip"] == probes[0]["env"]["POD_IP"]
 
 
 def test_a_failed_pod_restarts_every_pod_of_the_stage_together(control_plane, kube, probe_operator, namespace,

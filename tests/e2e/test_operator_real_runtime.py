@@ -68,7 +68,8 @@ def _upload_dir(s3, bucket: str, folder: Path, prefix: str) -> None:
             client.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(folder).as_posix()}")
 
 
-def test_quickstart_trains_for_real_from_s3_to_s3(control_plane, kube, real_operator, namespace, s3, tmp_path):
+def _prepare(control_plane, namespace, s3, tmp_path, name: str, max_steps: int) -> tuple[str, dict]:
+    """A tiny model and the identity data on the S3 server, the credentials Secret, and the job."""
     from kubetune.runtime.tiny import build_tiny_model
 
     bucket = make_bucket(s3.endpoint)
@@ -77,7 +78,6 @@ def test_quickstart_trains_for_real_from_s3_to_s3(control_plane, kube, real_oper
     data = tmp_path / "identity.json"
     data.write_text(json.dumps([{"instruction": q, "output": a} for q, a in IDENTITY]))
     boto_client(s3.endpoint).upload_file(str(data), bucket, "datasets/identity.json")
-
     r = control_plane.kubectl("create", "secret", "generic", "s3", "-n", namespace,
                               f"--from-literal=AWS_ACCESS_KEY_ID={TEST_KEY_ID}",
                               f"--from-literal=AWS_SECRET_ACCESS_KEY={TEST_SECRET}")
@@ -85,20 +85,25 @@ def test_quickstart_trains_for_real_from_s3_to_s3(control_plane, kube, real_oper
     doc = {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "FineTuneJob",
-        "metadata": {"name": "real"},
+        "metadata": {"name": name},
         "spec": {
             "model": {"name": f"s3://{bucket}/models/tiny"},
             "data": [{"name": "identity", "source": f"s3://{bucket}/datasets/identity.json"}],
             "stages": [{"name": "sft", "type": "sft", "lora": {"rank": 8},
-                        "hyperparameters": {"maxSteps": 16, "batchSize": 4, "gradientAccumulation": 1,
+                        "hyperparameters": {"maxSteps": max_steps, "batchSize": 4, "gradientAccumulation": 1,
                                             "learningRate": 5e-3, "loggingSteps": 1, "cutoffLen": 64,
                                             "gradientCheckpointing": False}}],
             "resources": {"gpusPerNode": 0},
-            "storage": {"uri": f"s3://{bucket}/runs/real", "endpoint": s3.endpoint,
+            "storage": {"uri": f"s3://{bucket}/runs/{name}", "endpoint": s3.endpoint,
                         "credentialsSecretRef": {"name": "s3"}},
             "checkpoint": {"everySteps": 4, "keep": 2},
         },
     }
+    return bucket, doc
+
+
+def test_quickstart_trains_for_real_from_s3_to_s3(control_plane, kube, real_operator, namespace, s3, tmp_path):
+    bucket, doc = _prepare(control_plane, namespace, s3, tmp_path, "real", max_steps=16)
     apply(control_plane, doc, namespace)
 
     running = wait_status(kube, namespace, "real",
@@ -129,3 +134,28 @@ def test_quickstart_trains_for_real_from_s3_to_s3(control_plane, kube, real_oper
     assert TEST_SECRET not in json.dumps(cm) and TEST_SECRET not in json.dumps(done)
     r = control_plane.kubectl("get", "ftj", "-n", namespace, "real")
     assert r.returncode == 0 and "Succeeded" in r.stdout
+
+
+def test_two_nodes_train_for_real_through_one_rendezvous(control_plane, kube, real_operator, namespace, s3, tmp_path):
+    """`nodes: 2` with the real runtime: two pods of an Indexed Job, each a torchrun agent; pod 1
+    reaches pod 0 at MASTER_ADDR (`<job>-0.<service>`, resolved by the process kubelet's
+    /etc/hosts in place of cluster DNS), gloo trains one model over both, rank 0 commits."""
+    bucket, doc = _prepare(control_plane, namespace, s3, tmp_path, "duo", max_steps=8)
+    doc["spec"]["resources"] = {"nodes": 2, "gpusPerNode": 0}
+    apply(control_plane, doc, namespace)
+    done = wait_status(kube, namespace, "duo", lambda s: s.get("phase") in ("Succeeded", "Failed"), 480,
+                       "finished", real_operator)
+    st = done["status"]
+    assert st["phase"] == "Succeeded", json.dumps(st, indent=1)
+    assert st["restartCount"] == 0 and st["output"]["uri"] == f"s3://{bucket}/runs/duo/sft/output"
+    client = boto_client(s3.endpoint)
+    summary = json.loads(client.get_object(Bucket=bucket, Key="runs/duo/sft/output/run.json")["Body"].read())
+    assert summary["steps"] == 8
+    # one training of world size 2: each pod's log is its own rank's
+    pods = kube.get(f"/api/v1/namespaces/{namespace}/pods", labelSelector="kubetune.io/job=duo")["items"]
+    by_index = {p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]: p for p in pods}
+    assert sorted(by_index) == ["0", "1"] and all(p["status"]["phase"] == "Succeeded" for p in pods)
+    for index, pod in by_index.items():
+        r = control_plane.kubectl("logs", "-n", namespace, pod["metadata"]["name"])
+        assert r.returncode == 0, r.stderr
+        assert f"[rank {index}/2]" in r.stdout, r.stdout[-3000:]
