@@ -245,7 +245,13 @@ class Coordinator:
         self.world_size = int(env.get("WORLD_SIZE") or 1)
         self.rank = int(env.get("RANK") or 0)
         self.local_rank = int(env.get("LOCAL_RANK") or 0)
+        self.local_world_size = int(env.get("LOCAL_WORLD_SIZE") or self.world_size)
+        self.node_rank = int(env.get("GROUP_RANK") or 0)  # torchrun's node rank
         self._group = None
+
+    @property
+    def multi_node(self) -> bool:
+        return self.world_size > self.local_world_size
 
     @property
     def distributed(self) -> bool:

@@ -134,6 +134,10 @@ def _execute_single(cfg: ResolvedStage, base_dir, server, console, storage, runn
         callbacks.append(ConsoleProgress(metrics, plain=console == "lines"))
 
     work = _work_dir(cfg, is_local_uri(cfg.io.stage_root))
+    if team.multi_node:
+        # nodes may share a disk (a shared cache volume, local storage, pods of one host): each
+        # node empties and downloads into its own folder, never into another node's
+        work = work / f"node-{team.node_rank}"
     if team.is_local_main:  # one scratch folder per node, emptied once
         shutil.rmtree(work, ignore_errors=True)  # scratch only: everything durable is in storage
         work.mkdir(parents=True, exist_ok=True)

@@ -315,6 +315,7 @@ class S3Storage(Storage):
                    f"({type(cause).__name__}): check the endpoint URL, DNS, network policies "
                    f"and that the server is running")
         elif isinstance(cause, OSError):
+            retryable = True  # the pod's own disk (full, or a folder gone): not the user's input
             msg = f"local I/O error while trying to {op} {uri}: {cause}"
         else:
             msg = f"S3 {op} failed on {uri}: {type(cause).__name__}: {cause}"

@@ -21,6 +21,7 @@ from test_operator import (  # noqa: F401  (crd is a module fixture)
     apply,
     condition,
     crd,
+    events,
     jobs,
     wait_status,
 )
@@ -159,3 +160,46 @@ def test_two_nodes_train_for_real_through_one_rendezvous(control_plane, kube, re
         r = control_plane.kubectl("logs", "-n", namespace, pod["metadata"]["name"])
         assert r.returncode == 0, r.stderr
         assert f"[rank {index}/2]" in r.stdout, r.stdout[-3000:]
+
+
+def _kill_pod_processes(pod_name: str) -> list[int]:
+    """SIGKILL every process of one pod (the process kubelet runs them on this host): a node lost."""
+    killed = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"POD_NAME={pod_name}".encode() in env:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.append(int(proc.name))
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+def test_a_lost_node_restarts_both_pods_from_the_checkpoint(control_plane, kube, real_operator, namespace, s3,
+                                                            tmp_path):
+    """Crash-safe across nodes: pod 1's processes are SIGKILLed after a checkpoint; the Job fails
+    and stops pod 0, the operator restarts both pods, and they resume from the committed step."""
+    bucket, doc = _prepare(control_plane, namespace, s3, tmp_path, "lost", max_steps=24)
+    doc["spec"]["resources"] = {"nodes": 2, "gpusPerNode": 0}
+    apply(control_plane, doc, namespace)
+    wait_status(kube, namespace, "lost", lambda s: ((s.get("checkpoint") or {}).get("step") or 0) >= 4, 300,
+                "a first committed checkpoint", real_operator)
+    pods = kube.get(f"/api/v1/namespaces/{namespace}/pods", labelSelector="kubetune.io/job=lost")["items"]
+    (pod1,) = [p for p in pods if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "1"]
+    assert _kill_pod_processes(pod1["metadata"]["name"]), "no process of pod 1 found"
+
+    done = wait_status(kube, namespace, "lost", lambda s: s.get("phase") in ("Succeeded", "Failed"), 600,
+                       "finished after the restart", real_operator)
+    st = done["status"]
+    assert st["phase"] == "Succeeded", json.dumps(st, indent=1)
+    assert st["restartCount"] == 1 and events(kube, namespace, "lost").count("GangRestarted") == 1
+    summary = json.loads(boto_client(s3.endpoint).get_object(Bucket=bucket, Key="runs/lost/sft/output/run.json")["Body"].read())
+    assert summary["steps"] == 24 and summary["resumed_from_step"] >= 4
+    pods = kube.get(f"/api/v1/namespaces/{namespace}/pods", labelSelector="kubetune.io/job=lost")["items"]
+    assert pod1["metadata"]["name"] not in {p["metadata"]["name"] for p in pods}  # both pods are new ones

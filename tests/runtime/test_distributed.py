@@ -107,8 +107,10 @@ def test_two_nodes_killed_after_a_checkpoint_resume_from_it(tiny_model, tmp_path
         port = _free_port()
         nodes = []
         for index in (0, 1):  # what the Indexed Job's pods get, on one machine
+            # one scratch disk for both "nodes" (as a shared cache volume would be): each keeps to
+            # its own node-<rank> folder in it
             env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), KUBETUNE_NODE_RANK=str(index),
-                       KUBETUNE_WORK_DIR=str(tmp_path / f"node{index}"))
+                       KUBETUNE_WORK_DIR=str(tmp_path / "work"))
             log = tmp_path / f"{run}-node{index}.log"
             with log.open("w") as f:
                 nodes.append((subprocess.Popen(_cli(job), env=env, stdout=f, stderr=subprocess.STDOUT,
@@ -140,7 +142,7 @@ def test_two_nodes_killed_after_a_checkpoint_resume_from_it(tiny_model, tmp_path
     step = int(resumed[0][0])
     assert f"checkpoint-{step}" == killed_at and step >= EVERY
     # node 1 downloaded that checkpoint into its own scratch folder; only node 0 uploaded
-    assert (tmp_path / "node1" / "mn" / "sft" / "restore" / f"checkpoint-{step}" / "trainer_state.json").exists()
+    assert (tmp_path / "work" / "mn" / "sft" / "node-1" / "restore" / f"checkpoint-{step}" / "trainer_state.json").exists()
     assert "committed checkpoint" not in logs[1] and "committed the output" in logs[0]
     steps = [int(s) for s in re.findall(rf"step (\d+)/{STEPS} ", logs[0])]
     assert steps and min(steps) > step and max(steps) == STEPS

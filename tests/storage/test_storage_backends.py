@@ -176,6 +176,20 @@ def test_unreachable_endpoint_is_a_clear_retryable_error():
     assert e.value.retryable is True
 
 
+def test_a_local_disk_error_is_retryable_not_bad_input(moto_server, bucket, tmp_path):
+    """A download that cannot be written (here: a folder stands where the file goes; in the wild
+    a full disk, or a scratch folder emptied meanwhile) is the pod's disk, not the user's input:
+    the stage fails with a retry, not with exit 42."""
+    store = open_storage(f"s3://{bucket}", endpoint=moto_server.endpoint)
+    store.write_text("ckpt/README.md", "hello")
+    blocked = tmp_path / "README.md"
+    (blocked / "not-empty").mkdir(parents=True)
+    with pytest.raises(StorageError) as e:
+        store.get_file("ckpt/README.md", blocked)
+    assert "local I/O error while trying to" in str(e.value) and "ckpt/README.md" in str(e.value)
+    assert e.value.retryable is True and e.value.exit_code != 42
+
+
 def test_endpoint_userinfo_never_shown():
     endpoint = f"http://user:hunter2@127.0.0.1:{free_port()}"
     store = open_storage("s3://bkt", endpoint=endpoint, max_attempts=1, connect_timeout=1)
