@@ -61,6 +61,14 @@ def _warn(warnings: list[str], key: str, why: str) -> None:
     warnings.append(f"{key}: not carried over — {why}")
 
 
+def _not_carried(k: "_Keys", keys, why: str, warnings: list[str]) -> None:
+    """Keys that do not apply here: used up (so they are not reported as unknown), each with a warning."""
+    for key in keys:
+        if k.has(key):
+            k.take(key)
+            _warn(warnings, key, why)
+
+
 def _dns(name: str, limit: int = 63) -> str:
     s = re.sub(r"[^a-z0-9-]+", "-", str(name).lower()).strip("-")[:limit].strip("-")
     return s or "x"
@@ -263,10 +271,7 @@ def _method(k: _Keys, warnings: list[str]) -> tuple[str, dict[str, Any]]:
             block["quantization"] = q
             ft = "qlora"
     else:
-        for key in ("quantization_type", "double_quantization"):
-            if k.has(key):
-                k.take(key)
-                warnings.append(f"{key}: not carried over — no quantization_bit set")
+        _not_carried(k, ("quantization_type", "double_quantization"), "no quantization_bit set", warnings)
     lora_keys = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "additional_target", "use_dora",
                  "use_rslora", "pissa_init", "loraplus_lr_ratio")
     if ft in ("lora", "qlora"):
@@ -292,10 +297,7 @@ def _method(k: _Keys, warnings: list[str]) -> tuple[str, dict[str, Any]]:
         if lora:
             block["lora"] = lora
     else:
-        for key in lora_keys:
-            if k.has(key):
-                k.take(key)
-                warnings.append(f"{key}: not carried over — finetuning_type is {ft}, not lora")
+        _not_carried(k, lora_keys, f"finetuning_type is {ft}, not lora", warnings)
     freeze_keys = {"freeze_trainable_layers": "trainableLayers", "freeze_trainable_modules": "trainableModules",
                    "freeze_extra_modules": "extraModules"}
     if ft == "freeze":
@@ -307,10 +309,7 @@ def _method(k: _Keys, warnings: list[str]) -> tuple[str, dict[str, Any]]:
         if fr:
             block["freeze"] = fr
     else:
-        for key in freeze_keys:
-            if k.has(key):
-                k.take(key)
-                warnings.append(f"{key}: not carried over — finetuning_type is {ft}, not freeze")
+        _not_carried(k, freeze_keys, f"finetuning_type is {ft}, not freeze", warnings)
     return ft, block
 
 
@@ -539,6 +538,12 @@ def convert_nemo(cfg: dict[str, Any], warnings: list[str] | None = None, name: s
             return default if flat[key] is None else flat[key]
         return default
 
+    def not_carried(keys: tuple[str, ...], why: str) -> None:
+        for key in keys:
+            if key in flat:
+                used.add(key)
+                _warn(warnings, key, why)
+
     model_name = get("model.pretrained_model_name_or_path")
     if not model_name:
         raise UserError("model.pretrained_model_name_or_path is required", "model")
@@ -567,10 +572,8 @@ def convert_nemo(cfg: dict[str, Any], warnings: list[str] | None = None, name: s
             lora["target"] = ["all"]
         elif tm:
             lora["target"] = [t.replace("*", "").strip("._") or "all" for t in _split_list(tm)]
-        for key in ("peft.use_triton", "peft.dropout_position", "peft.lora_A_init"):
-            if key in flat:
-                used.add(key)
-                warnings.append(f"{key}: not carried over — kernel/initialisation detail of NeMo's LoRA")
+        not_carried(("peft.use_triton", "peft.dropout_position", "peft.lora_A_init"),
+                    "kernel/initialisation detail of NeMo's LoRA")
         st["method"] = "lora"
         if lora:
             st["lora"] = lora
@@ -596,10 +599,7 @@ def convert_nemo(cfg: dict[str, Any], warnings: list[str] | None = None, name: s
     opt = str(get("optimizer._target_", ""))
     if opt and not opt.endswith(("AdamW", "Adam")):
         warnings.append(f"optimizer._target_: {opt!r} not carried over — using AdamW")
-    for key in ("optimizer.betas", "optimizer.eps", "optimizer.foreach", "optimizer.fused"):
-        if key in flat:
-            used.add(key)
-            warnings.append(f"{key}: not carried over — AdamW defaults are used")
+    not_carried(("optimizer.betas", "optimizer.eps", "optimizer.foreach", "optimizer.fused"), "AdamW defaults are used")
     gbs, lbs = get("step_scheduler.global_batch_size"), get("step_scheduler.local_batch_size")
     if lbs:
         hp["batchSize"] = int(lbs)
@@ -665,10 +665,8 @@ def convert_nemo(cfg: dict[str, Any], warnings: list[str] | None = None, name: s
     if get("checkpoint.checkpoint_dir"):
         spec["storage"] = {"uri": str(get("checkpoint.checkpoint_dir"))}
     get("checkpoint.enabled")
-    for key in ("checkpoint.model_save_format", "checkpoint.save_consolidated"):
-        if key in flat:
-            used.add(key)
-            warnings.append(f"{key}: not carried over — kubetune saves Hugging Face safetensors (adapters in peft format)")
+    not_carried(("checkpoint.model_save_format", "checkpoint.save_consolidated"),
+                "kubetune saves Hugging Face safetensors (adapters in peft format)")
     notes = {"distributed": "set resources.nodes/gpusPerNode and resources.strategy (ddp or fsdp)",
              "loss_fn": "the trainer's own loss is used", "dataloader": "not configurable",
              "validation_dataset": "kubetune holds out hyperparameters.valSize of the training data",
