@@ -63,7 +63,7 @@ class Action:
     verb: Verb
     kind: Literal["Job", "ConfigMap", "Service"]
     name: str
-    body: dict[str, Any] | None = None  # the manifest (create) or a merge patch (patch)
+    body: dict[str, Any] | None = None  # the manifest (create), a merge patch (patch), or {"propagationPolicy": ...} (delete)
     why: str = ""
 
 

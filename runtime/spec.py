@@ -422,6 +422,9 @@ class EnvVar(Spec):
     value: str = _field("Its value.", "", max_length=4096)
 
 
+_QUANTITY = re.compile(r"[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[KMGTPE]i|[numkMGTPE])?")  # a Kubernetes quantity
+
+
 class PodOverrides(Spec):
     """What a fabric such as DGX Spark's ConnectX-7 (RDMA/RoCE) needs on the training pods."""
 
@@ -461,9 +464,6 @@ class PodOverrides(Spec):
             field_path=".resources",
         ),
     )
-
-
-_QUANTITY = re.compile(r"[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[KMGTPE]i|[numkMGTPE])?")
 
 
 class ResourcesSpec(Spec):
