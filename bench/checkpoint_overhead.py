@@ -114,7 +114,7 @@ def main() -> int:
                              steps=args.steps, every=args.every, work=tmp / "work")
                 runs[mode].append(r)
                 print(f"  run {i} {mode:<5} train {r['train_s']:.2f}s  stage {r['stage_s']:.2f}s", flush=True)
-        listed = s3.list_objects_v2(Bucket="bench", Prefix=f"ckpt-bench-ckpt-0/")
+        listed = s3.list_objects_v2(Bucket="bench", Prefix="ckpt-bench-ckpt-0/")
         ckpt_bytes = sum(o["Size"] for o in listed.get("Contents", []) if "/checkpoints/" in o["Key"])
     finally:
         server.stop()

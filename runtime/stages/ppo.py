@@ -38,7 +38,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UserError
 from ..models import compute_dtype, load_model, load_policy, load_tokenizer
 from ..outputs import TrainerLogCallback
 from .base import StageContext, StageResult, check_method, common_args, finish
@@ -293,7 +292,6 @@ def run(ctx: StageContext) -> StageResult:
     handler.on_train_begin(args, state, control)
 
     rows = train_ds.to_list()
-    order_rng = random.Random(hp.seed)
     rollout_index = state.global_step // PPO_EPOCHS  # a resumed stage continues the prompt order
     losses: list[float] = []
     started = time.time()

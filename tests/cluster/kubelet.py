@@ -617,7 +617,7 @@ class PodWorker:
             if self.deleting():
                 return self.finish_deleted()
             if deadline is not None and time.monotonic() - t_start > deadline:
-                self.terminal_reason = ("DeadlineExceeded", f"Pod was active on the node longer than the specified deadline")
+                self.terminal_reason = ("DeadlineExceeded", "Pod was active on the node longer than the specified deadline")
                 self.kill_all(grace=float(self.pod["spec"].get("terminationGracePeriodSeconds", 30)))
                 self.write_status(terminal=True)
                 return

@@ -5,18 +5,23 @@ built from Go modules by ``tests/cluster/build.py`` (cached in ~/.cache/kubetune
 build takes long, so CI prebuilds with ``python tests/cluster/build.py``) and started on
 loopback. ``kubelet`` (session): the process kubelet, one Node named ``kubetune-node``.
 ``namespace`` (function): a fresh namespace whose default ServiceAccount and kube-root-ca.crt
-exist, deleted afterwards. ``kube``: an admin ``KubeClient``.
+exist, deleted afterwards. ``kube``: an admin ``KubeClient``. ``crd`` (module): the FineTuneJob
+CRD applied and usable the way tests use it (established, in discovery, in the published
+OpenAPI). ``operator`` (module): the operator as a process (operatorlib.OperatorProcess) with
+the fake runtime. ``store`` (function): a local storage folder holding a one-record dataset.
 
 Every e2e test is marked ``@pytest.mark.e2e``; deselect them with ``-m "not e2e"``.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -24,6 +29,10 @@ from cluster.controlplane import ControlPlane  # noqa: E402
 from cluster.kubeapi import ApiError, KubeClient  # noqa: E402
 from cluster.kubelet import ProcessKubelet  # noqa: E402
 from cluster.util import wait_for  # noqa: E402
+from operatorlib import OperatorProcess  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO / "crds" / "finetunejob.yaml"
 
 
 def pytest_configure(config):
@@ -59,3 +68,52 @@ def namespace(control_plane, kube):
         kube.delete(f"/api/v1/namespaces/{name}")
     except ApiError:
         pass
+
+
+def crd_doc() -> dict:
+    return next(d for d in yaml.safe_load_all(CRD.read_text()) if d and d.get("kind") == "CustomResourceDefinition")
+
+
+def _published(kube: KubeClient, group: str, version: str, kind: str) -> bool:
+    """The kind is in the apiserver's published OpenAPI v3 (what `kubectl explain` reads; it lags
+    discovery by up to a few seconds after a CRD is created or changed)."""
+    try:
+        doc = kube.get(f"/openapi/v3/apis/{group}/{version}")
+    except ApiError:
+        return False
+    schemas = (doc.get("components") or {}).get("schemas") or {}
+    return any(s.get("x-kubernetes-group-version-kind", [{}])[0].get("kind") == kind for s in schemas.values())
+
+
+@pytest.fixture(scope="module")
+def crd(control_plane, kube) -> dict:
+    """The FineTuneJob CRD, applied (server-side, so a chart's copy does not conflict) and usable:
+    Established, served by discovery (`kubectl get ftj`) and in the published OpenAPI."""
+    doc = crd_doc()
+    r = control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    assert r.returncode == 0, r.stdout + r.stderr
+    name = doc["metadata"]["name"]
+    wait_for(lambda: any(c["type"] == "Established" and c["status"] == "True" for c in (kube.get(
+        f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}").get("status") or {}).get("conditions", [])),
+        60, "CRD Established")
+    group, kind = doc["spec"]["group"], doc["spec"]["names"]["kind"]
+    version = next(v["name"] for v in doc["spec"]["versions"] if v.get("served"))
+    wait_for(lambda: control_plane.kubectl("get", "ftj", "-A").returncode == 0, 30, "ftj in discovery")
+    wait_for(lambda: _published(kube, group, version, kind), 60, f"{kind} in the published OpenAPI")
+    return doc
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane, kubelet, crd, tmp_path_factory):
+    op = OperatorProcess(control_plane, tmp_path_factory.mktemp("operator"))
+    op.start()
+    yield op
+    op.stop()
+    print(f"\n--- operator log (last lines) ---\n{op.tail(30)}")
+
+
+@pytest.fixture
+def store(tmp_path) -> Path:
+    data = tmp_path / "identity.json"
+    data.write_text(json.dumps([{"instruction": "who are you?", "output": "kubetune"}]))
+    return tmp_path

@@ -21,8 +21,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chart.argocd_lua import ARGOCD, health  # noqa: E402
-from test_operator import (  # noqa: E402,F401  (crd, operator, store: fixtures)
-    apply, crd, ftj, operator, quickstart, store, wait_status)
+from operatorlib import apply, ftj, quickstart, wait_status  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

@@ -23,7 +23,7 @@ from cluster.util import wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chart.chartlib import CHART, objects, set_args  # noqa: E402
-from test_operator import FAKE_RUNTIME, apply, condition, free_port, quickstart, store, wait_status  # noqa: E402,F401
+from operatorlib import FAKE_RUNTIME, apply, condition, free_port, quickstart, wait_status  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

@@ -9,35 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.util import wait_for
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-CRD = REPO / "crds" / "finetunejob.yaml"
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
-
-
-def crd_doc() -> dict:
-    return next(d for d in yaml.safe_load_all(CRD.read_text()) if d and d.get("kind") == "CustomResourceDefinition")
-
-
-@pytest.fixture(scope="module")
-def crd(control_plane):
-    r = control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    assert r.returncode == 0, r.stdout + r.stderr
-    name = crd_doc()["metadata"]["name"]
-
-    def established() -> bool:
-        # poll: `kubectl wait` fails when it looks before the CRD has any status conditions
-        r = control_plane.kubectl("get", "crd", name, "-o", "json")
-        conds = json.loads(r.stdout).get("status", {}).get("conditions", []) if r.returncode == 0 else []
-        return any(c["type"] == "Established" and c["status"] == "True" for c in conds)
-
-    wait_for(established, 60, "CRD Established")
-    # discovery (and so `kubectl get ftj`) lags the Established condition a little
-    wait_for(lambda: control_plane.kubectl("get", "ftj", "-A").returncode == 0, 30, "ftj in discovery")
-    return crd_doc()
 
 
 def test_crd_is_structural_and_established(control_plane, crd):

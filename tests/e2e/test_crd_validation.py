@@ -13,7 +13,6 @@ import yaml
 
 from tests.unit.test_spec import BASE
 
-from test_crd import crd  # noqa: E402,F401  (module fixture: applies the CRD; tests/e2e is on sys.path)
 
 pytestmark = pytest.mark.e2e
 

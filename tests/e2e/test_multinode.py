@@ -21,13 +21,12 @@ here the probe also lets pod 1 crash once to show the gang restart.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from cluster.util import wait_for
 
-from test_operator import OperatorProcess, apply, crd, events, jobs, pods, quickstart, wait_status  # noqa: F401 - crd: a fixture
+from operatorlib import OperatorProcess, apply, events, jobs, pods, quickstart, wait_status
 
 pytestmark = pytest.mark.e2e
 

@@ -16,15 +16,7 @@ from pathlib import Path
 import pytest
 
 from cluster.util import wait_for
-from test_operator import (  # noqa: F401  (crd is a module fixture)
-    OperatorProcess,
-    apply,
-    condition,
-    crd,
-    events,
-    jobs,
-    wait_status,
-)
+from operatorlib import OperatorProcess, apply, condition, events, jobs, wait_status
 from tests.conftest import CORPUS, IDENTITY
 from tests.storage.support import TEST_KEY_ID, TEST_SECRET, MotoServer, boto_client, make_bucket
 

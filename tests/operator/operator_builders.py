@@ -1,5 +1,6 @@
-"""Shared builders (imported, not a conftest: tests/e2e has the conftest.py of that name) for the operator's unit tests: FineTuneJob bodies and observed child states.
-No API server: these are the shapes the API returns, written out by hand."""
+"""Shared builders for the operator's unit tests: FineTuneJob bodies and observed child states (the
+`config` fixture is in conftest.py). No API server: these are the shapes the API returns, written
+out by hand."""
 
 from __future__ import annotations
 
@@ -7,9 +8,6 @@ import copy
 import datetime as dt
 from typing import Any
 
-import pytest
-
-from kubetune.operator.config import OperatorConfig
 
 NOW = dt.datetime(2025, 6, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 UID = "11111111-2222-3333-4444-555555555555"
@@ -76,8 +74,3 @@ def pod(job: str, phase: str, *, ip: str = "10.0.0.5", index: str = "0", exit_co
                    **({"conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}]}
                       if disrupted else {})},
     }
-
-
-@pytest.fixture
-def config() -> OperatorConfig:
-    return OperatorConfig(runtime_image="registry.example/kubetune/runtime:1", poll_interval=5)

@@ -8,7 +8,7 @@ import time
 
 import kopf
 import pytest
-from operator_builders import ftj, config  # noqa: F401 (config is a fixture)
+from operator_builders import ftj
 
 from kubetune.operator import handlers, kube
 from kubetune.operator.reconcile import Observed

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from operator_builders import NOW, UID, ftj, k8s_job, pod, config  # noqa: F401 (config is a fixture)
+from operator_builders import NOW, UID, ftj, k8s_job, pod
 
 from kubetune.operator import status as s
 from kubetune.operator.reconcile import Observed, merge_patch, next_check_seconds, reconcile

@@ -1,0 +1,211 @@
+"""Helpers of the operator's e2e tests: the operator as a child process, the FAKE RUNTIME its pods
+run, FineTuneJob documents from examples/quickstart.yaml, and readers of status, events and
+children. The fixtures built on them (`crd`, `operator`, `store`) are in conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from cluster.util import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+GROUP = "/apis/kubetune.io/v1alpha1"
+
+FAKE_RUNTIME = r'''
+"""FAKE RUNTIME (operator e2e tests only): stands in for `python -m kubetune.runtime stage`.
+Speaks the runtime's contracts without training; the step time comes from the model name
+(`fake/step-0.4s`)."""
+import http.server, json, os, re, sys, threading, time
+from pathlib import Path
+
+cfg = json.loads(Path(sys.argv[sys.argv.index("--config") + 1]).read_text())
+stage = cfg["stage"]["name"]
+total = int(cfg["stage"]["hyperparameters"].get("maxSteps") or 6)
+every = int(cfg["checkpoint"]["everySteps"])
+m = re.search(r"step-([0-9.]+)s", cfg["model"]["name"])
+step_s = float(m.group(1)) if m else 0.2
+local = lambda uri: Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+ck, out = local(cfg["io"]["checkpoints"]), local(cfg["io"]["output"])
+
+if cfg["stage"]["type"] != "export":
+    for i, d in enumerate(cfg["data"]):
+        if not local(d["source"]).exists():
+            msg = f"data[{i}].source: {d['source']}: file not found"
+            Path("/dev/termination-log").write_text(msg)
+            print(msg, file=sys.stderr)
+            sys.exit(42)
+
+start = 0
+if (ck / "LATEST").exists():
+    start = json.loads((ck / "LATEST").read_text())["step"]
+state = {"step": start, "phase": "running", "output": None,
+         "checkpoint": {"uri": str(ck / f"checkpoint-{start}"), "step": start} if start else None}
+
+
+def report():
+    left = total - state["step"]
+    return {"job": os.environ["KUBETUNE_JOB"], "stage": stage, "rank": 0, "phase": state["phase"],
+            "step": state["step"], "totalSteps": total, "epoch": state["step"] / total,
+            "loss": round(2.0 / (1 + state["step"]), 4), "learningRate": 1e-4, "tokensPerSecond": 1000.0,
+            "etaSeconds": left * step_s, "checkpoint": state["checkpoint"], "output": state["output"],
+            "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        body = json.dumps(report()).encode() if self.path == "/progress" else b"kubetune_fake_up 1\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+srv = http.server.ThreadingHTTPServer((os.environ["POD_IP"], int(os.environ["KUBETUNE_METRICS_PORT"])), Handler)
+threading.Thread(target=srv.serve_forever, daemon=True).start()
+print(f"fake runtime: stage {stage} from step {start} of {total}", flush=True)
+for s in range(start + 1, total + 1):
+    time.sleep(step_s)
+    state["step"] = s
+    if s % every == 0 and s < total:
+        d = ck / f"checkpoint-{s}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "COMMITTED.json").write_text(json.dumps({"step": s}))
+        (ck / "LATEST.tmp").write_text(json.dumps({"step": s, "uri": str(d)}))
+        os.replace(ck / "LATEST.tmp", ck / "LATEST")
+        state["checkpoint"] = {"uri": str(d), "step": s}
+out.mkdir(parents=True, exist_ok=True)
+(out / "COMMITTED.json").write_text(json.dumps({"stage": stage, "steps": total, "resumedFrom": start,
+                                                "policy": cfg["io"]["policy"]}))
+state["phase"], state["output"] = "finished", {"uri": cfg["io"]["output"]}
+print(f"fake runtime: stage {stage} done", flush=True)
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class OperatorProcess:
+    """`python -m kubetune.operator` as a child process, restartable."""
+
+    def __init__(self, control_plane, workdir: Path, peering: tuple[str, int] | None = None):
+        self.cp = control_plane
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.peering = peering
+        self.fake = workdir / "fake_runtime.py"
+        self.fake.write_text(FAKE_RUNTIME)
+        self.runtime_port = free_port()
+        self.health_port = free_port()
+        self.metrics_port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        self.log = self.workdir / f"operator-{self.starts}.log"
+        mode = ["--peering", self.peering[0], "--priority", str(self.peering[1])] if self.peering else ["--standalone"]
+        argv = [sys.executable, "-m", "kubetune.operator", *mode, "--log-format", "plain",
+                "--poll-interval", "1", "--runtime-image", "kubetune/runtime:e2e",
+                "--runtime-metrics-port", str(self.runtime_port), "--health-port", str(self.health_port),
+                "--metrics-port", str(self.metrics_port), "--runtime-command", f"python {self.fake}"]
+        self.proc = subprocess.Popen(argv, env=self.cp.env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        wait_for(self.healthy, 60, "operator liveness endpoint")
+
+    def healthy(self) -> bool:
+        assert self.proc and self.proc.poll() is None, f"operator exited:\n{self.tail()}"
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+            return r.status == 200
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        """As a crash would: no clean shutdown."""
+        if self.proc:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+    def tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def quickstart(store: Path, name: str = "quickstart", step_s: float = 0.2, max_steps: int = 6,
+               every: int = 2, stages: list[dict] | None = None) -> dict:
+    """examples/quickstart.yaml, pointed at local storage and the fake runtime."""
+    doc = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    doc["metadata"]["name"] = name
+    spec = doc["spec"]
+    spec["model"]["name"] = f"fake/step-{step_s}s"
+    spec["data"][0]["source"] = str(store / "identity.json")
+    spec["storage"] = {"uri": str(store / "saves" / name)}
+    spec["checkpoint"] = {"everySteps": every, "keep": 2}
+    if stages is not None:
+        spec["stages"] = stages
+    for st in spec["stages"]:
+        st.setdefault("hyperparameters", {})["maxSteps"] = max_steps
+        # explicit method: a CRD whose CEL rule reads self.method without has() rejects it when left out
+        st.setdefault("method", "lora")
+    return doc
+
+
+def apply(cp, doc: dict, ns: str) -> None:
+    r = cp.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(doc))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def ftj(kube, ns: str, name: str) -> dict:
+    return kube.get(f"{GROUP}/namespaces/{ns}/finetunejobs/{name}")
+
+
+def condition(obj: dict, type_: str) -> dict:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == type_), {})
+
+
+def wait_status(kube, ns, name, pred, timeout, what, op=None):
+    try:
+        return wait_for(lambda: (o := ftj(kube, ns, name)) and pred(o.get("status") or {}) and o, timeout, what,
+                        interval=0.3)
+    except TimeoutError:
+        st = (ftj(kube, ns, name).get("status") or {})
+        raise AssertionError(f"{what}: status {json.dumps(st, indent=1)}\n{op.tail() if op else ''}") from None
+
+
+def events(kube, ns: str, name: str) -> list[str]:
+    items = kube.get(f"/api/v1/namespaces/{ns}/events")["items"]
+    return [e["reason"] for e in sorted(items, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+            if e["involvedObject"].get("name") == name and e["involvedObject"].get("kind") == "FineTuneJob"]
+
+
+def jobs(kube, ns: str, name: str) -> list[dict]:
+    return kube.get(f"/apis/batch/v1/namespaces/{ns}/jobs", labelSelector=f"kubetune.io/job={name}")["items"]
+
+
+def pods(kube, ns: str, name: str) -> list[dict]:
+    return kube.get(f"/api/v1/namespaces/{ns}/pods", labelSelector=f"kubetune.io/job={name}")["items"]
