@@ -1,9 +1,11 @@
 # Sourced by scripts/quickstart.sh and scripts/test.sh: a virtual environment with kubetune and
 # its tested dependency versions, cached outside the repo and keyed by what it installs, so a
-# second run on the same machine starts in seconds. Set KUBETUNE_VENV to use another folder.
+# second run on the same machine starts in seconds. Set KUBETUNE_VENV to use another folder, and
+# KUBETUNE_EXTRAS to the extras to install (default `all`; `train` for the quickstart; empty for
+# the light core alone).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-EXTRAS="${KUBETUNE_EXTRAS:-all}"
+EXTRAS="${KUBETUNE_EXTRAS-all}"
 KEY="$(cat "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO/constraints.txt" | sha256sum | cut -c1-12)-$EXTRAS"
 VENV="${KUBETUNE_VENV:-$HOME/.cache/kubetune/venv-$KEY}"
 PY="${PYTHON:-python3}"
@@ -17,7 +19,7 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/.complete" ]; then
   fi
   "$PY" -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --upgrade pip
-  "$VENV/bin/pip" install --quiet -c "$REPO/constraints.txt" -e "$REPO[$EXTRAS]"
+  "$VENV/bin/pip" install --quiet -c "$REPO/constraints.txt" -e "$REPO${EXTRAS:+[$EXTRAS]}"
   touch "$VENV/.complete"
 else
   # point the editable install at this checkout (CI clones into a new folder each time)

@@ -7,15 +7,20 @@ What it builds (versions pinned below and in the wrapper modules under ``gomod/`
   ``k8s.io/kubernetes`` requires at ``v0.0.0``, with its published ``v0.N.P`` release);
 * ``etcd`` from ``go.etcd.io/etcd/server/v3`` (wrapper ``gomod/etcd``: a three-line main that
   calls ``etcdmain.Main``, since ``go install`` of the server module fails on its replaces);
-* ``helm`` from ``helm.sh/helm/v3`` (wrapper ``gomod/helm``).
+* ``helm`` from ``helm.sh/helm/v3`` (wrapper ``gomod/helm``);
+* for the real node (``realnode.py``): ``kubelet`` and ``kube-proxy`` in the same build as the
+  control plane, ``coredns`` (wrapper ``gomod/coredns``: CoreDNS with only the plugins the
+  cluster DNS needs) and ``pause``, the sandbox image's program (``gomod/pause``, no
+  dependencies).
 
-Each wrapper has its own go.mod/go.sum, committed, so a build is reproducible and the three
+Each wrapper has its own go.mod/go.sum, committed, so a build is reproducible and the
 dependency graphs (which disagree on grpc/otel versions) never mix. Version ldflags are set so
 ``/version`` and ``helm version`` report the real releases.
 
 Binaries land in ``$KUBETUNE_TEST_BIN_DIR`` or ``~/.cache/kubetune-test/bin/<key>/`` where the key
 encodes the pinned versions, the Go version and a hash of the wrapper modules; a binary that is
-already there is not rebuilt. A file lock keeps two concurrent builders from racing.
+already there is not rebuilt; the folder counts as done once its ``.complete`` marker is written.
+A file lock keeps two concurrent builders from racing.
 
 Usage: ``python tests/cluster/build.py`` (prints progress, then the bin dir), or
 ``ensure_binaries()`` from Python.
@@ -25,16 +30,20 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 KUBERNETES_VERSION = "v1.34.4"
 ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.19.5"
+COREDNS_VERSION = "v1.15.0"
 # Bump when the way the binaries are built (flags, ldflags) changes, to invalidate caches.
 BUILD_REVISION = "1"
 
@@ -42,7 +51,9 @@ HERE = Path(__file__).resolve().parent
 GOMOD = HERE / "gomod"
 
 KUBE_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
-ALL_BINARIES = ("etcd",) + KUBE_BINARIES + ("helm",)
+NODE_BINARIES = ("kubelet", "kube-proxy")  # the real node (realnode.py): same module, same build
+ALL_BINARIES = ("etcd",) + KUBE_BINARIES + NODE_BINARIES + ("helm", "coredns", "pause")
+MODULES = ("kube", "etcd", "helm", "coredns", "pause")
 
 
 def _log(msg: str) -> None:
@@ -65,7 +76,7 @@ def go_version() -> str:
 
 def cache_key() -> str:
     h = hashlib.sha256()
-    for sub in ("kube", "etcd", "helm"):
+    for sub in MODULES:
         for name in sorted(os.listdir(GOMOD / sub)):
             p = GOMOD / sub / name
             if p.is_file():
@@ -73,7 +84,8 @@ def cache_key() -> str:
                 h.update(p.read_bytes())
     h.update(BUILD_REVISION.encode())
     return (
-        f"k8s-{KUBERNETES_VERSION}_etcd-{ETCD_VERSION}_helm-{HELM_VERSION}_{go_version()}_{h.hexdigest()[:10]}"
+        f"k8s-{KUBERNETES_VERSION}_etcd-{ETCD_VERSION}_helm-{HELM_VERSION}_coredns-{COREDNS_VERSION}"
+        f"_{go_version()}_{h.hexdigest()[:10]}"
     )
 
 
@@ -118,8 +130,10 @@ def _helm_ldflags() -> str:
 
 
 def _go_build(module_dir: Path, out_dir: Path, ldflags: str, packages: list[str]) -> None:
+    """`go build` of `packages` inside the module at `module_dir`, binaries into `out_dir`; the
+    output goes to stderr as it comes, its tail into the error when the build fails."""
     cmd = ["go", "build", "-trimpath", "-ldflags", ldflags, "-o", str(out_dir) + "/", *packages]
-    _log(f"in {module_dir.relative_to(HERE)}: {' '.join(cmd[:2])} ... {' '.join(packages)}")
+    _log(f"in {module_dir.name}: {' '.join(cmd[:2])} ... {' '.join(packages)}")
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=module_dir, env=go_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
@@ -130,60 +144,86 @@ def _go_build(module_dir: Path, out_dir: Path, ldflags: str, packages: list[str]
     rc = proc.wait()
     if rc != 0:
         raise RuntimeError(f"go build failed ({rc}) in {module_dir}:\n{''.join(lines[-50:])}")
-    _log(f"built {', '.join(Path(p).name for p in packages)} in {time.monotonic() - t0:.0f}s")
-    del last
+    _log(f"built {', '.join(Path(p).name for p in packages if p != '.') or module_dir.name} in "
+         f"{time.monotonic() - t0:.0f}s")
 
 
-def _heartbeat(stop: list[bool], what: list[str]) -> None:
+def _heartbeat(stop: threading.Event, what: list[str]) -> None:
     t0 = time.monotonic()
-    while not stop[0]:
-        time.sleep(30)
-        if not stop[0]:
-            _log(f"still building {what[0]} ... {time.monotonic() - t0:.0f}s elapsed")
+    while not stop.wait(30):
+        _log(f"still building {what[0]} ... {time.monotonic() - t0:.0f}s elapsed")
 
 
-def ensure_binaries(verbose: bool = True) -> Path:
-    """Return the directory holding every binary in ALL_BINARIES, building what is missing."""
-    target = bin_dir()
-    if all((target / b).is_file() for b in ALL_BINARIES):
+@dataclass(frozen=True)
+class GoTarget:
+    """One `go build` invocation: `packages` of the wrapper module in `module`, giving `outputs`."""
+
+    name: str
+    module: Path
+    ldflags: str
+    packages: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def targets() -> list[GoTarget]:
+    """What the e2e tier runs, one build per wrapper module (their dependency graphs disagree)."""
+    return [
+        GoTarget("etcd", GOMOD / "etcd", "-s -w", (".",), ("etcd",)),
+        GoTarget("kubernetes", GOMOD / "kube", _kube_ldflags(),
+                 tuple(f"k8s.io/kubernetes/cmd/{b}" for b in KUBE_BINARIES + NODE_BINARIES),
+                 KUBE_BINARIES + NODE_BINARIES),
+        GoTarget("helm", GOMOD / "helm", _helm_ldflags(), ("helm.sh/helm/v3/cmd/helm",), ("helm",)),
+        GoTarget("coredns", GOMOD / "coredns", "-s -w", (".",), ("coredns",)),
+        GoTarget("pause", GOMOD / "pause", "-s -w", (".",), ("pause",)),
+    ]
+
+
+COMPLETE = ".complete"
+
+
+def ensure_binaries(verbose: bool = True, plan: list[GoTarget] | None = None, target: Path | None = None) -> Path:
+    """Return the directory holding every output of `plan` (default: `targets()` in `bin_dir()`),
+    building what is missing.
+
+    The directory counts as done only once its `.complete` marker is written, after every binary
+    is in place; each binary is built into a staging folder and moved in with one rename, so an
+    interrupted build leaves no half-written binary, and the next run builds only what is missing.
+    A file lock keeps concurrent builders (two pytest sessions, CI and a developer) apart."""
+    plan = targets() if plan is None else plan
+    target = bin_dir() if target is None else target
+    outputs = [o for t in plan for o in t.outputs]
+    if (target / COMPLETE).is_file() and all((target / o).is_file() for o in outputs):
         return target
     target.mkdir(parents=True, exist_ok=True)
     lock_path = target.parent / (target.name + ".lock")
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if shutil.which("go") is None:
+        if shutil.which("go", path=go_env().get("PATH")) is None:
             raise RuntimeError("Go is needed to build the test control plane (go not on PATH)")
-        import threading
-
-        stop = [False]
-        what = ["binaries"]
-        hb = threading.Thread(target=_heartbeat, args=(stop, what), daemon=True)
-        hb.start()
+        stop, what = threading.Event(), ["binaries"]
+        if verbose:
+            threading.Thread(target=_heartbeat, args=(stop, what), daemon=True).start()
         t0 = time.monotonic()
         try:
             staging = target.parent / (target.name + ".partial")
             staging.mkdir(exist_ok=True)
-            plan = [
-                ("etcd", GOMOD / "etcd", "-s -w", ["."], ("etcd",)),
-                ("kubernetes", GOMOD / "kube", _kube_ldflags(), [f"k8s.io/kubernetes/cmd/{b}" for b in KUBE_BINARIES], KUBE_BINARIES),
-                ("helm", GOMOD / "helm", _helm_ldflags(), ["helm.sh/helm/v3/cmd/helm"], ("helm",)),
-            ]
-            for name, mod, ldflags, pkgs, outs in plan:
-                if all((target / o).is_file() for o in outs):
+            for t in plan:
+                if all((target / o).is_file() for o in t.outputs):
                     continue
-                what[0] = name
-                _log(f"building {name} (cold builds of kubernetes take tens of minutes on 2 cores)")
-                out = staging / name
+                what[0] = t.name
+                _log(f"building {t.name} (a cold build of kubernetes takes about half an hour on 2 cores)")
+                out = staging / t.name
                 out.mkdir(exist_ok=True)
-                _go_build(mod, out, ldflags, pkgs)
-                if name == "etcd":
+                _go_build(t.module, out, t.ldflags, list(t.packages))
+                if t.packages == (".",) and len(t.outputs) == 1 and not (out / t.outputs[0]).exists():
                     # the package "." is named after the wrapper module's last path element
-                    (out / "etcd").exists() or next(out.iterdir()).rename(out / "etcd")
-                for o in outs:
+                    next(out.iterdir()).rename(out / t.outputs[0])
+                for o in t.outputs:
                     os.replace(out / o, target / o)
             shutil.rmtree(staging, ignore_errors=True)
+            (target / COMPLETE).write_text(json.dumps({"outputs": outputs, "go": go_version()}) + "\n")
         finally:
-            stop[0] = True
+            stop.set()
         _log(f"all binaries in {target} ({time.monotonic() - t0:.0f}s)")
     return target
 

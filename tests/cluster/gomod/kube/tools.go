@@ -1,6 +1,6 @@
 //go:build tools
 
-// Package tools keeps the control-plane commands in this module's graph so that
+// Package tools keeps the control-plane and node commands in this module's graph so that
 // `go mod tidy` records every module they need in go.sum.
 package tools
 
@@ -9,4 +9,6 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
+	_ "k8s.io/kubernetes/cmd/kubelet"
 )
