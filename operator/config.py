@@ -12,6 +12,8 @@ import dataclasses
 import os
 import shlex
 
+from kubetune.runtime.contract import METRICS_PORT
+
 DEFAULT_RUNTIME_IMAGE = "ghcr.io/kubetune/runtime:0.1.0"
 
 
@@ -22,7 +24,7 @@ class OperatorConfig:
     namespaces: tuple[str, ...] = ()  # empty: every namespace (cluster-wide)
     metrics_port: int = 8080  # the operator's own Prometheus /metrics (0 = off)
     health_port: int = 8081  # kopf liveness endpoint /healthz (0 = off)
-    runtime_metrics_port: int = 9400  # where runtime pods serve /metrics and /progress
+    runtime_metrics_port: int = METRICS_PORT  # where runtime pods serve /metrics and /progress
     poll_interval: float = 5.0  # seconds between reconciles (and /progress polls) of a job
     progress_timeout: float = 2.0  # seconds one /progress request may take
     peering: str = "kubetune"  # kopf peering object; two replicas never both act

@@ -12,27 +12,31 @@ import hashlib
 import json
 from typing import Any
 
-from kubetune.runtime.errors import EXIT_BAD_INPUT, TERMINATION_MESSAGE_PATH
+from kubetune.runtime import contract as c
+from kubetune.runtime.contract import (
+    CONFIG_DIR,
+    CONFIG_KEY,
+    CONFIG_PATH,
+    LABEL_JOB,
+    LABEL_STAGE,
+    LABEL_STAGE_INDEX,
+    RENDEZVOUS_PORT,
+    SCRATCH_DIR,
+    TERMINATION_MESSAGE_PATH,
+)
+from kubetune.runtime.errors import EXIT_BAD_INPUT
 from kubetune.runtime.plan import ResolvedStage
 from kubetune.runtime.spec import API_GROUP, API_VERSION, KIND, FineTuneJob
 
 from .config import OperatorConfig
 
-LABEL_JOB = "kubetune.io/job"
-LABEL_STAGE = "kubetune.io/stage"
-LABEL_STAGE_INDEX = "kubetune.io/stage-index"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "kubetune-operator"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 ANNOTATION_CONFIG_HASH = "kubetune.io/config-hash"
 
-CONTAINER = "trainer"
-CONFIG_KEY = "stage.json"
-CONFIG_DIR = "/etc/kubetune"
-CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
-SCRATCH_DIR = "/var/tmp/kubetune"  # emptyDir: model downloads, caches, temp files (non-root writable)
-RENDEZVOUS_PORT = 29500
+CONTAINER = c.CONTAINER_NAME
 GPU_RESOURCE = "nvidia.com/gpu"
 
 # Kubernetes limits: Job names are DNS labels (63), but an Indexed Job's pod hostname is
@@ -131,10 +135,12 @@ def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
 
-# set by the operator from the spec and the pod; podOverrides.env cannot replace them
+# set by the operator from the spec and the pod, or derived from the scratch volume by the
+# runtime (contract.scratch_layout); podOverrides.env cannot replace them
 RESERVED_ENV = frozenset({
-    "POD_IP", "POD_NAME", "HF_HOME", "HF_TOKEN", "MASTER_ADDR", "MASTER_PORT", "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "PYTHONUNBUFFERED",
+    c.ENV_POD_IP, c.ENV_HF_TOKEN, c.ENV_MASTER_ADDR, c.ENV_MASTER_PORT, c.ENV_AWS_ACCESS_KEY_ID,
+    c.ENV_AWS_SECRET_ACCESS_KEY, c.ENV_AWS_ENDPOINT_URL, c.ENV_AWS_DEFAULT_REGION, "PYTHONUNBUFFERED",
+    *c.scratch_layout(SCRATCH_DIR),
 })
 
 
@@ -147,42 +153,37 @@ def _override_env(stage: ResolvedStage) -> list[dict[str, Any]]:
 
 def _env(job: FineTuneJob, stage: ResolvedStage, config: OperatorConfig) -> list[dict[str, Any]]:
     spec = job.spec
+    # Only what the runtime reads (kubetune.runtime.contract); job, namespace and stage come
+    # with the stage config itself.
     env: list[dict[str, Any]] = [
-        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "KUBETUNE_METRICS_PORT", "value": str(config.runtime_metrics_port)},
-        {"name": "KUBETUNE_JOB", "value": job.metadata.name},
-        {"name": "KUBETUNE_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "KUBETUNE_STAGE", "value": stage.name},
-        {"name": "KUBETUNE_STAGE_INDEX", "value": str(stage.index)},
-        {"name": "KUBETUNE_CONFIG", "value": CONFIG_PATH},
-        {"name": "KUBETUNE_NODES", "value": str(stage.resources.nodes)},
+        {"name": c.ENV_POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": c.ENV_METRICS_PORT, "value": str(config.runtime_metrics_port)},
+        {"name": c.ENV_NODES, "value": str(stage.resources.nodes)},
         {
-            "name": "KUBETUNE_NODE_RANK",
+            "name": c.ENV_NODE_RANK,
             "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}},
         },
-        {"name": "KUBETUNE_SCRATCH", "value": SCRATCH_DIR},
-        {"name": "HF_HOME", "value": f"{SCRATCH_DIR}/hf"},
+        {"name": c.ENV_SCRATCH, "value": SCRATCH_DIR},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     if stage.resources.nodes > 1:
         svc = service_name(job.metadata.name, stage.name)
         head = f"{child_name(job.metadata.name, stage.name)}-0.{svc}"
         env += [
-            {"name": "MASTER_ADDR", "value": head},
-            {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+            {"name": c.ENV_MASTER_ADDR, "value": head},
+            {"name": c.ENV_MASTER_PORT, "value": str(RENDEZVOUS_PORT)},
         ]
     storage = spec.storage
     if storage.endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+        env.append({"name": c.ENV_AWS_ENDPOINT_URL, "value": storage.endpoint})
     if storage.region:
-        env.append({"name": "AWS_DEFAULT_REGION", "value": storage.region})
+        env.append({"name": c.ENV_AWS_DEFAULT_REGION, "value": storage.region})
     if storage.credentials_secret_ref is not None:
         ref = storage.credentials_secret_ref.name
-        env += [_secret_env("AWS_ACCESS_KEY_ID", ref, "AWS_ACCESS_KEY_ID"),
-                _secret_env("AWS_SECRET_ACCESS_KEY", ref, "AWS_SECRET_ACCESS_KEY")]
+        env += [_secret_env(c.ENV_AWS_ACCESS_KEY_ID, ref, "AWS_ACCESS_KEY_ID"),
+                _secret_env(c.ENV_AWS_SECRET_ACCESS_KEY, ref, "AWS_SECRET_ACCESS_KEY")]
     if spec.model.token_secret_ref is not None:
-        env.append(_secret_env("HF_TOKEN", spec.model.token_secret_ref.name, spec.model.token_secret_ref.key))
+        env.append(_secret_env(c.ENV_HF_TOKEN, spec.model.token_secret_ref.name, spec.model.token_secret_ref.key))
     return env
 
 
@@ -205,17 +206,20 @@ def _resources(stage: ResolvedStage) -> dict[str, Any]:
     return out
 
 
+# The runtime writes only to its volumes (the scratch emptyDir; contract.use_scratch) and the
+# termination-message file: the image's root filesystem stays read-only.
 SECURITY_CONTEXT = {
     "allowPrivilegeEscalation": False,
     "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
     "runAsNonRoot": True,
     "seccompProfile": {"type": "RuntimeDefault"},
 }
 POD_SECURITY_CONTEXT = {
     "runAsNonRoot": True,
-    "runAsUser": 1000,
-    "runAsGroup": 1000,
-    "fsGroup": 1000,
+    "runAsUser": c.RUNTIME_UID,
+    "runAsGroup": c.RUNTIME_UID,
+    "fsGroup": c.RUNTIME_UID,
     "seccompProfile": {"type": "RuntimeDefault"},
 }
 

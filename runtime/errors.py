@@ -13,9 +13,6 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # a bug or an environment problem: retrying may help
 EXIT_BAD_INPUT = 42  # permanent: the spec, a dataset or a model is wrong; do not retry
 
-# Where Kubernetes reads the termination message from (the container's terminationMessagePath).
-TERMINATION_MESSAGE_PATH = "/dev/termination-log"
-
 
 class UserError(Exception):
     """Bad input. `where` names the field path or the file at fault."""

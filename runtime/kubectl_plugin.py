@@ -15,12 +15,11 @@ import sys
 import time
 from typing import Any
 
+from .contract import CONTAINER_NAME as CONTAINER
+from .contract import LABEL_JOB, LABEL_STAGE
 from .errors import UserError
 from .spec import API_GROUP, API_VERSION, PLURAL
 
-LABEL_JOB = "kubetune.io/job"
-LABEL_STAGE = "kubetune.io/stage"
-CONTAINER = "trainer"
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"
 DONE = ("Succeeded", "Failed")
 

@@ -44,9 +44,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Mapping, Sequence
 
+from .contract import ENV_MASTER_ADDR, ENV_MASTER_PORT, ENV_NODE_RANK, ENV_NODES, RENDEZVOUS_PORT
+
 log = logging.getLogger("kubetune")
 
-DEFAULT_MASTER_PORT = 29500  # the operator's RENDEZVOUS_PORT
 CONTROL_TIMEOUT = timedelta(hours=6)  # barrier waits (a big model's commit can take a while)
 FSDP_SHARDINGS = ("full_shard", "shard_grad_op")  # FSDP2's reshard_after_forward true / false
 
@@ -59,7 +60,7 @@ class Topology:
     nproc_per_node: int = 1
     node_rank: int = 0
     master_addr: str | None = None
-    master_port: int = DEFAULT_MASTER_PORT
+    master_port: int = RENDEZVOUS_PORT
     rdzv_backend: str = "static"  # static | c10d (several nodes); one node is always --standalone
     rdzv_id: str = "kubetune"
     device: str = "cpu"  # cuda | cpu
@@ -109,8 +110,8 @@ def topology(resources, *, cluster: bool, env: Mapping[str, str] | None = None, 
     env = os.environ if env is None else env
     gpus = visible_gpus() if gpus is None else gpus
     notes: list[str] = []
-    nnodes = _int_env(env, "KUBETUNE_NODES") or resources.nodes
-    master_addr = env.get("MASTER_ADDR") or None
+    nnodes = _int_env(env, ENV_NODES) or resources.nodes
+    master_addr = env.get(ENV_MASTER_ADDR) or None
     if nnodes > 1 and not master_addr:
         if cluster:
             from .errors import UserError
@@ -118,13 +119,13 @@ def topology(resources, *, cluster: bool, env: Mapping[str, str] | None = None, 
             raise UserError(f"{nnodes} nodes need MASTER_ADDR (the rendezvous host)", "MASTER_ADDR")
         notes.append(f"resources.nodes={nnodes} without MASTER_ADDR: training on this machine only")
         nnodes = 1
-    node_rank = _int_env(env, "KUBETUNE_NODE_RANK", "JOB_COMPLETION_INDEX") or 0
+    node_rank = _int_env(env, ENV_NODE_RANK, "JOB_COMPLETION_INDEX") or 0
     if nnodes == 1:
         node_rank = 0
     elif not 0 <= node_rank < nnodes:
         from .errors import UserError
 
-        raise UserError(f"node rank {node_rank} is outside 0..{nnodes - 1}", "KUBETUNE_NODE_RANK")
+        raise UserError(f"node rank {node_rank} is outside 0..{nnodes - 1}", ENV_NODE_RANK)
     nproc = _int_env(env, "KUBETUNE_NPROC")
     wanted = resources.gpus_per_node
     if not cluster and "gpus_per_node" not in resources.model_fields_set:
@@ -143,7 +144,7 @@ def topology(resources, *, cluster: bool, env: Mapping[str, str] | None = None, 
         from .errors import UserError
 
         raise UserError(f"KUBETUNE_RDZV_BACKEND={backend!r}: use static or c10d", "KUBETUNE_RDZV_BACKEND")
-    port = _int_env(env, "MASTER_PORT") or DEFAULT_MASTER_PORT
+    port = _int_env(env, ENV_MASTER_PORT) or RENDEZVOUS_PORT
     return Topology(nnodes=nnodes, nproc_per_node=nproc, node_rank=node_rank, master_addr=master_addr,
                     master_port=port, rdzv_backend=backend, rdzv_id=rdzv_id, device=device, notes=tuple(notes))
 

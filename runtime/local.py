@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import EXIT_BAD_INPUT, EXIT_FAILED, TERMINATION_MESSAGE_PATH, UserError
+from .contract import TERMINATION_MESSAGE_PATH, use_scratch
+from .errors import EXIT_BAD_INPUT, EXIT_FAILED, UserError
 from .plan import ResolvedStage
 
 log = logging.getLogger("kubetune")
@@ -326,6 +327,7 @@ def _write_termination_message(text: str) -> None:
 def run_stage_config(config_path: str, metrics_port: int | None = None) -> int:
     """`python -m kubetune.runtime stage --config FILE`: what a stage pod runs."""
     setup_logging()
+    use_scratch()  # in a pod: every cache and temp file on the scratch volume, never the root fs
     try:
         try:
             text = Path(config_path).read_text()

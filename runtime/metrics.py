@@ -50,11 +50,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from transformers import TrainerCallback
 
+from .contract import ENV_METRICS_PORT, ENV_POD_IP, METRICS_PORT
 from .progress import PHASES, ProgressLine, ProgressState, format_progress  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 9400
 LABELS = ("job", "namespace", "stage", "rank")
 UPLOAD_SECONDS_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 THROUGHPUT_WINDOW_SECONDS = 30.0
@@ -516,7 +516,7 @@ class _QuietHandler(WSGIRequestHandler):
 def default_port() -> int:
     """``$KUBETUNE_METRICS_PORT`` (default 9400) plus ``$LOCAL_RANK``, so that several training
     processes in one pod each get their own port (local rank 0 on the base port)."""
-    base = int(os.environ.get("KUBETUNE_METRICS_PORT") or DEFAULT_PORT)
+    base = int(os.environ.get(ENV_METRICS_PORT) or METRICS_PORT)
     return base + int(os.environ.get("LOCAL_RANK") or 0)
 
 
@@ -604,5 +604,5 @@ def start_metrics_server(port: int | None = None, addr: str | None = None,
     if port is None:
         port = default_port()
     if addr is None:
-        addr = os.environ.get("POD_IP") or "0.0.0.0"
+        addr = os.environ.get(ENV_POD_IP) or "0.0.0.0"
     return MetricsServer(int(port), addr, metrics)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from operator_builders import UID, ftj, config  # noqa: F401 (config is a fixture)
+from operator_builders import UID, ftj
 
 from kubetune.operator import manifests as m
 from kubetune.operator.config import OperatorConfig
@@ -50,7 +51,7 @@ def test_children_of_a_one_node_stage(config):
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert c["terminationMessagePath"] == "/dev/termination-log"
     sc = c["securityContext"]
-    assert sc["runAsNonRoot"] and sc["allowPrivilegeEscalation"] is False
+    assert sc["runAsNonRoot"] and sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
     assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["automountServiceAccountToken"] is False
     for key in ("runtimeClassName", "nodeSelector", "tolerations", "priorityClassName", "subdomain"):
@@ -62,8 +63,7 @@ def test_pod_environment_carries_secret_references_only(config):
     env = {e["name"]: e for e in j["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert env["KUBETUNE_METRICS_PORT"]["value"] == "9400"
-    assert env["KUBETUNE_JOB"]["value"] == "llama" and env["KUBETUNE_STAGE"]["value"] == "sft"
-    assert env["KUBETUNE_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["KUBETUNE_SCRATCH"]["value"] == "/var/tmp/kubetune"
     assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.storage:9000"
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {"secretKeyRef": {"name": "s3", "key": "AWS_ACCESS_KEY_ID"}}
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "s3", "key": "AWS_SECRET_ACCESS_KEY"}}
@@ -73,6 +73,27 @@ def test_pod_environment_carries_secret_references_only(config):
     # the ConfigMap names the secret's reference at most, never a secret value
     text = cm["data"]["stage.json"]
     assert "AWS_SECRET_ACCESS_KEY" not in text
+
+
+def test_the_pod_gets_only_variables_the_runtime_reads(config):
+    """Each variable the operator sets is read in the pod: by the runtime (named in
+    kubetune.runtime.contract and used outside it), by a library, or by Python itself."""
+    from kubetune.runtime import contract
+
+    body = ftj({"resources": {"nodes": 2, "gpusPerNode": 1}})
+    _, _, children = build(body, config)
+    env = {e["name"] for e in children[-1]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    by_libraries = {"HF_TOKEN": "huggingface_hub", "AWS_ACCESS_KEY_ID": "boto3", "AWS_SECRET_ACCESS_KEY": "boto3",
+                    "AWS_ENDPOINT_URL": "boto3", "PYTHONUNBUFFERED": "python", "MASTER_ADDR": "torch.distributed",
+                    "MASTER_PORT": "torch.distributed"}
+    constants = {v: k for k, v in vars(contract).items() if k.startswith("ENV_")}
+    runtime = Path(contract.__file__).parent
+    sources = "\n".join(f.read_text() for f in runtime.rglob("*.py"))
+    for name in sorted(set(env) - set(by_libraries)):
+        assert name in constants, f"{name} is not part of the pod contract (kubetune.runtime.contract)"
+        # used somewhere besides its definition
+        assert sources.count(constants[name]) >= 2, f"the runtime never reads {name} ({constants[name]})"
+    assert {"KUBETUNE_SCRATCH", "KUBETUNE_NODES", "KUBETUNE_NODE_RANK", "KUBETUNE_METRICS_PORT", "POD_IP"} <= env
 
 
 def test_placement_policy_and_passthrough(config):
@@ -191,7 +212,8 @@ def test_pod_overrides_for_rdma_fabrics(config):
     """NCCL env, hostNetwork and Multus annotations reach the pods; the runtime's own env stays ours."""
     body = ftj({"resources": {"nodes": 2, "gpusPerNode": 1, "podOverrides": {
         "env": [{"name": "NCCL_SOCKET_IFNAME", "value": "enp1s0f0np0"}, {"name": "NCCL_IB_HCA", "value": "mlx5"},
-                {"name": "KUBETUNE_JOB", "value": "hijack"}, {"name": "MASTER_ADDR", "value": "elsewhere"}],
+                {"name": "KUBETUNE_SCRATCH", "value": "/hijack"}, {"name": "MASTER_ADDR", "value": "elsewhere"},
+                {"name": "TMPDIR", "value": "/tmp"}],
         "hostNetwork": True,
         "annotations": {"k8s.v1.cni.cncf.io/networks": "cx7-roce"},
         "labels": {"fabric": "cx7", "kubetune.io/job": "hijack"},
@@ -202,7 +224,8 @@ def test_pod_overrides_for_rdma_fabrics(config):
     tmpl = j["spec"]["template"]
     env = {e["name"]: e.get("value") for e in tmpl["spec"]["containers"][0]["env"]}
     assert env["NCCL_SOCKET_IFNAME"] == "enp1s0f0np0" and env["NCCL_IB_HCA"] == "mlx5"
-    assert env["KUBETUNE_JOB"] == "llama" and env["MASTER_ADDR"] != "elsewhere"
+    assert env["KUBETUNE_SCRATCH"] == "/var/tmp/kubetune" and env["MASTER_ADDR"] != "elsewhere"
+    assert "TMPDIR" not in env, "temp files stay on the scratch volume (contract.scratch_layout)"
     assert [e["name"] for e in tmpl["spec"]["containers"][0]["env"]].count("MASTER_ADDR") == 1
     assert tmpl["spec"]["hostNetwork"] is True and tmpl["spec"]["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert tmpl["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "cx7-roce"

@@ -1,0 +1,83 @@
+"""The pod contract: every name the operator and the runtime share, in one torch-free module.
+
+The operator builds training pods from these names (kubetune.operator.manifests); the runtime
+reads the same names inside the pod. A name only one side knows is a bug: the scratch folder
+once was set by the operator and read by nobody, so caches landed on the container's root
+filesystem. Training pods run with a read-only root filesystem, so the runtime writes only to
+the volumes named here (the scratch emptyDir) and to the termination-message file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+from pathlib import Path
+
+# -- the container ----------------------------------------------------------------------------
+CONTAINER_NAME = "trainer"
+RUNTIME_UID = 1000  # the runtime image's user; the pod's securityContext runs as it
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # the container's terminationMessagePath
+
+# -- volumes: where the operator mounts them --------------------------------------------------
+CONFIG_DIR = "/etc/kubetune"  # the stage's ConfigMap, read-only
+CONFIG_KEY = "stage.json"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
+SCRATCH_DIR = "/var/tmp/kubetune"  # an emptyDir: downloads, caches, work and temp files
+
+# -- ports ------------------------------------------------------------------------------------
+METRICS_PORT = 9400  # /metrics and /progress of local rank 0 (local rank N: + N)
+RENDEZVOUS_PORT = 29500  # torchrun's static rendezvous on pod 0 of a multi-node stage
+
+# -- labels the operator puts on every child (and the CLI selects by) --------------------------
+LABEL_JOB = "kubetune.io/job"
+LABEL_STAGE = "kubetune.io/stage"
+LABEL_STAGE_INDEX = "kubetune.io/stage-index"
+
+# -- environment of a training pod --------------------------------------------------------------
+ENV_SCRATCH = "KUBETUNE_SCRATCH"  # the scratch volume's mount path
+ENV_METRICS_PORT = "KUBETUNE_METRICS_PORT"
+ENV_NODES = "KUBETUNE_NODES"  # pods of this stage (Indexed Job completions)
+ENV_NODE_RANK = "KUBETUNE_NODE_RANK"  # this pod's completion index
+ENV_POD_IP = "POD_IP"  # where /metrics and /progress listen (downward API)
+ENV_MASTER_ADDR = "MASTER_ADDR"  # torch.distributed's names: pod 0 of a multi-node stage
+ENV_MASTER_PORT = "MASTER_PORT"
+ENV_HF_TOKEN = "HF_TOKEN"  # from spec.model.tokenSecretRef
+ENV_AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"  # from spec.storage.credentialsSecretRef
+ENV_AWS_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
+ENV_AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"
+ENV_AWS_DEFAULT_REGION = "AWS_DEFAULT_REGION"
+
+
+def scratch_layout(scratch: str | Path) -> dict[str, str]:
+    """Where each writer goes under the scratch folder, as the environment variables the
+    libraries read: temp files, the Hugging Face and XDG caches, matplotlib's config and the
+    kubetune cache (s3:// models and datasets) and work folders."""
+    s = Path(scratch)
+    return {
+        "TMPDIR": str(s / "tmp"),
+        "XDG_CACHE_HOME": str(s / "cache"),
+        "XDG_CONFIG_HOME": str(s / "config"),
+        "HF_HOME": str(s / "hf"),
+        "MPLCONFIGDIR": str(s / "config" / "matplotlib"),
+        "TRITON_CACHE_DIR": str(s / "cache" / "triton"),
+        "KUBETUNE_CACHE_DIR": str(s / "cache" / "kubetune"),
+        "KUBETUNE_WORK_DIR": str(s / "work"),
+    }
+
+
+def use_scratch(environ: MutableMapping[str, str] | None = None) -> Path | None:
+    """In a pod (`$KUBETUNE_SCRATCH` set): point every writer at the scratch volume, keeping any
+    variable the pod already sets, and create the folders; a HOME that cannot be written (the
+    image's, under a read-only root filesystem) moves there too. Returns the scratch folder, or
+    None outside a pod (local runs keep their usual places)."""
+    env = os.environ if environ is None else environ
+    scratch = env.get(ENV_SCRATCH)
+    if not scratch:
+        return None
+    for name, path in scratch_layout(scratch).items():
+        env.setdefault(name, path)
+        Path(env[name]).mkdir(parents=True, exist_ok=True)
+    if not os.access(env.get("HOME") or "/", os.W_OK):
+        env["HOME"] = str(Path(scratch) / "home")
+        Path(env["HOME"]).mkdir(parents=True, exist_ok=True)
+    return Path(scratch)

@@ -1,0 +1,37 @@
+"""The pod contract's scratch layout: in a pod every writer goes to the scratch volume."""
+
+from __future__ import annotations
+
+import os
+
+from kubetune.runtime import contract
+
+
+def test_use_scratch_points_every_writer_at_the_volume(tmp_path):
+    env = {"KUBETUNE_SCRATCH": str(tmp_path / "scratch"), "HOME": "/nonexistent-home", "HF_HOME": str(tmp_path / "hf")}
+    assert contract.use_scratch(env) == tmp_path / "scratch"
+    for name in ("TMPDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "MPLCONFIGDIR", "KUBETUNE_CACHE_DIR",
+                 "KUBETUNE_WORK_DIR", "HOME"):
+        assert env[name].startswith(str(tmp_path / "scratch") + os.sep), name
+        assert os.path.isdir(env[name]), name
+    assert env["HF_HOME"] == str(tmp_path / "hf"), "a variable the pod sets itself is kept"
+
+
+def test_a_writable_home_is_kept(tmp_path):
+    env = {"KUBETUNE_SCRATCH": str(tmp_path / "s"), "HOME": str(tmp_path)}
+    contract.use_scratch(env)
+    assert env["HOME"] == str(tmp_path)
+
+
+def test_outside_a_pod_nothing_changes():
+    env = {"HOME": "/root"}
+    assert contract.use_scratch(env) is None and env == {"HOME": "/root"}
+
+
+def test_the_cache_folder_follows_the_scratch_volume(tmp_path, monkeypatch):
+    from kubetune.runtime.storage.cache import default_cache_dir
+
+    env = {"KUBETUNE_SCRATCH": str(tmp_path)}
+    contract.use_scratch(env)
+    monkeypatch.setenv("KUBETUNE_CACHE_DIR", env["KUBETUNE_CACHE_DIR"])
+    assert default_cache_dir() == tmp_path / "cache" / "kubetune"
