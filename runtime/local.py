@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -324,9 +325,26 @@ def _write_termination_message(text: str) -> None:
         pass
 
 
+def exit_on_sigterm() -> None:
+    """Kubernetes stops a pod (delete, suspend, preemption, eviction) with SIGTERM to the
+    container's PID 1, which in the runtime image is this process, and the kernel ignores a signal
+    that PID 1 has no handler for: without one, a stopped pod would train on for its whole grace
+    period and then be SIGKILLed. Exit at once instead, as any other process would; the stage
+    resumes from its last committed checkpoint."""
+
+    def stop(signum, frame):
+        log.warning("stage stopped by %s; it resumes from its last committed checkpoint", signal.Signals(signum).name)
+        for h in logging.getLogger().handlers + log.handlers:
+            h.flush()
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def run_stage_config(config_path: str, metrics_port: int | None = None) -> int:
     """`python -m kubetune.runtime stage --config FILE`: what a stage pod runs."""
     setup_logging()
+    exit_on_sigterm()
     use_scratch()  # in a pod: every cache and temp file on the scratch volume, never the root fs
     try:
         try:

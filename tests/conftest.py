@@ -26,6 +26,22 @@ CORPUS = [q + " " + a for q, a in IDENTITY] + [
 ]
 
 
+def pytest_report_header(config) -> str:
+    """Which node the e2e tier runs its pods on (tests/cluster/realnode.py `choose`)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from cluster import realnode
+
+    try:
+        kind, why = realnode.choose()
+    except RuntimeError as err:
+        return f"kubetune e2e node: none ({err})"
+    if kind == "real":
+        return "kubetune e2e node: real kubelet (containerd + runc, CNI bridge, kube-proxy, CoreDNS; built images)"
+    return f"kubetune e2e node: process kubelet (fallback: {why})"
+
+
 def write_alpaca(path: Path, pairs=IDENTITY, repeat: int = 1) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     records = [{"instruction": q, "input": "", "output": a} for q, a in pairs] * repeat

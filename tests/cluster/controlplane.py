@@ -6,7 +6,8 @@ kube-scheduler, started as processes from the binaries that ``build.py`` makes.
         cp.kubeconfig, cp.server, cp.env   # for subprocesses: env has KUBECONFIG set
         cp.client()                        # a kubeapi.KubeClient with the admin identity
 
-Everything binds 127.0.0.1 on free ports; certificates, keys, kubeconfigs, data and logs go to
+Everything binds 127.0.0.1 on free ports (the apiserver binds ``bind_address`` instead when a real
+node's pods must reach it: the node network's address, see realnode.py); certificates, keys, kubeconfigs, data and logs go to
 a fresh temporary directory (``cp.workdir``; each component logs to ``<name>.log`` there).
 Each process runs in its own process group and is asked to die with its parent (setpriv
 --pdeathsig); ``stop()`` (also run by ``__exit__`` and atexit) SIGTERMs then SIGKILLs every group.
@@ -47,9 +48,9 @@ KCM_CONTROLLERS = (
 SERVICE_CIDR = "10.0.0.0/24"
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -127,8 +128,9 @@ def kubeconfig_yaml(server: str, ca: bytes, cert: bytes, key: bytes, user: str) 
 
 class ControlPlane:
     def __init__(self, bin_dir: str | Path | None = None, workdir: str | Path | None = None,
-                 start_timeout: float = 120.0):
+                 start_timeout: float = 120.0, bind_address: str = "127.0.0.1"):
         self.bin_dir = Path(bin_dir) if bin_dir else None
+        self.bind_address = bind_address
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kubetune-cp-"))
         self.start_timeout = start_timeout
@@ -213,7 +215,8 @@ class ControlPlane:
         (pkid / "ca.key").write_bytes(pki.key_pem(ca.key))
         self.ca_file = str(pkid / "ca.crt")
         srv_crt, srv_key = ca.write_pair(
-            pkid, "apiserver", common_name="kube-apiserver", server=True, ips=("127.0.0.1", "10.0.0.1"),
+            pkid, "apiserver", common_name="kube-apiserver", server=True,
+            ips=tuple(dict.fromkeys(("127.0.0.1", "10.0.0.1", self.bind_address))),
             dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
                  "kubernetes.default.svc.cluster.local"))
         kc_crt, kc_key = ca.write_pair(pkid, "apiserver-kubelet-client", common_name="kube-apiserver-kubelet-client",
@@ -222,9 +225,13 @@ class ControlPlane:
         (pkid / "sa.key").write_bytes(pki.key_pem(sa_key))
         (pkid / "sa.pub").write_bytes(pki.pub_pem(sa_key))
 
-        etcd_port, etcd_peer, api_port = free_port(), free_port(), free_port()
+        etcd_port, etcd_peer, api_port = free_port(), free_port(), free_port(self.bind_address)
         kcm_port, sched_port = free_port(), free_port()
-        self.server = f"https://127.0.0.1:{api_port}"
+        self.server = f"https://{self.bind_address}:{api_port}"
+        # On a node network, the apiserver keeps the `kubernetes` Service's endpoints (its own
+        # address) so that pods reach it through the Service as on a real cluster; on loopback
+        # (the process kubelet) nothing could route there.
+        loopback = self.bind_address.startswith("127.")
         self.kubeconfig = self.write_kubeconfig("admin", "kubetune-admin", ("system:masters",))
         kcm_kc = self.write_kubeconfig("controller-manager", "system:kube-controller-manager")
         sched_kc = self.write_kubeconfig("scheduler", "system:kube-scheduler")
@@ -241,17 +248,18 @@ class ControlPlane:
 
         self._spawn("kube-apiserver", [
             self.binary("kube-apiserver"), f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}",
+            f"--bind-address={self.bind_address}", f"--advertise-address={self.bind_address}",
+            f"--secure-port={api_port}",
             f"--cert-dir={d / 'apiserver-certs'}", f"--tls-cert-file={srv_crt}", f"--tls-private-key-file={srv_key}",
             f"--client-ca-file={self.ca_file}", f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={pkid / 'sa.pub'}", f"--service-account-signing-key-file={pkid / 'sa.key'}",
-            "--allow-privileged=true", "--endpoint-reconciler-type=none",
+            "--allow-privileged=true", f"--endpoint-reconciler-type={'none' if loopback else 'lease'}",
             f"--kubelet-client-certificate={kc_crt}", f"--kubelet-client-key={kc_key}",
             "--kubelet-preferred-address-types=InternalIP", "--profiling=false", "--v=1",
         ])
-        self._wait("kube-apiserver", lambda: self._https_ok(api_port, "/readyz", client=True))
+        self._wait("kube-apiserver", lambda: self._https_ok(api_port, "/readyz", client=True, host=self.bind_address))
 
         common = ["--bind-address=127.0.0.1", "--leader-elect=false", "--profiling=false", "--v=1"]
         self._spawn("kube-controller-manager", [
@@ -277,12 +285,12 @@ class ControlPlane:
     def _spawn(self, name: str, argv: list[str]) -> None:
         self.procs[name] = ManagedProcess(name, argv, self.workdir / f"{name}.log", cwd=str(self.workdir))
 
-    def _https_ok(self, port: int, path: str, client: bool = False) -> bool:
+    def _https_ok(self, port: int, path: str, client: bool = False, host: str = "127.0.0.1") -> bool:
         ctx = ssl._create_unverified_context()
         if client:
             ctx.load_cert_chain(str(self.workdir / "pki" / "apiserver-kubelet-client.crt"),
                                 str(self.workdir / "pki" / "apiserver-kubelet-client.key"))
-        with urllib.request.urlopen(f"https://127.0.0.1:{port}{path}", context=ctx, timeout=3) as r:
+        with urllib.request.urlopen(f"https://{host}:{port}{path}", context=ctx, timeout=3) as r:
             return r.status == 200
 
     def _wait(self, what: str, probe) -> None:

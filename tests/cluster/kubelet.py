@@ -1159,6 +1159,16 @@ class ProcessKubelet:
     def log_file(self, namespace: str, pod: str, container: str) -> Path:
         return self.root / "logs" / namespace / pod / f"{container}.log"
 
+    def kill_container(self, namespace: str, pod: str, container: str) -> str:
+        """SIGKILL a container's processes (its process group: ``containerID`` is
+        ``process://<pid>``), as a node failure would; returns the container id."""
+        status = self.cp.client().get(f"/api/v1/namespaces/{namespace}/pods/{pod}")["status"]
+        for cs in status.get("containerStatuses") or []:
+            if cs["name"] == container and "running" in cs.get("state", {}):
+                os.killpg(int(cs["containerID"].removeprefix("process://")), signal.SIGKILL)
+                return cs["containerID"]
+        raise RuntimeError(f"no running container {container} of pod {namespace}/{pod}")
+
     def pod_logs(self, namespace: str, pod: str, container: str | None = None) -> str:
         """The container's output (stdout+stderr); the only/first container when none is named."""
         if container is None:

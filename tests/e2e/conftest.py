@@ -1,21 +1,27 @@
 """Fixtures for end-to-end tests on a real Kubernetes control plane.
 
 ``control_plane`` (session): etcd + kube-apiserver + kube-controller-manager + kube-scheduler,
-built from Go modules by ``tests/cluster/build.py`` (cached in ~/.cache/kubetune-test; a cold
-build takes long, so CI prebuilds with ``python tests/cluster/build.py``) and started on
-loopback. ``kubelet`` (session): the process kubelet, one Node named ``kubetune-node``.
+built from Go modules by ``tests/cluster/build.py`` (cached in ~/.cache/kubetune-test; CI
+prebuilds with ``python tests/cluster/build.py``). ``kubelet`` (session): the node, one Node
+named ``kubetune-node`` — the **real node** (``cluster/realnode.py``: the real kubelet with
+containerd + runc, CNI, kube-proxy and CoreDNS; pods run as containers of the images built from
+``images/*/Dockerfile`` by ``cluster/images.py``) wherever it can run, else the process kubelet
+(``cluster/kubelet.py``); ``node_kind`` says which ("real" or "process"), the session header too.
+On the real node the apiserver and the S3 server listen on the node network's address, where
+pods reach them. ``test_images`` (session): {"runtime", "operator"} image refs (real node only).
 ``namespace`` (function): a fresh namespace whose default ServiceAccount and kube-root-ca.crt
 exist, deleted afterwards. ``kube``: an admin ``KubeClient``. ``crd`` (module): the FineTuneJob
 CRD applied and usable the way tests use it (established, in discovery, in the published
-OpenAPI). ``operator`` (module): the operator as a process (operatorlib.OperatorProcess) with
-the fake runtime. ``store`` (function): a local storage folder holding a one-record dataset.
+OpenAPI). ``s3`` (session): moto's S3 server with authentication on. ``store`` (function): a
+bucket of it holding a one-record dataset, and the Secret ``s3`` with its credentials in the
+test's namespace (operatorlib.Store). ``operator`` (module): the operator as a process
+(operatorlib.OperatorProcess) whose pods run the fake runtime in the runtime image.
 
 Every e2e test is marked ``@pytest.mark.e2e``; deselect them with ``-m "not e2e"``.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import uuid
 from pathlib import Path
@@ -25,11 +31,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cluster import images, realnode  # noqa: E402
 from cluster.controlplane import ControlPlane  # noqa: E402
 from cluster.kubeapi import ApiError, KubeClient  # noqa: E402
 from cluster.kubelet import ProcessKubelet  # noqa: E402
 from cluster.util import wait_for  # noqa: E402
-from operatorlib import OperatorProcess  # noqa: E402
+from operatorlib import OperatorProcess, Store  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "finetunejob.yaml"
@@ -40,16 +47,63 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def control_plane():
-    with ControlPlane() as cp:
+def node_kind() -> str:
+    return realnode.choose()[0]
+
+
+@pytest.fixture(scope="session")
+def node_network(node_kind):
+    if node_kind != "real":
+        yield None
+        return
+    net = realnode.NodeNetwork.allocate()
+    try:
+        yield net
+    finally:
+        net.delete()
+
+
+@pytest.fixture(scope="session")
+def test_images(node_kind) -> dict[str, str] | None:
+    return images.ensure_images() if node_kind == "real" else None
+
+
+@pytest.fixture(scope="session")
+def control_plane(node_network):
+    with ControlPlane(bind_address=node_network.gateway if node_network else "127.0.0.1") as cp:
         print(f"\ncontrol plane up in {cp.start_seconds:.1f}s at {cp.server} (workdir {cp.workdir})")
         yield cp
 
 
 @pytest.fixture(scope="session")
-def kubelet(control_plane):
-    with ProcessKubelet(control_plane) as k:
-        yield k
+def kubelet(control_plane, node_network, test_images):
+    if node_network is None:
+        with ProcessKubelet(control_plane) as k:
+            yield k
+        return
+    load = {test_images["runtime"]: [], test_images["operator"]: [],
+            # the image of the harness's own test pods (test_control_plane.py)
+            images.python_standin(): ["docker.io/library/python:3.11"]}
+    with realnode.RealNode(control_plane, node_network, load) as node:
+        print(f"\nreal node up in {node.start_seconds:.1f}s on {node_network.bridge} ({node_network.gateway})")
+        yield node
+
+
+@pytest.fixture(scope="session")
+def runtime_image(node_kind, test_images) -> str:
+    """The image training pods run: the built runtime image on the real node (the process
+    kubelet ignores images)."""
+    return test_images["runtime"] if node_kind == "real" else "kubetune/runtime:e2e"
+
+
+@pytest.fixture(scope="session")
+def s3(control_plane, tmp_path_factory):
+    """moto's S3 server with authentication on, where pods reach it (the node address)."""
+    from tests.storage.support import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto"), host=control_plane.bind_address, auth=True)
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -104,8 +158,8 @@ def crd(control_plane, kube) -> dict:
 
 
 @pytest.fixture(scope="module")
-def operator(control_plane, kubelet, crd, tmp_path_factory):
-    op = OperatorProcess(control_plane, tmp_path_factory.mktemp("operator"))
+def operator(control_plane, kubelet, crd, runtime_image, tmp_path_factory):
+    op = OperatorProcess(control_plane, tmp_path_factory.mktemp("operator"), runtime_image=runtime_image)
     op.start()
     yield op
     op.stop()
@@ -113,7 +167,5 @@ def operator(control_plane, kubelet, crd, tmp_path_factory):
 
 
 @pytest.fixture
-def store(tmp_path) -> Path:
-    data = tmp_path / "identity.json"
-    data.write_text(json.dumps([{"instruction": "who are you?", "output": "kubetune"}]))
-    return tmp_path
+def store(s3, control_plane, namespace) -> Store:
+    return Store(s3, control_plane, namespace)

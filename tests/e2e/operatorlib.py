@@ -1,11 +1,13 @@
 """Helpers of the operator's e2e tests: the operator as a child process, the FAKE RUNTIME its pods
-run, FineTuneJob documents from examples/quickstart.yaml, and readers of status, events and
-children. The fixtures built on them (`crd`, `operator`, `store`) are in conftest.py."""
+run, S3 storage for one test (`Store`), FineTuneJob documents from examples/quickstart.yaml, and
+readers of status, events and children. The fixtures built on them (`crd`, `operator`, `store`)
+are in conftest.py."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -20,40 +22,66 @@ from cluster.util import wait_for
 REPO = Path(__file__).resolve().parents[2]
 GROUP = "/apis/kubetune.io/v1alpha1"
 
-FAKE_RUNTIME = r'''
-"""FAKE RUNTIME (operator e2e tests only): stands in for `python -m kubetune.runtime stage`.
-Speaks the runtime's contracts without training; the step time comes from the model name
-(`fake/step-0.4s`)."""
-import http.server, json, os, re, sys, threading, time
+FAKE_RUNTIME = r"""
+# FAKE RUNTIME (operator e2e tests only): stands in for `python -m kubetune.runtime stage`.
+# Speaks the runtime's contracts without training: reads stage.json, serves /progress on
+# $POD_IP:$KUBETUNE_METRICS_PORT, commits checkpoints to S3 (the Secret's credentials and the
+# endpoint reach it as env, as the real runtime's do) with a LATEST pointer and resumes from it,
+# commits the output with COMMITTED.json, exits 42 with a termination message on bad input.
+# The step time comes from the model name (`fake/step-0.4s`). As PID 1 of its container it
+# exits on SIGTERM, as the runtime does (local.exit_on_sigterm).
+import http.server, json, os, re, signal, sys, threading, time
 from pathlib import Path
+import boto3
+from botocore.config import Config
 
+signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(128 + signum))
 cfg = json.loads(Path(sys.argv[sys.argv.index("--config") + 1]).read_text())
 stage = cfg["stage"]["name"]
 total = int(cfg["stage"]["hyperparameters"].get("maxSteps") or 6)
 every = int(cfg["checkpoint"]["everySteps"])
 m = re.search(r"step-([0-9.]+)s", cfg["model"]["name"])
 step_s = float(m.group(1)) if m else 0.2
-local = lambda uri: Path(uri[len("file://"):] if uri.startswith("file://") else uri)
-ck, out = local(cfg["io"]["checkpoints"]), local(cfg["io"]["output"])
+s3 = boto3.client("s3", region_name="us-east-1", config=Config(s3={"addressing_style": "path"}))
 
+
+def split(uri):
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key.rstrip("/")
+
+
+def exists(uri):
+    try:
+        s3.head_object(Bucket=split(uri)[0], Key=split(uri)[1])
+        return True
+    except s3.exceptions.ClientError:
+        return False
+
+
+def put_json(uri, obj):
+    s3.put_object(Bucket=split(uri)[0], Key=split(uri)[1], Body=json.dumps(obj).encode())
+
+
+ck, out = cfg["io"]["checkpoints"].rstrip("/"), cfg["io"]["output"].rstrip("/")
 if cfg["stage"]["type"] != "export":
     for i, d in enumerate(cfg["data"]):
-        if not local(d["source"]).exists():
+        if not exists(d["source"]):
             msg = f"data[{i}].source: {d['source']}: file not found"
             Path("/dev/termination-log").write_text(msg)
             print(msg, file=sys.stderr)
             sys.exit(42)
 
 start = 0
-if (ck / "LATEST").exists():
-    start = json.loads((ck / "LATEST").read_text())["step"]
+if exists(f"{ck}/LATEST"):
+    b, k = split(f"{ck}/LATEST")
+    start = json.loads(s3.get_object(Bucket=b, Key=k)["Body"].read())["step"]
 state = {"step": start, "phase": "running", "output": None,
-         "checkpoint": {"uri": str(ck / f"checkpoint-{start}"), "step": start} if start else None}
+         "checkpoint": {"uri": f"{ck}/checkpoint-{start}", "step": start} if start else None}
 
 
 def report():
     left = total - state["step"]
-    return {"job": os.environ["KUBETUNE_JOB"], "stage": stage, "rank": 0, "phase": state["phase"],
+    return {"job": cfg["job"], "stage": stage, "rank": 0, "phase": state["phase"],
             "step": state["step"], "totalSteps": total, "epoch": state["step"] / total,
             "loss": round(2.0 / (1 + state["step"]), 4), "learningRate": 1e-4, "tokensPerSecond": 1000.0,
             "etaSeconds": left * step_s, "checkpoint": state["checkpoint"], "output": state["output"],
@@ -79,18 +107,13 @@ for s in range(start + 1, total + 1):
     time.sleep(step_s)
     state["step"] = s
     if s % every == 0 and s < total:
-        d = ck / f"checkpoint-{s}"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "COMMITTED.json").write_text(json.dumps({"step": s}))
-        (ck / "LATEST.tmp").write_text(json.dumps({"step": s, "uri": str(d)}))
-        os.replace(ck / "LATEST.tmp", ck / "LATEST")
-        state["checkpoint"] = {"uri": str(d), "step": s}
-out.mkdir(parents=True, exist_ok=True)
-(out / "COMMITTED.json").write_text(json.dumps({"stage": stage, "steps": total, "resumedFrom": start,
-                                                "policy": cfg["io"]["policy"]}))
+        put_json(f"{ck}/checkpoint-{s}/COMMITTED.json", {"step": s})
+        put_json(f"{ck}/LATEST", {"step": s, "uri": f"{ck}/checkpoint-{s}"})
+        state["checkpoint"] = {"uri": f"{ck}/checkpoint-{s}", "step": s}
+put_json(f"{out}/COMMITTED.json", {"stage": stage, "steps": total, "resumedFrom": start, "policy": cfg["io"]["policy"]})
 state["phase"], state["output"] = "finished", {"uri": cfg["io"]["output"]}
 print(f"fake runtime: stage {stage} done", flush=True)
-'''
+"""
 
 
 def free_port() -> int:
@@ -99,16 +122,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class OperatorProcess:
-    """`python -m kubetune.operator` as a child process, restartable."""
+def inline_command(script: str) -> str:
+    """The operator's `--runtime-command` that runs `script` with the image's Python (`python -c`):
+    the script travels in the pod spec, so it runs in any image that has Python, on any node."""
+    return shlex.join(["python", "-c", script])
 
-    def __init__(self, control_plane, workdir: Path, peering: tuple[str, int] | None = None):
+
+class OperatorProcess:
+    """`python -m kubetune.operator` as a child process, restartable. Its pods run `script` (the
+    FAKE RUNTIME by default) in `runtime_image`."""
+
+    def __init__(self, control_plane, workdir: Path, peering: tuple[str, int] | None = None,
+                 runtime_image: str = "kubetune/runtime:e2e", script: str = FAKE_RUNTIME):
         self.cp = control_plane
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.peering = peering
-        self.fake = workdir / "fake_runtime.py"
-        self.fake.write_text(FAKE_RUNTIME)
+        self.runtime_image = runtime_image
+        self.script = script
         self.runtime_port = free_port()
         self.health_port = free_port()
         self.metrics_port = free_port()
@@ -120,9 +151,9 @@ class OperatorProcess:
         self.log = self.workdir / f"operator-{self.starts}.log"
         mode = ["--peering", self.peering[0], "--priority", str(self.peering[1])] if self.peering else ["--standalone"]
         argv = [sys.executable, "-m", "kubetune.operator", *mode, "--log-format", "plain",
-                "--poll-interval", "1", "--runtime-image", "kubetune/runtime:e2e",
+                "--poll-interval", "1", "--runtime-image", self.runtime_image,
                 "--runtime-metrics-port", str(self.runtime_port), "--health-port", str(self.health_port),
-                "--metrics-port", str(self.metrics_port), "--runtime-command", f"python {self.fake}"]
+                "--metrics-port", str(self.metrics_port), "--runtime-command", inline_command(self.script)]
         self.proc = subprocess.Popen(argv, env=self.cp.env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
         wait_for(self.healthy, 60, "operator liveness endpoint")
@@ -156,15 +187,58 @@ class OperatorProcess:
             return ""
 
 
-def quickstart(store: Path, name: str = "quickstart", step_s: float = 0.2, max_steps: int = 6,
+class Store:
+    """One test's S3 storage: a fresh bucket on the session's S3 server (`s3`, auth on), the
+    one-record identity dataset in it, and the Secret `s3` with the server's credentials in the
+    test's namespace (pods get them only through `credentialsSecretRef`)."""
+
+    SECRET = "s3"
+
+    def __init__(self, s3, control_plane, namespace: str):
+        from tests.storage.support import boto_client, make_bucket
+
+        self.s3 = s3
+        self.endpoint = s3.endpoint
+        self.bucket = make_bucket(s3.endpoint, s3.key_id, s3.secret)
+        self.client = boto_client(s3.endpoint, s3.key_id, s3.secret)
+        self.put_json("identity.json", [{"instruction": "who are you?", "output": "kubetune"}])
+        r = control_plane.kubectl("create", "secret", "generic", self.SECRET, "-n", namespace,
+                                  f"--from-literal=AWS_ACCESS_KEY_ID={s3.key_id}",
+                                  f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret}")
+        assert r.returncode == 0, r.stderr
+
+    def uri(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *parts])
+
+    def storage(self, name: str) -> dict:
+        """spec.storage of a job named `name`: its own prefix, the endpoint, the Secret."""
+        return {"uri": self.uri("saves", name), "endpoint": self.endpoint,
+                "credentialsSecretRef": {"name": self.SECRET}}
+
+    def put_json(self, key: str, obj) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(obj).encode())
+
+    def json(self, *parts: str):
+        return json.loads(self.client.get_object(Bucket=self.bucket, Key="/".join(parts))["Body"].read())
+
+    def exists(self, *parts: str) -> bool:
+        return self.client.list_objects_v2(Bucket=self.bucket, Prefix="/".join(parts)).get("KeyCount", 0) > 0
+
+    def lines(self, *parts: str) -> list[dict]:
+        """JSON objects under a prefix, one per key, in key order (records several pods write)."""
+        listed = self.client.list_objects_v2(Bucket=self.bucket, Prefix="/".join(parts)).get("Contents", [])
+        return [self.json(o["Key"]) for o in sorted(listed, key=lambda o: o["Key"])]
+
+
+def quickstart(store: Store, name: str = "quickstart", step_s: float = 0.2, max_steps: int = 6,
                every: int = 2, stages: list[dict] | None = None) -> dict:
-    """examples/quickstart.yaml, pointed at local storage and the fake runtime."""
+    """examples/quickstart.yaml, pointed at the test's S3 storage and the fake runtime."""
     doc = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
     doc["metadata"]["name"] = name
     spec = doc["spec"]
     spec["model"]["name"] = f"fake/step-{step_s}s"
-    spec["data"][0]["source"] = str(store / "identity.json")
-    spec["storage"] = {"uri": str(store / "saves" / name)}
+    spec["data"][0]["source"] = store.uri("identity.json")
+    spec["storage"] = store.storage(name)
     spec["checkpoint"] = {"everySteps": every, "keep": 2}
     if stages is not None:
         spec["stages"] = stages

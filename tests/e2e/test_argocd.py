@@ -30,12 +30,13 @@ pytest.importorskip("lupa")
 CAPTURE = os.environ.get("KUBETUNE_ARGOCD_CAPTURE") == "1"
 
 
-def capture(obj: dict, name: str, store: Path, note: str = "") -> None:
+def capture(obj: dict, name: str, store, note: str = "") -> None:
     if not CAPTURE:
         return
     obj = copy.deepcopy(obj)
     obj["metadata"].pop("managedFields", None)
-    text = yaml.safe_dump(obj, sort_keys=False).replace(str(store), "/data")
+    text = yaml.safe_dump(obj, sort_keys=False).replace(store.uri(), "s3://data").replace(store.endpoint,
+                                                                                          "http://s3.storage:9000")
     head = f"# Captured from a live e2e run (tests/e2e/test_argocd.py){': ' + note if note else ''}\n"
     (ARGOCD / "testdata" / f"{name}.yaml").write_text(head + text)
 
@@ -47,7 +48,7 @@ def test_health_of_live_finetunejobs(control_plane, kube, operator, namespace, s
     pend["spec"]["resources"] = {"nodeSelector": {"kubetune.io/no-such-node": "x"}}
     run = quickstart(store, name="argo-run", step_s=0.4, max_steps=12, every=2)
     bad = quickstart(store, name="argo-baddata")
-    bad["spec"]["data"][0]["source"] = str(store / "missing.json")
+    bad["spec"]["data"][0]["source"] = store.uri("missing.json")
     invalid = quickstart(store, name="argo-invalid")
     del invalid["spec"]["storage"]
     for doc in (pend, run, bad, invalid):
@@ -89,7 +90,7 @@ def test_health_of_live_finetunejobs(control_plane, kube, operator, namespace, s
     assert r.returncode == 0, r.stderr
     o = wait_status(kube, ns, "argo-run", lambda s: s.get("phase") == "Succeeded", 150, "Succeeded", operator)
     assert health(o) == {"status": "Healthy",
-                         "message": f"Succeeded: output at {store / 'saves' / 'argo-run' / 'sft' / 'output'}"}
+                         "message": f"Succeeded: output at {store.uri('saves', 'argo-run', 'sft', 'output')}"}
     capture(o, "succeeded", store)
     # a spec change after the end: recorded, ignored, still Healthy
     r = control_plane.kubectl("patch", "ftj", "-n", ns, "argo-run", "--type=merge", "-p",

@@ -23,7 +23,7 @@ from cluster.util import wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chart.chartlib import CHART, objects, set_args  # noqa: E402
-from operatorlib import FAKE_RUNTIME, apply, condition, free_port, quickstart, wait_status  # noqa: E402
+from operatorlib import FAKE_RUNTIME, apply, condition, free_port, inline_command, quickstart, wait_status  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -81,23 +81,34 @@ def test_template_accepted_by_server_side_dry_run(control_plane, chart_crds, nam
 
 
 @pytest.mark.parametrize("mode", ["namespaced", "cluster-wide"])
-def test_quickstart_through_the_chart(control_plane, kube, kubelet, chart_crds, namespace, store, tmp_path, mode):
-    fake = tmp_path / "fake_runtime.py"
-    fake.write_text(FAKE_RUNTIME)
+def _image_values(ref: str, pull_policy: str) -> dict:
+    repository, _, tag = ref.rpartition(":")
+    return {"repository": repository, "tag": tag, "pullPolicy": pull_policy}
+
+
+def test_quickstart_through_the_chart(control_plane, kube, kubelet, node_kind, test_images, chart_crds, namespace,
+                                      store, mode):
+    """On the real node the operator runs from its built image, as a container, and its pods run
+    the fake runtime in the built runtime image; on the process kubelet images are ignored."""
     release = f"kt-{uuid.uuid4().hex[:6]}"
     health, metrics = free_port(), free_port()
+    real = node_kind == "real"
+    runtime_ref = test_images["runtime"] if real else "ghcr.io/kubetune/runtime:e2e"
     values = {
         "operator": {"watchNamespaces": [namespace] if mode == "namespaced" else [], "peering": {"name": release},
                      "pollInterval": 1,
                      "logFormat": "plain", "healthPort": health, "metricsPort": metrics},
-        "runtime": {"command": f"python {fake}", "metricsPort": free_port(), "image": {"tag": "e2e"},
+        "runtime": {"command": inline_command(FAKE_RUNTIME), "metricsPort": free_port(),
+                    "image": _image_values(runtime_ref, "IfNotPresent"),
                     # GPU scheduling defaults the operator applies to GPU pods (quickstart asks for 1 GPU)
                     "nodeSelector": {"kubernetes.io/os": "linux"}},
         "service": {"port": metrics},
         # the process kubelet bind-mounts volumes over the HOST's paths, and its own pod volumes
         # live under /tmp: an emptyDir at /tmp would hide the pod's token volume from it
-        "tmpVolume": {"enabled": False},
+        "tmpVolume": {"enabled": real},
     }
+    if real:  # never pulled: the image containerd was given
+        values["image"] = _image_values(test_images["operator"], "Never")
     r = helm(control_plane, "install", release, str(CHART), "-n", namespace, *set_args(values), timeout=180)
     watching = namespace if mode == "namespaced" else "all namespaces"
     assert "Watching:   " + watching in r.stdout and "kubectl get ftj -w" in r.stdout, r.stdout  # NOTES.txt
@@ -124,10 +135,10 @@ def test_quickstart_through_the_chart(control_plane, kube, kubelet, chart_crds, 
         st = done["status"]
         assert st["phase"] == "Succeeded", st
         assert condition(done, "Succeeded")["status"] == "True"
-        assert json.loads((store / "saves" / "chartquick" / "sft" / "output" / "COMMITTED.json").read_text())["steps"] == 6
+        assert store.json("saves", "chartquick", "sft", "output", "COMMITTED.json")["steps"] == 6
         (job,) = kube.get(f"/apis/batch/v1/namespaces/{namespace}/jobs", labelSelector="kubetune.io/job=chartquick")["items"]
         tpl = job["spec"]["template"]["spec"]
-        assert tpl["containers"][0]["image"] == "ghcr.io/kubetune/runtime:e2e"  # the chart's runtime image value
+        assert tpl["containers"][0]["image"] == runtime_ref  # the chart's runtime image value
         assert tpl.get("automountServiceAccountToken") is False
         assert tpl["nodeSelector"] == {"kubernetes.io/os": "linux"}  # the chart's runtime.* defaults
         assert tpl["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]

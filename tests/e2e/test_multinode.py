@@ -4,23 +4,23 @@ Failed) and a headless Service (clusterIP None, publishNotReadyAddresses, select
 pods, the rendezvous port); the Job controller makes pods 0 and 1 with hostname `<job>-<index>`
 and subdomain = the Service, so `<job>-0.<service>` — MASTER_ADDR — names pod 0.
 
-What runs in the pods is a PROBE RUNTIME, not training: the process kubelet runs each pod as a
-local process with its env resolved (fieldRefs included: KUBETUNE_NODE_RANK from the
-completion-index annotation, POD_IP a per-pod loopback address), and the probe records that env,
-the hostname it got, and what `kubetune.runtime.launcher` makes of it (topology + torchrun
-arguments), into the shared storage folder. It checks the wiring between the operator's
+What runs in the pods is a PROBE RUNTIME, not training (passed inline to the operator, run in
+the built runtime image on the real node): it records the pod's env (fieldRefs included:
+KUBETUNE_NODE_RANK from the completion-index annotation, POD_IP), the hostname it got, the
+address MASTER_ADDR resolves to, and what `kubetune.runtime.launcher` makes of it (topology +
+torchrun arguments), into the stage's S3 prefix. It checks the wiring between the operator's
 manifests and the runtime's launcher, end to end through the real Job controller.
 
-What the process kubelet gives in place of cluster DNS: a per-pod /etc/hosts naming the pods of
-the same namespace and subdomain, so MASTER_ADDR resolves to pod 0's loopback POD_IP (the probe
-checks it). With that, the real rendezvous and training across two pods is
+On the real node, CoreDNS answers `<job>-0.<service>` from the headless Service's EndpointSlice,
+as on any cluster; the process kubelet stands in with a per-pod /etc/hosts naming the pods of
+the same subdomain. Either way the probe retries the name until pod 0 exists, as torchrun does.
+The real rendezvous and training across two pods is
 tests/e2e/test_operator_real_runtime.py::test_two_nodes_train_for_real_through_one_rendezvous;
 here the probe also lets pod 1 crash once to show the gang restart.
 """
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
@@ -30,59 +30,77 @@ from operatorlib import OperatorProcess, apply, events, jobs, pods, quickstart, 
 
 pytestmark = pytest.mark.e2e
 
-PROBE_RUNTIME = r'''
-"""PROBE RUNTIME (multi-node e2e only): records the pod's env and the launcher's reading of it."""
-import json, os, socket, sys
+PROBE_RUNTIME = r"""
+# PROBE RUNTIME (multi-node e2e only): records the pod's env and the launcher's reading of it
+# in the stage's S3 prefix (credentials and endpoint from the pod's env, as the runtime's).
+import json, os, signal, socket, sys, time
 from pathlib import Path
+import boto3
+from botocore.config import Config
 from kubetune.runtime import launcher
 from kubetune.runtime.plan import ResolvedStage
 
+signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(128 + signum))  # PID 1, as the runtime
 config = sys.argv[sys.argv.index("--config") + 1]
 cfg = ResolvedStage.model_validate_json(Path(config).read_text())
+s3 = boto3.client("s3", region_name="us-east-1", config=Config(s3={"addressing_style": "path"}))
+bucket, _, prefix = cfg.io.stage_root.removeprefix("s3://").partition("/")
+prefix = prefix.rstrip("/")
+
+
+def put(key, obj):
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=json.dumps(obj).encode())
+
+
+def exists(key):
+    return s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/{key}").get("KeyCount", 0) > 0
+
+
 # the GPUs Kubernetes would have given this pod (the host has none to show)
 topo = launcher.topology(cfg.resources, cluster=True, gpus=cfg.resources.gpus_per_node, rdzv_id=f"{cfg.job}-{cfg.name}")
 keys = ["KUBETUNE_NODES", "KUBETUNE_NODE_RANK", "JOB_COMPLETION_INDEX", "MASTER_ADDR", "MASTER_PORT", "POD_IP",
-        "POD_NAME", "KUBETUNE_METRICS_PORT", "KUBETUNE_STAGE", "KUBETUNE_CONFIG"]
-import time
-for _ in range(150):  # pod 0's name appears in /etc/hosts once the kubelet starts pod 0
+        "KUBETUNE_METRICS_PORT", "KUBETUNE_SCRATCH"]
+# as torchrun does: retry the name of pod 0 until it resolves (its DNS record, or its /etc/hosts
+# line on the process kubelet, appears only once pod 0 exists and has an address)
+deadline = time.monotonic() + 120
+while True:
     try:
         master_ip = socket.gethostbyname(os.environ["MASTER_ADDR"])
         break
     except OSError:
+        if time.monotonic() > deadline:
+            master_ip = None
+            break
         time.sleep(0.2)
-else:
-    master_ip = None
 record = {"env": {k: os.environ.get(k) for k in keys}, "hostname": socket.gethostname(), "master_ip": master_ip,
           "topology": {"nnodes": topo.nnodes, "nproc_per_node": topo.nproc_per_node, "node_rank": topo.node_rank,
                        "world_size": topo.world_size, "backend": topo.backend},
           "torchrun": launcher.torchrun_args(topo, ["-m", "kubetune.runtime", "stage", f"--config={config}"])}
-root = Path(cfg.io.stage_root.removeprefix("file://"))
-root.mkdir(parents=True, exist_ok=True)
-(root / f"probe-{topo.node_rank}.json").write_text(json.dumps(record))
+put(f"probe-{topo.node_rank}.json", record)
 print("probe runtime:", json.dumps(record), flush=True)
 
 if "gang-fail-once" in cfg.model.name:
     # the first time round, rank 1 crashes and rank 0 hangs as in a collective whose peer died
-    # (until it is stopped); the second time both finish
+    # (until it is stopped); the second time both finish. A pod is known by its address.
+    pod = os.environ["POD_IP"]
+
     def note(event):
-        with open(root / "attempts.jsonl", "a") as f:
-            f.write(json.dumps({"rank": topo.node_rank, "pod": os.environ["POD_NAME"], "event": event}) + "\n")
+        put(f"attempts/{time.time_ns()}-{topo.node_rank}.json", {"rank": topo.node_rank, "pod": pod, "event": event})
     note("start")
-    first = root / f"rank{topo.node_rank}-started"
-    if not first.exists():
-        first.write_text(os.environ["POD_NAME"])
+    if not exists(f"rank{topo.node_rank}-started"):
+        put(f"rank{topo.node_rank}-started", {"pod": pod})
         if topo.node_rank == 1:
             note("crash")
             sys.exit(1)
         time.sleep(300)
     note("done")
-'''
+"""
 
 
 @pytest.fixture(scope="module")
-def probe_operator(control_plane, kubelet, crd, tmp_path_factory):
-    op = OperatorProcess(control_plane, tmp_path_factory.mktemp("operator-multinode"))
-    op.fake.write_text(PROBE_RUNTIME)  # `--runtime-command python <this script>`
+def probe_operator(control_plane, kubelet, crd, runtime_image, tmp_path_factory):
+    op = OperatorProcess(control_plane, tmp_path_factory.mktemp("operator-multinode"), runtime_image=runtime_image,
+                         script=PROBE_RUNTIME)
     op.start()
     yield op
     op.stop()
@@ -90,9 +108,7 @@ def probe_operator(control_plane, kubelet, crd, tmp_path_factory):
 
 
 def test_two_nodes_make_an_indexed_job_and_a_headless_service(control_plane, kube, probe_operator, namespace,
-                                                               tmp_path):
-    store = tmp_path
-    (store / "identity.json").write_text(json.dumps([{"instruction": "who are you?", "output": "kubetune"}]))
+                                                               store, node_kind):
     doc = quickstart(store, name="mn", max_steps=4)
     doc["spec"]["resources"] = {"nodes": 2, "gpusPerNode": 2, "strategy": "fsdp"}
     apply(control_plane, doc, namespace)
@@ -132,14 +148,16 @@ def test_two_nodes_make_an_indexed_job_and_a_headless_service(control_plane, kub
     # what each pod's runtime saw, and made of it
     probes = {}
     for i in (0, 1):
-        f = store / "saves" / "mn" / "sft" / f"probe-{i}.json"
-        wait_for(f.exists, 90, f"probe of pod {i}")
-        probes[i] = json.loads(f.read_text())
+        wait_for(lambda: store.exists("saves", "mn", "sft", f"probe-{i}.json"), 150, f"probe of pod {i}")
+        probes[i] = store.json("saves", "mn", "sft", f"probe-{i}.json")
+    running = {int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]): p
+               for p in pods(kube, namespace, "mn")}
     for i, rec in probes.items():
         e = rec["env"]
         assert (e["KUBETUNE_NODE_RANK"], e["JOB_COMPLETION_INDEX"], e["KUBETUNE_NODES"]) == (str(i), str(i), "2")
         assert (e["MASTER_ADDR"], e["MASTER_PORT"]) == ("mn-sft-0.mn-sft", "29500")
-        assert e["POD_NAME"] == by_index[i]["metadata"]["name"] and e["POD_IP"].startswith("127.")
+        assert e["POD_IP"] == running[i]["status"]["podIP"]
+        assert e["KUBETUNE_SCRATCH"] == "/var/tmp/kubetune"
         assert rec["hostname"] == f"mn-sft-{i}"
         assert rec["topology"] == {"nnodes": 2, "nproc_per_node": 2, "node_rank": i, "world_size": 4,
                                    "backend": "nccl"}
@@ -147,16 +165,17 @@ def test_two_nodes_make_an_indexed_job_and_a_headless_service(control_plane, kub
                                        "--monitor-interval=0.5", f"--node-rank={i}", "--master-addr=mn-sft-0.mn-sft",
                                        "--master-port=29500"]
     assert probes[0]["env"]["POD_IP"] != probes[1]["env"]["POD_IP"]
-    # MASTER_ADDR names pod 0 for both pods (the process kubelet's /etc/hosts stands in for DNS)
+    # MASTER_ADDR names pod 0 for both pods: CoreDNS answers the headless Service's pod name on
+    # the real node (the process kubelet's /etc/hosts stands in for DNS)
     assert probes[0]["master_ip"] == probes[1]["master_ip"] == probes[0]["env"]["POD_IP"]
+    if node_kind == "real":
+        assert probes[0]["env"]["POD_IP"].startswith("10.123.")
 
 
 def test_a_failed_pod_restarts_every_pod_of_the_stage_together(control_plane, kube, probe_operator, namespace,
-                                                                tmp_path):
+                                                                store):
     """All or nothing: pod 1 crashes while pod 0 waits for it; the Job (backoffLimit 0) fails and
     stops pod 0; the operator deletes the Job and makes it again, and both pods start anew."""
-    store = tmp_path
-    (store / "identity.json").write_text(json.dumps([{"instruction": "who are you?", "output": "kubetune"}]))
     doc = quickstart(store, name="gang", max_steps=4)
     doc["spec"]["model"]["name"] = "fake/gang-fail-once"
     doc["spec"]["resources"] = {"nodes": 2, "gpusPerNode": 1}
@@ -172,7 +191,7 @@ def test_a_failed_pod_restarts_every_pod_of_the_stage_together(control_plane, ku
     seen = events(kube, namespace, "gang")
     assert seen.count("GangRestarted") == 1 and "PodRetried" not in seen and "JobRecreated" not in seen
 
-    attempts = [json.loads(line) for line in (store / "saves" / "gang" / "sft" / "attempts.jsonl").read_text().splitlines()]
+    attempts = store.lines("saves", "gang", "sft", "attempts/")
     by_pod: dict[str, list[str]] = {}
     for a in attempts:
         by_pod.setdefault((a["rank"], a["pod"]), []).append(a["event"])
@@ -183,4 +202,4 @@ def test_a_failed_pod_restarts_every_pod_of_the_stage_together(control_plane, ku
     assert sorted(second) == [0, 1] and not set(second.values()) & set(first.values())
     (job,) = jobs(kube, namespace, "gang")
     assert job["metadata"]["uid"] != first_job["metadata"]["uid"]
-    assert {p["metadata"]["name"] for p in pods(kube, namespace, "gang")} == set(second.values())
+    assert {p["status"]["podIP"] for p in pods(kube, namespace, "gang")} == set(second.values())

@@ -1,14 +1,15 @@
 """The operator end to end: a real kube-apiserver, controller-manager (Job controller, garbage
-collector), scheduler and the process kubelet; the operator runs as a real process
+collector), scheduler and the session's node (the real kubelet, or the process kubelet where it
+cannot run); the operator runs as a real process
 (`python -m kubetune.operator`), FineTuneJobs go in through `kubectl apply`.
 
-The training pods run a FAKE RUNTIME (operatorlib.FAKE_RUNTIME, passed with `--runtime-command`): a
-small script that honours the runtime's contracts — reads stage.json, serves /progress on
+The training pods run a FAKE RUNTIME (operatorlib.FAKE_RUNTIME, passed inline with
+`--runtime-command python -c ...`, in the built runtime image on the real node): a small script that honours the runtime's contracts — reads stage.json, serves /progress on
 $POD_IP:$KUBETUNE_METRICS_PORT, commits checkpoints with a LATEST pointer and resumes from it,
 commits the output with COMMITTED.json, exits 42 with a termination message on bad input — but
 trains nothing. It stands in for `python -m kubetune.runtime stage` so that these tests check
 the operator alone; the full e2e with real training of a tiny model is a separate test.
-Storage is a local folder (the process kubelet's pods see the host's filesystem).
+Storage is a bucket of the session's S3 server (auth on; credentials through the Secret).
 """
 
 from __future__ import annotations
@@ -61,9 +62,8 @@ def test_quickstart_runs_to_success_then_delete_collects_children(control_plane,
     st = done["status"]
     assert st["phase"] == "Succeeded", st
     assert condition(done, "Succeeded")["status"] == "True" and condition(done, "Running")["status"] == "False"
-    out = store / "saves" / "quickstart" / "sft" / "output"
-    assert st["output"]["uri"] == str(out)
-    assert json.loads((out / "COMMITTED.json").read_text())["steps"] == 8
+    assert st["output"]["uri"] == store.uri("saves", "quickstart", "sft", "output")
+    assert store.json("saves", "quickstart", "sft", "output", "COMMITTED.json")["steps"] == 8
     assert st["stages"][0]["phase"] == "Succeeded" and st["stages"][0]["checkpoint"]["step"] >= 2
     assert st["progressText"] == "100%" and st["startTime"] and st["completionTime"]
     assert st["restartCount"] == 0
@@ -84,7 +84,7 @@ def test_quickstart_runs_to_success_then_delete_collects_children(control_plane,
     wait_for(lambda: not kube.get(f"/api/v1/namespaces/{namespace}/configmaps",
                                   labelSelector="kubetune.io/job=quickstart")["items"], 60, "ConfigMap collected")
     wait_for(lambda: not pods(kube, namespace, "quickstart"), 60, "pods collected")
-    assert (out / "COMMITTED.json").exists()
+    assert store.exists("saves", "quickstart", "sft", "output", "COMMITTED.json")
 
 
 def test_pipeline_runs_stage_after_stage_across_an_operator_restart(control_plane, kube, operator, namespace, store):
@@ -100,14 +100,14 @@ def test_pipeline_runs_stage_after_stage_across_an_operator_restart(control_plan
     st = done["status"]
     assert st["phase"] == "Succeeded", st
     assert [r["phase"] for r in st["stages"]] == ["Succeeded"] * 3
-    assert st["output"]["uri"] == str(store / "saves" / "pipe" / "merge" / "output")
+    assert st["output"]["uri"] == store.uri("saves", "pipe", "merge", "output")
     # exactly one Job per stage, created in order; each stage read the one before it
     names = sorted((j["metadata"]["creationTimestamp"], j["metadata"]["name"]) for j in jobs(kube, namespace, "pipe"))
     assert [n for _, n in names] == ["pipe-sft", "pipe-dpo", "pipe-merge"]
     assert all(len([p for p in pods(kube, namespace, "pipe")
                     if p["metadata"]["labels"]["kubetune.io/stage"] == s]) == 1 for s in ("sft", "dpo", "merge"))
-    dpo = json.loads((store / "saves" / "pipe" / "dpo" / "output" / "COMMITTED.json").read_text())
-    assert dpo["policy"]["adapter"] == str(store / "saves" / "pipe" / "sft" / "output")
+    dpo = store.json("saves", "pipe", "dpo", "output", "COMMITTED.json")
+    assert dpo["policy"]["adapter"] == store.uri("saves", "pipe", "sft", "output")
     assert events(kube, namespace, "pipe").count("StageStarted") == 3
 
 
@@ -121,7 +121,7 @@ def test_killed_pod_resumes_from_checkpoint(control_plane, kube, operator, names
     done = wait_status(kube, namespace, "resume", lambda s: s.get("phase") in ("Succeeded", "Failed"), 120,
                        "finished after the pod was killed", operator)
     assert done["status"]["phase"] == "Succeeded", done["status"]
-    committed = json.loads((store / "saves" / "resume" / "sft" / "output" / "COMMITTED.json").read_text())
+    committed = store.json("saves", "resume", "sft", "output", "COMMITTED.json")
     assert committed["resumedFrom"] >= 4, committed
     assert done["status"]["restartCount"] >= 1
     assert "PodRetried" in events(kube, namespace, "resume")
@@ -146,7 +146,7 @@ def test_suspend_then_resume(control_plane, kube, operator, namespace, store):
     done = wait_status(kube, namespace, "pause", lambda s: s.get("phase") in ("Succeeded", "Failed"), 120,
                        "finished after resume", operator)
     assert done["status"]["phase"] == "Succeeded", done["status"]
-    committed = json.loads((store / "saves" / "pause" / "sft" / "output" / "COMMITTED.json").read_text())
+    committed = store.json("saves", "pause", "sft", "output", "COMMITTED.json")
     assert committed["resumedFrom"] >= 2
     seen = events(kube, namespace, "pause")
     assert "Suspended" in seen and "Resumed" in seen and "PodRetried" not in seen
@@ -157,7 +157,7 @@ def test_suspend_then_resume(control_plane, kube, operator, namespace, store):
 
 def test_bad_dataset_fails_at_once_with_the_reason(control_plane, kube, operator, namespace, store):
     doc = quickstart(store, name="baddata")
-    doc["spec"]["data"][0]["source"] = str(store / "missing.json")
+    doc["spec"]["data"][0]["source"] = store.uri("missing.json")
     apply(control_plane, doc, namespace)
     done = wait_status(kube, namespace, "baddata", lambda s: s.get("phase") in ("Succeeded", "Failed"), 90,
                        "finished", operator)
@@ -182,7 +182,7 @@ def test_missing_storage_is_a_condition(control_plane, kube, operator, namespace
     assert v["status"] == "False" and v["reason"] == "StorageRequired" and "spec.storage.uri" in v["message"]
     assert not jobs(kube, namespace, "nostore")
     # fixing the spec starts it; ttlSecondsAfterFinished then cleans the children, not the outputs
-    fix = {"spec": {"storage": {"uri": str(store / "saves" / "nostore")}, "runPolicy": {"ttlSecondsAfterFinished": 2}}}
+    fix = {"spec": {"storage": store.storage("nostore"), "runPolicy": {"ttlSecondsAfterFinished": 2}}}
     r = control_plane.kubectl("patch", "ftj", "-n", namespace, "nostore", "--type=merge", "-p", json.dumps(fix))
     assert r.returncode == 0, r.stderr
     wait_status(kube, namespace, "nostore", lambda s: s.get("phase") == "Succeeded", 90, "Succeeded after fix", operator)
@@ -191,7 +191,7 @@ def test_missing_storage_is_a_condition(control_plane, kube, operator, namespace
         "children deleted after the TTL")
     st = ftj(kube, namespace, "nostore")["status"]
     assert st["phase"] == "Succeeded" and st["output"]["uri"].endswith("/nostore/sft/output")
-    assert (store / "saves" / "nostore" / "sft" / "output" / "COMMITTED.json").exists()
+    assert store.exists("saves", "nostore", "sft", "output", "COMMITTED.json")
     assert "ChildrenDeleted" in events(kube, namespace, "nostore")
     # a spec change after the end does not retrain
     r = control_plane.kubectl("patch", "ftj", "-n", namespace, "nostore", "--type=merge", "-p",
@@ -213,7 +213,8 @@ def test_two_peered_replicas_never_both_act(control_plane, kube, operator, names
     replicas = []
     try:
         for prio in (100, 200):
-            op = OperatorProcess(control_plane, tmp_path / f"replica-{prio}", peering=("e2e-peering", prio))
+            op = OperatorProcess(control_plane, tmp_path / f"replica-{prio}", peering=("e2e-peering", prio),
+                                 runtime_image=operator.runtime_image)
             op.start()
             replicas.append(op)
         time.sleep(3)  # let them see each other

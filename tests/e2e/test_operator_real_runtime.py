@@ -7,8 +7,6 @@ adapter to S3, while the operator reads its /progress into the status."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,19 +16,20 @@ import pytest
 from cluster.util import wait_for
 from operatorlib import OperatorProcess, apply, condition, events, jobs, wait_status
 from tests.conftest import CORPUS, IDENTITY
-from tests.storage.support import TEST_KEY_ID, TEST_SECRET, MotoServer, boto_client, make_bucket
+from tests.storage.support import boto_client, make_bucket
 
 pytestmark = pytest.mark.e2e
 
 
 class RealRuntimeOperator(OperatorProcess):
-    """The operator with its default stage command: the real `kubetune.runtime`."""
+    """The operator with its default stage command: the real `kubetune.runtime` (in the built
+    runtime image on the real node)."""
 
     def start(self) -> None:
         self.starts += 1
         self.log = self.workdir / f"operator-{self.starts}.log"
         argv = [sys.executable, "-m", "kubetune.operator", "--standalone", "--log-format", "plain",
-                "--poll-interval", "1", "--runtime-image", "kubetune/runtime:e2e",
+                "--poll-interval", "1", "--runtime-image", self.runtime_image,
                 "--runtime-metrics-port", str(self.runtime_port), "--health-port", str(self.health_port),
                 "--metrics-port", str(self.metrics_port)]
         self.proc = subprocess.Popen(argv, env=self.cp.env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
@@ -39,23 +38,20 @@ class RealRuntimeOperator(OperatorProcess):
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = MotoServer(tmp_path_factory.mktemp("moto"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def real_operator(control_plane, kubelet, crd, tmp_path_factory):  # noqa: F811
-    op = RealRuntimeOperator(control_plane, tmp_path_factory.mktemp("operator-real"))
+def real_operator(control_plane, kubelet, crd, runtime_image, tmp_path_factory):
+    op = RealRuntimeOperator(control_plane, tmp_path_factory.mktemp("operator-real"), runtime_image=runtime_image)
     op.start()
     yield op
     op.stop()
     print(f"\n--- operator log (last lines) ---\n{op.tail(30)}")
 
 
+def s3_client(s3):
+    return boto_client(s3.endpoint, s3.key_id, s3.secret)
+
+
 def _upload_dir(s3, bucket: str, folder: Path, prefix: str) -> None:
-    client = boto_client(s3.endpoint)
+    client = s3_client(s3)
     for f in folder.rglob("*"):
         if f.is_file():
             client.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(folder).as_posix()}")
@@ -65,15 +61,15 @@ def _prepare(control_plane, namespace, s3, tmp_path, name: str, max_steps: int) 
     """A tiny model and the identity data on the S3 server, the credentials Secret, and the job."""
     from kubetune.runtime.tiny import build_tiny_model
 
-    bucket = make_bucket(s3.endpoint)
+    bucket = make_bucket(s3.endpoint, s3.key_id, s3.secret)
     model = build_tiny_model(tmp_path / "model", CORPUS * 8, vocab_size=320, hidden_size=64, intermediate_size=128)
     _upload_dir(s3, bucket, model, "models/tiny")
     data = tmp_path / "identity.json"
     data.write_text(json.dumps([{"instruction": q, "output": a} for q, a in IDENTITY]))
-    boto_client(s3.endpoint).upload_file(str(data), bucket, "datasets/identity.json")
+    s3_client(s3).upload_file(str(data), bucket, "datasets/identity.json")
     r = control_plane.kubectl("create", "secret", "generic", "s3", "-n", namespace,
-                              f"--from-literal=AWS_ACCESS_KEY_ID={TEST_KEY_ID}",
-                              f"--from-literal=AWS_SECRET_ACCESS_KEY={TEST_SECRET}")
+                              f"--from-literal=AWS_ACCESS_KEY_ID={s3.key_id}",
+                              f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret}")
     assert r.returncode == 0, r.stderr
     doc = {
         "apiVersion": "kubetune.io/v1alpha1",
@@ -95,7 +91,8 @@ def _prepare(control_plane, namespace, s3, tmp_path, name: str, max_steps: int) 
     return bucket, doc
 
 
-def test_quickstart_trains_for_real_from_s3_to_s3(control_plane, kube, real_operator, namespace, s3, tmp_path):
+def test_quickstart_trains_for_real_from_s3_to_s3(control_plane, kube, kubelet, node_kind, real_operator, namespace,
+                                                   s3, tmp_path):
     bucket, doc = _prepare(control_plane, namespace, s3, tmp_path, "real", max_steps=16)
     apply(control_plane, doc, namespace)
 
@@ -112,7 +109,7 @@ def test_quickstart_trains_for_real_from_s3_to_s3(control_plane, kube, real_oper
     assert st["output"]["uri"] == f"s3://{bucket}/runs/real/sft/output"
     assert st["progress"]["step"] == 16 and st["progress"]["loss"] is not None
 
-    client = boto_client(s3.endpoint)
+    client = s3_client(s3)
     marker = json.loads(client.get_object(Bucket=bucket, Key="runs/real/sft/output/COMMITTED.json")["Body"].read())
     files = {f["path"] for f in marker["files"]}
     assert {"adapter_config.json", "adapter_model.safetensors", "trainer_log.jsonl", "training_loss.png", "run.json"} <= files
@@ -124,15 +121,28 @@ def test_quickstart_trains_for_real_from_s3_to_s3(control_plane, kube, real_oper
     # the secret reached the pod as env from the Secret, never through the ConfigMap or the status
     (job,) = jobs(kube, namespace, "real")
     cm = kube.get(f"/api/v1/namespaces/{namespace}/configmaps/{job['metadata']['name']}")
-    assert TEST_SECRET not in json.dumps(cm) and TEST_SECRET not in json.dumps(done)
+    assert s3.secret not in json.dumps(cm) and s3.secret not in json.dumps(done)
     r = control_plane.kubectl("get", "ftj", "-n", namespace, "real")
     assert r.returncode == 0 and "Succeeded" in r.stdout
+
+    if node_kind == "real":  # a container of the built image, run as the pod spec says
+        (pod,) = kube.get(f"/api/v1/namespaces/{namespace}/pods", labelSelector="kubetune.io/job=real")["items"]
+        name = pod["metadata"]["name"]
+        assert pod["status"]["containerStatuses"][0]["image"] == real_operator.runtime_image
+        assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+        # nothing written outside the volumes: the root filesystem's writable layer is empty
+        assert kubelet.writes_outside_volumes(namespace, name, "trainer") == []
+        # ... and the downloads and caches went to the scratch volume
+        scratch = kubelet.volume_dir(namespace, name, "scratch")
+        assert any((scratch / "cache" / "kubetune").rglob("config.json")), "the s3:// model cached on scratch"
+        assert (scratch / "work").is_dir() and (scratch / "tmp").is_dir()
 
 
 def test_two_nodes_train_for_real_through_one_rendezvous(control_plane, kube, real_operator, namespace, s3, tmp_path):
     """`nodes: 2` with the real runtime: two pods of an Indexed Job, each a torchrun agent; pod 1
-    reaches pod 0 at MASTER_ADDR (`<job>-0.<service>`, resolved by the process kubelet's
-    /etc/hosts in place of cluster DNS), gloo trains one model over both, rank 0 commits."""
+    reaches pod 0 at MASTER_ADDR (`<job>-0.<service>`: CoreDNS answers it from the headless
+    Service on the real node, the process kubelet's /etc/hosts stands in elsewhere), gloo trains
+    one model over both, rank 0 commits."""
     bucket, doc = _prepare(control_plane, namespace, s3, tmp_path, "duo", max_steps=8)
     doc["spec"]["resources"] = {"nodes": 2, "gpusPerNode": 0}
     apply(control_plane, doc, namespace)
@@ -141,7 +151,7 @@ def test_two_nodes_train_for_real_through_one_rendezvous(control_plane, kube, re
     st = done["status"]
     assert st["phase"] == "Succeeded", json.dumps(st, indent=1)
     assert st["restartCount"] == 0 and st["output"]["uri"] == f"s3://{bucket}/runs/duo/sft/output"
-    client = boto_client(s3.endpoint)
+    client = s3_client(s3)
     summary = json.loads(client.get_object(Bucket=bucket, Key="runs/duo/sft/output/run.json")["Body"].read())
     assert summary["steps"] == 8
     # one training of world size 2: each pod's log is its own rank's
@@ -154,29 +164,59 @@ def test_two_nodes_train_for_real_through_one_rendezvous(control_plane, kube, re
         assert f"[rank {index}/2]" in r.stdout, r.stdout[-3000:]
 
 
-def _kill_pod_processes(pod_name: str) -> list[int]:
-    """SIGKILL every process of one pod (the process kubelet runs them on this host): a node lost."""
-    killed = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            env = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"POD_NAME={pod_name}".encode() in env:
-            try:
-                os.kill(int(proc.name), signal.SIGKILL)
-                killed.append(int(proc.name))
-            except ProcessLookupError:
-                pass
-    return killed
+def test_a_killed_training_container_resumes_from_the_last_checkpoint(control_plane, kube, kubelet, real_operator,
+                                                                     namespace, s3, tmp_path):
+    """The training container is SIGKILLed mid-stage (through containerd on the real node, as a
+    node failure would): the Job's next pod resumes from the last committed checkpoint."""
+    bucket, doc = _prepare(control_plane, namespace, s3, tmp_path, "crash", max_steps=24)
+    apply(control_plane, doc, namespace)
+    wait_status(kube, namespace, "crash", lambda s: ((s.get("checkpoint") or {}).get("step") or 0) >= 4, 300,
+                "a first committed checkpoint", real_operator)
+    (pod,) = [p for p in kube.get(f"/api/v1/namespaces/{namespace}/pods", labelSelector="kubetune.io/job=crash")["items"]
+              if p["status"].get("phase") == "Running"]
+    kubelet.kill_container(namespace, pod["metadata"]["name"], "trainer")
+
+    done = wait_status(kube, namespace, "crash", lambda s: s.get("phase") in ("Succeeded", "Failed"), 600,
+                       "finished after the kill", real_operator)
+    st = done["status"]
+    assert st["phase"] == "Succeeded", json.dumps(st, indent=1)
+    assert st["restartCount"] >= 1 and "PodRetried" in events(kube, namespace, "crash")
+    summary = json.loads(s3_client(s3).get_object(Bucket=bucket, Key="runs/crash/sft/output/run.json")["Body"].read())
+    assert summary["steps"] == 24 and summary["resumed_from_step"] >= 4
+    killed = kube.get(f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}")["status"]
+    assert killed["phase"] == "Failed"
+    assert killed["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
 
 
-def test_a_lost_node_restarts_both_pods_from_the_checkpoint(control_plane, kube, real_operator, namespace, s3,
-                                                            tmp_path):
-    """Crash-safe across nodes: pod 1's processes are SIGKILLed after a checkpoint; the Job fails
-    and stops pod 0, the operator restarts both pods, and they resume from the committed step."""
+@pytest.mark.parametrize("credentials", ["wrong-key", "no-secret"])
+def test_storage_credentials_reach_the_pod_only_through_the_secret(control_plane, kube, real_operator, namespace, s3,
+                                                                   tmp_path, credentials):
+    """The S3 server checks every request's signature: a Secret with a wrong key, or no Secret
+    reference at all, fails the stage at once as bad input, naming the storage, never a key."""
+    bucket, doc = _prepare(control_plane, namespace, s3, tmp_path, "creds", max_steps=4)
+    if credentials == "wrong-key":
+        r = control_plane.kubectl("create", "secret", "generic", "s3-wrong", "-n", namespace,
+                                  f"--from-literal=AWS_ACCESS_KEY_ID={s3.key_id}",
+                                  "--from-literal=AWS_SECRET_ACCESS_KEY=not-the-secret")
+        assert r.returncode == 0, r.stderr
+        doc["spec"]["storage"]["credentialsSecretRef"] = {"name": "s3-wrong"}
+    else:
+        del doc["spec"]["storage"]["credentialsSecretRef"]
+    apply(control_plane, doc, namespace)
+    done = wait_status(kube, namespace, "creds", lambda s: s.get("phase") in ("Succeeded", "Failed"), 240,
+                       "finished", real_operator)
+    failed = condition(done, "Failed")
+    assert done["status"]["phase"] == "Failed" and failed["reason"] == "BadInput", json.dumps(done["status"], indent=1)
+    assert f"s3://{bucket}/runs/creds" in failed["message"] or s3.endpoint in failed["message"], failed["message"]
+    assert s3.secret not in json.dumps(done) and "not-the-secret" not in json.dumps(done)
+    assert not s3_client(s3).list_objects_v2(Bucket=bucket, Prefix="runs/creds/").get("KeyCount")
+
+
+def test_a_lost_node_restarts_both_pods_from_the_checkpoint(control_plane, kube, kubelet, real_operator, namespace,
+                                                            s3, tmp_path):
+    """Crash-safe across nodes: pod 1's container is SIGKILLed after a checkpoint (through
+    containerd on the real node); the Job fails and stops pod 0, the operator restarts both pods,
+    and they resume from the committed step."""
     bucket, doc = _prepare(control_plane, namespace, s3, tmp_path, "lost", max_steps=24)
     doc["spec"]["resources"] = {"nodes": 2, "gpusPerNode": 0}
     apply(control_plane, doc, namespace)
@@ -184,14 +224,14 @@ def test_a_lost_node_restarts_both_pods_from_the_checkpoint(control_plane, kube,
                 "a first committed checkpoint", real_operator)
     pods = kube.get(f"/api/v1/namespaces/{namespace}/pods", labelSelector="kubetune.io/job=lost")["items"]
     (pod1,) = [p for p in pods if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "1"]
-    assert _kill_pod_processes(pod1["metadata"]["name"]), "no process of pod 1 found"
+    kubelet.kill_container(namespace, pod1["metadata"]["name"], "trainer")
 
     done = wait_status(kube, namespace, "lost", lambda s: s.get("phase") in ("Succeeded", "Failed"), 600,
                        "finished after the restart", real_operator)
     st = done["status"]
     assert st["phase"] == "Succeeded", json.dumps(st, indent=1)
     assert st["restartCount"] == 1 and events(kube, namespace, "lost").count("GangRestarted") == 1
-    summary = json.loads(boto_client(s3.endpoint).get_object(Bucket=bucket, Key="runs/lost/sft/output/run.json")["Body"].read())
+    summary = json.loads(s3_client(s3).get_object(Bucket=bucket, Key="runs/lost/sft/output/run.json")["Body"].read())
     assert summary["steps"] == 24 and summary["resumed_from_step"] >= 4
     pods = kube.get(f"/api/v1/namespaces/{namespace}/pods", labelSelector="kubetune.io/job=lost")["items"]
     assert pod1["metadata"]["name"] not in {p["metadata"]["name"] for p in pods}  # both pods are new ones

@@ -19,24 +19,45 @@ TEST_KEY_ID = "AKIAKUBETUNETESTKEY1"
 TEST_SECRET = "kubetune-test-secret-do-not-print"
 
 
-def free_port() -> int:
+def free_port(host: str = HOST) -> int:
     with socket.socket() as s:
-        s.bind((HOST, 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
 class MotoServer:
-    """A `python -m moto.server` subprocess on a free port."""
+    """moto's standalone server (moto_s3_server.py: `python -m moto.server` with signed query
+    strings checked as sent) as a subprocess on a free port of `host`.
 
-    def __init__(self, log_dir: Path, env: dict[str, str] | None = None):
-        self.port = free_port()
-        self.endpoint = f"http://{HOST}:{self.port}"
+    `auth=True`: the server checks every request's signature against an IAM user's access key
+    (created here; `key_id` and `secret`), so a wrong or missing key is refused as by real S3.
+    Otherwise any key is accepted and `key_id`/`secret` are the test constants."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str] | None = None, host: str = HOST, auth: bool = False):
+        self.host = host
+        self.port = free_port(host)
+        self.endpoint = f"http://{host}:{self.port}"
+        self.key_id, self.secret = TEST_KEY_ID, TEST_SECRET
         self._log = open(log_dir / f"moto-{self.port}.log", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(self.port)],
+            [sys.executable, str(Path(__file__).with_name("moto_s3_server.py")), "-H", host, "-p", str(self.port)],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, **(env or {})})
         self._wait_ready()
+        if auth:
+            self._enable_auth()
+
+    def _enable_auth(self) -> None:
+        import boto3
+
+        iam = boto3.client("iam", endpoint_url=self.endpoint, region_name="us-east-1",
+                           aws_access_key_id=TEST_KEY_ID, aws_secret_access_key=TEST_SECRET)
+        iam.create_user(UserName="kubetune-test")
+        iam.put_user_policy(UserName="kubetune-test", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="kubetune-test")["AccessKey"]
+        self.key_id, self.secret = key["AccessKeyId"], key["SecretAccessKey"]
+        self.moto_api("reset-auth", b"0")  # from now on every request is authenticated
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -91,10 +112,10 @@ def boto_client(endpoint: str, key_id: str = TEST_KEY_ID, secret: str = TEST_SEC
                         config=Config(s3={"addressing_style": "path"}))
 
 
-def make_bucket(endpoint: str) -> str:
+def make_bucket(endpoint: str, key_id: str = TEST_KEY_ID, secret: str = TEST_SECRET) -> str:
     """Create a fresh bucket with a unique name; return the name."""
     name = f"kt-{uuid.uuid4().hex[:12]}"
-    boto_client(endpoint).create_bucket(Bucket=name)
+    boto_client(endpoint, key_id, secret).create_bucket(Bucket=name)
     return name
 
 
