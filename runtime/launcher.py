@@ -48,6 +48,7 @@ from .contract import ENV_MASTER_ADDR, ENV_MASTER_PORT, ENV_NODE_RANK, ENV_NODES
 
 log = logging.getLogger("kubetune")
 
+AGENT_PID_ENV = "KUBETUNE_AGENT_PID"  # launch → its workers: the pid of their torchrun agent
 CONTROL_TIMEOUT = timedelta(hours=6)  # barrier waits (a big model's commit can take a while)
 FSDP_SHARDINGS = ("full_shard", "shard_grad_op")  # FSDP2's reshard_after_forward true / false
 
@@ -191,7 +192,8 @@ def launch(topo: Topology, cli_args: Sequence[str]) -> int:
     program = ["-m", "kubetune.runtime", *cli_args]
     log.info("launching %d process(es) on node %d/%d (world size %d, %s): %s", topo.nproc_per_node, topo.node_rank,
              topo.nnodes, topo.world_size, topo.backend, shlex.join(torchrun_command(topo, program)))
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "TORCH_NCCL_ASYNC_ERROR_HANDLING")}
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "TORCH_NCCL_ASYNC_ERROR_HANDLING", AGENT_PID_ENV)}
+    os.environ[AGENT_PID_ENV] = str(os.getpid())  # the workers' parent: see die_with_agent
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun's default is 1 thread per rank
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         os.environ["OMP_NUM_THREADS"] = str(max(1, cpus // topo.nproc_per_node))
@@ -221,7 +223,11 @@ def die_with_agent() -> None:
     """In a torchrun worker: get SIGKILLed when the agent (our parent) dies. torchrun starts its
     workers in sessions of their own, so a SIGKILLed `kubetune run` (no chance to clean up)
     would otherwise leave them training — and rank 0 uploading — as orphans. Linux only; a
-    no-op elsewhere. (In a pod the container's end kills them anyway.)"""
+    no-op elsewhere. (In a pod the container's end kills them anyway.)
+
+    The agent may already be gone before prctl takes effect: then our parent is no longer the
+    agent whose pid `launch` left in the environment. (Not "our parent is PID 1": in a
+    container the agent is PID 1.)"""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -232,7 +238,8 @@ def die_with_agent() -> None:
         libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the agent was already gone before prctl
+    agent = os.environ.get(AGENT_PID_ENV)
+    if agent and os.getppid() != int(agent):  # the agent was already gone before prctl
         os._exit(1)
 
 

@@ -257,11 +257,6 @@ class RealNode:
                 return cs["containerID"].removeprefix("containerd://")
         raise RuntimeError(f"pod {namespace}/{pod} has no container {container} yet")
 
-    def volume_dir(self, namespace: str, pod: str, volume: str) -> Path:
-        """Where the kubelet keeps a pod's emptyDir `volume` on this node."""
-        uid = self.cp.client().get(f"/api/v1/namespaces/{namespace}/pods/{pod}")["metadata"]["uid"]
-        return self.workdir / "kubelet" / "pods" / uid / "volumes" / "kubernetes.io~empty-dir" / volume
-
     def writes_outside_volumes(self, namespace: str, pod: str, container: str) -> list[str]:
         """What the container wrote to its own root filesystem: the entries of its overlayfs
         upper (writable) layer, less the empty mount points runc makes for the container's

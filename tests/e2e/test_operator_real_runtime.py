@@ -132,10 +132,20 @@ def test_quickstart_trains_for_real_from_s3_to_s3(control_plane, kube, kubelet, 
         assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
         # nothing written outside the volumes: the root filesystem's writable layer is empty
         assert kubelet.writes_outside_volumes(namespace, name, "trainer") == []
-        # ... and the downloads and caches went to the scratch volume
-        scratch = kubelet.volume_dir(namespace, name, "scratch")
-        assert any((scratch / "cache" / "kubetune").rglob("config.json")), "the s3:// model cached on scratch"
-        assert (scratch / "work").is_dir() and (scratch / "tmp").is_dir()
+        # (and since the root filesystem is read-only, any write outside a volume would have
+        # failed the stage); the s3:// model was cached on the scratch volume
+        log = control_plane.kubectl("logs", "-n", namespace, name).stdout
+        assert f"downloaded s3://{bucket}/models/tiny/config.json" in log
+        assert f"to /var/tmp/kubetune/cache/kubetune/s3/{bucket}/models/tiny/config.json" in log
+
+
+def pod_logs(control_plane, kube, namespace: str, job: str, tail: int = 60) -> str:
+    """The last lines of every pod of a job, for a failure's message."""
+    out = []
+    for p in kube.get(f"/api/v1/namespaces/{namespace}/pods", labelSelector=f"kubetune.io/job={job}")["items"]:
+        r = control_plane.kubectl("logs", "-n", namespace, p["metadata"]["name"], f"--tail={tail}")
+        out.append(f"\n--- {p['metadata']['name']} ({p['status'].get('phase')}) ---\n{r.stdout}{r.stderr}")
+    return "".join(out)
 
 
 def test_two_nodes_train_for_real_through_one_rendezvous(control_plane, kube, real_operator, namespace, s3, tmp_path):
@@ -149,7 +159,7 @@ def test_two_nodes_train_for_real_through_one_rendezvous(control_plane, kube, re
     done = wait_status(kube, namespace, "duo", lambda s: s.get("phase") in ("Succeeded", "Failed"), 480,
                        "finished", real_operator)
     st = done["status"]
-    assert st["phase"] == "Succeeded", json.dumps(st, indent=1)
+    assert st["phase"] == "Succeeded", json.dumps(st, indent=1) + pod_logs(control_plane, kube, namespace, "duo")
     assert st["restartCount"] == 0 and st["output"]["uri"] == f"s3://{bucket}/runs/duo/sft/output"
     client = s3_client(s3)
     summary = json.loads(client.get_object(Bucket=bucket, Key="runs/duo/sft/output/run.json")["Body"].read())
