@@ -1106,9 +1106,12 @@ class ProcessKubelet:
     remove it, is not run; a kubelet's own identity may not change taints).
     """
 
+    kind = "process"
+
     def __init__(self, control_plane, node_name: str = "kubetune-node", cpu: str = "16", memory: str = "64Gi",
                  gpus: str = "8", pods: str = "110", ip_block: int = 10):
         self.cp = control_plane
+        self.cpu = cpu
         self.node_name = node_name
         self.root = Path(control_plane.workdir) / f"kubelet-{node_name}"
         self.args = ["--cpu", cpu, "--memory", memory, "--gpus", gpus, "--pods", pods, "--ip-block", str(ip_block)]
@@ -1158,6 +1161,14 @@ class ProcessKubelet:
 
     def log_file(self, namespace: str, pod: str, container: str) -> Path:
         return self.root / "logs" / namespace / pod / f"{container}.log"
+
+    def container_pid(self, namespace: str, pod: str, container: str) -> int:
+        """The host pid of a running container's process (``containerID`` is ``process://<pid>``)."""
+        status = self.cp.client().get(f"/api/v1/namespaces/{namespace}/pods/{pod}")["status"]
+        for cs in status.get("containerStatuses") or []:
+            if cs["name"] == container and cs.get("containerID"):
+                return int(cs["containerID"].removeprefix("process://"))
+        raise RuntimeError(f"pod {namespace}/{pod} has no container {container} yet")
 
     def kill_container(self, namespace: str, pod: str, container: str) -> str:
         """SIGKILL a container's processes (its process group: ``containerID`` is

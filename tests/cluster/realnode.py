@@ -241,6 +241,15 @@ class RealNode:
                 out.append(info)
         return out
 
+    def container_pid(self, namespace: str, pod: str, container: str) -> int:
+        """The host pid of a running container's init process (containerd's task)."""
+        cid = self.container_id(namespace, pod, container)
+        for line in self.ctr("tasks", "list").stdout.splitlines()[1:]:
+            task, pid, *_ = line.split()
+            if task == cid:
+                return int(pid)
+        raise RuntimeError(f"container {container} of pod {namespace}/{pod} is not running")
+
     def kill_container(self, namespace: str, pod: str, container: str) -> str:
         """SIGKILL a pod's container through containerd, as a node failure would; returns its id."""
         for info in self.containers_of(namespace, pod):
@@ -469,7 +478,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 admin.patch(f"/api/v1/nodes/{self.node_name}/status",
                             {"status": {"capacity": {GPU: str(self.gpus)}}})
                 return False
-            return node["status"].get("allocatable", {}).get(GPU) == str(self.gpus) or not self.gpus
+            if (self.gpus and node["status"].get("allocatable", {}).get(GPU) != str(self.gpus)):
+                return False
+            # its heartbeat: the node's Lease (created once the Node exists)
+            return admin.get(f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{self.node_name}")
 
         self._wait(f"node {self.node_name} Ready", ready, timeout)
 

@@ -80,12 +80,12 @@ def test_template_accepted_by_server_side_dry_run(control_plane, chart_crds, nam
         assert {"PodMonitor", "ServiceMonitor", "NetworkPolicy", "Role", "KopfPeering"} <= set(kinds)
 
 
-@pytest.mark.parametrize("mode", ["namespaced", "cluster-wide"])
 def _image_values(ref: str, pull_policy: str) -> dict:
     repository, _, tag = ref.rpartition(":")
     return {"repository": repository, "tag": tag, "pullPolicy": pull_policy}
 
 
+@pytest.mark.parametrize("mode", ["namespaced", "cluster-wide"])
 def test_quickstart_through_the_chart(control_plane, kube, kubelet, node_kind, test_images, chart_crds, namespace,
                                       store, mode):
     """On the real node the operator runs from its built image, as a container, and its pods run
