@@ -178,13 +178,16 @@ def test_a_killed_training_container_resumes_from_the_last_checkpoint(control_pl
                                                                      namespace, s3, tmp_path):
     """The training container is SIGKILLed mid-stage (through containerd on the real node, as a
     node failure would): the Job's next pod resumes from the last committed checkpoint."""
-    bucket, doc = _prepare(control_plane, namespace, s3, tmp_path, "crash", max_steps=24)
+    # long enough that the kill lands mid-training (the first checkpoint comes at step 4)
+    bucket, doc = _prepare(control_plane, namespace, s3, tmp_path, "crash", max_steps=80)
     apply(control_plane, doc, namespace)
     wait_status(kube, namespace, "crash", lambda s: ((s.get("checkpoint") or {}).get("step") or 0) >= 4, 300,
                 "a first committed checkpoint", real_operator)
     (pod,) = [p for p in kube.get(f"/api/v1/namespaces/{namespace}/pods", labelSelector="kubetune.io/job=crash")["items"]
               if p["status"].get("phase") == "Running"]
     kubelet.kill_container(namespace, pod["metadata"]["name"], "trainer")
+    assert not s3_client(s3).list_objects_v2(Bucket=bucket, Prefix="runs/crash/sft/output/").get("KeyCount"), \
+        "the kill came after the stage had finished"
 
     done = wait_status(kube, namespace, "crash", lambda s: s.get("phase") in ("Succeeded", "Failed"), 600,
                        "finished after the kill", real_operator)
@@ -192,7 +195,7 @@ def test_a_killed_training_container_resumes_from_the_last_checkpoint(control_pl
     assert st["phase"] == "Succeeded", json.dumps(st, indent=1)
     assert st["restartCount"] >= 1 and "PodRetried" in events(kube, namespace, "crash")
     summary = json.loads(s3_client(s3).get_object(Bucket=bucket, Key="runs/crash/sft/output/run.json")["Body"].read())
-    assert summary["steps"] == 24 and summary["resumed_from_step"] >= 4
+    assert summary["steps"] == 80 and summary["resumed_from_step"] >= 4
     killed = kube.get(f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}")["status"]
     assert killed["phase"] == "Failed"
     assert killed["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
