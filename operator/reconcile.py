@@ -255,6 +255,10 @@ def reconcile(
         status["completionTime"] = status.get("completionTime") or records[-1].get("completionTime") or s.rfc3339(now)
         status["startTime"] = status.get("startTime") or records[0].get("startTime") or status["completionTime"]
         progress = dict(status.get("progress") or {})
+        # the last stage's own final report (it may have ended between two /progress polls)
+        final = s.final_report(observed.pods.get(m.child_name(job.metadata.name, last.name), []))
+        if final is not None:
+            progress.update(s.progress_from_report(final))
         progress.update({"percent": 100.0, "etaSeconds": 0.0})
         if progress.get("totalSteps"):
             progress["step"] = progress["totalSteps"]

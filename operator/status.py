@@ -8,8 +8,11 @@ was computed for. `phase` is a convenience for printer columns; the conditions a
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from typing import Any
+
+from kubetune.runtime.contract import FINAL_PROGRESS_KEY
 
 CONDITION_TYPES = ("Validated", "Running", "Succeeded", "Failed", "Suspended")
 TERMINAL_PHASES = ("Succeeded", "Failed")
@@ -194,6 +197,23 @@ def job_failure_message(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
         return best[1]
     c = job_condition(job, "Failed") or {}
     return c.get("message") or c.get("reason") or "the stage's Job failed"
+
+
+def final_report(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The last /progress document a succeeded stage's rank 0 left as its termination message
+    (contract.FINAL_PROGRESS_KEY), newest pod first; None when there is none."""
+    done = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded" and pod_index(p) in ("0", None)]
+    done.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "", reverse=True)
+    for pod in done:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            message = ((cs.get("state") or {}).get("terminated") or {}).get("message") or ""
+            try:
+                doc = json.loads(message)
+            except ValueError:
+                continue
+            if isinstance(doc, dict) and isinstance(doc.get(FINAL_PROGRESS_KEY), dict):
+                return doc[FINAL_PROGRESS_KEY]
+    return None
 
 
 def pod_index(pod: dict[str, Any]) -> str | None:

@@ -17,6 +17,10 @@ from pathlib import Path
 CONTAINER_NAME = "trainer"
 RUNTIME_UID = 1000  # the runtime image's user; the pod's securityContext runs as it
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # the container's terminationMessagePath
+# On failure the termination message is the error; on success rank 0 writes
+# {"progress": <its last /progress document>}, so that the operator has the stage's final step
+# and loss even when the stage ended between two of its /progress polls.
+FINAL_PROGRESS_KEY = "progress"
 
 # -- volumes: where the operator mounts them --------------------------------------------------
 CONFIG_DIR = "/etc/kubetune"  # the stage's ConfigMap, read-only

@@ -6,6 +6,7 @@ upload checkpoints in the background, commit the output last.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .contract import TERMINATION_MESSAGE_PATH, use_scratch
+from .contract import FINAL_PROGRESS_KEY, TERMINATION_MESSAGE_PATH, use_scratch
 from .errors import EXIT_BAD_INPUT, EXIT_FAILED, UserError
 from .plan import ResolvedStage
 
@@ -378,6 +379,9 @@ def run_stage_config(config_path: str, metrics_port: int | None = None) -> int:
         server = start_metrics_server(port=metrics_port)
         summary = execute_stage(cfg, None, server, console="lines")
         log.info("stage %s finished: %s", cfg.name, summary)
+        final = server.progress_snapshot()
+        if final is not None and launcher.coordinator().rank == 0:
+            _write_termination_message(json.dumps({FINAL_PROGRESS_KEY: final}, separators=(",", ":")))
         return 0
     except UserError as err:
         log.error("%s", err)

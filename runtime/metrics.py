@@ -547,6 +547,11 @@ class MetricsServer:
         """Serve `metrics` from now on (the next stage in the same process), or nothing."""
         self._metrics = metrics
 
+    def progress_snapshot(self) -> dict | None:
+        """The `/progress` document of the attached stage (None when none is attached)."""
+        metrics = self._metrics
+        return metrics.progress.snapshot() if metrics is not None else None
+
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()

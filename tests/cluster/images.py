@@ -288,8 +288,9 @@ def _forget_stale(keep: set[str]) -> None:
     the cache holds one build of each (the untagged intermediate layers of `--layers` stay: they
     are the build cache of the next change)."""
     listed = podman("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.decode().split()
-    stale = [r for r in listed if r.startswith(OUR_REPOSITORIES) and r not in keep and ":test-" in r
-             or r.startswith("localhost/kubetune-test/") and r.split(":")[0].endswith("-standin") and r not in keep]
+    ours = [r for r in listed if r.startswith(OUR_REPOSITORIES)]
+    # our images' builds (`:test-<key>`) and the stand-ins (`-standin:<key>`), not the pause image
+    stale = [r for r in ours if r not in keep and (":test-" in r or r.split(":")[0].endswith("-standin"))]
     if stale:
         podman("rmi", *stale, check=False)
 

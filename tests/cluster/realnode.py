@@ -199,8 +199,10 @@ class NodeNetwork:
 class RealNode:
     """Start containerd, kube-proxy, CoreDNS and the kubelet for a ControlPlane (see module doc).
 
-    `images`: image refs in podman's storage (tests/cluster/images.py) to import into containerd,
-    optionally under extra names ({ref: [alias, ...]})."""
+    `images_to_load`: image refs in podman's storage (tests/cluster/images.py) to import into
+    containerd, each optionally under extra names ({ref: [alias, ...]})."""
+
+    kind = "real"
 
     def __init__(self, control_plane, network: NodeNetwork, images_to_load: dict[str, list[str]] | None = None,
                  node_name: str = "kubetune-node", gpus: int = 8):
@@ -213,7 +215,7 @@ class RealNode:
         self.procs: dict = {}
         self._root_lock = None
         self.containerd_root: Path | None = None
-        self.kind = "real"
+        self.bin_dir: Path | None = None
 
     # -- public -----------------------------------------------------------------------------
     def __enter__(self) -> "RealNode":
@@ -378,11 +380,20 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     def _load_images(self) -> None:
         """Import the pause image and the test images into containerd, unless already there (the
-        record of what was imported, by podman image id, lives in the kept root)."""
+        record of what was imported, by podman image id, lives in the kept root); remove the
+        images an earlier session imported that this one does not use (another commit's runtime
+        image), so the kept root holds one of each."""
         record_path = self.containerd_root / "kubetune-imported.json"
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         wanted = {images.pause_image(self.bin_dir / "pause", PAUSE_REF): [], **self.images}
         present = set(self.ctr("images", "list", "--quiet").stdout.split())
+        names_wanted = {n for ref, aliases in wanted.items() for n in (ref, *aliases)}
+        stale = sorted(present - names_wanted)
+        if stale:
+            self.ctr("images", "rm", *stale, check=False)
+            for ref in stale:
+                record.pop(ref, None)
+            present -= set(stale)
         for ref, aliases in wanted.items():
             image_id = images.image_id(ref)
             names = [ref, *aliases]
@@ -471,7 +482,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "nodeStatusUpdateFrequency": "2s", "syncFrequency": "5s",
         }
         (self.workdir / "kubelet.yaml").write_text(yaml.safe_dump(cfg))
-        self._healthz = cfg["healthzPort"]
         self._spawn("kubelet", [
             str(self.bin_dir / "kubelet"), f"--config={self.workdir / 'kubelet.yaml'}",
             f"--kubeconfig={self.cp.node_kubeconfig(self.node_name)}", f"--root-dir={self.workdir / 'kubelet'}",
@@ -492,7 +502,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 admin.patch(f"/api/v1/nodes/{self.node_name}/status",
                             {"status": {"capacity": {GPU: str(self.gpus)}}})
                 return False
-            if (self.gpus and node["status"].get("allocatable", {}).get(GPU) != str(self.gpus)):
+            if self.gpus and node["status"].get("allocatable", {}).get(GPU) != str(self.gpus):
                 return False
             # its heartbeat: the node's Lease (created once the Node exists)
             return admin.get(f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{self.node_name}")
@@ -511,8 +521,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             if p is not None:
                 p.stop(grace=10.0)
         self._kill_shims()
-        if (self.bin_dir / "kube-proxy").exists() if hasattr(self, "bin_dir") else False:
+        if self.bin_dir is not None:  # kube-proxy's rules, then the kubelet's canary chains
             _run(str(self.bin_dir / "kube-proxy"), "--cleanup", check=False, timeout=60)
+        for table in ("mangle", "nat", "filter"):
+            _run("iptables", "-t", table, "-X", "KUBE-KUBELET-CANARY", check=False)
         self._unmount_all()
         if self._root_lock is not None:
             self._root_lock.close()

@@ -96,18 +96,17 @@ def test_quickstart_trains_for_real_from_s3_to_s3(control_plane, kube, kubelet, 
     bucket, doc = _prepare(control_plane, namespace, s3, tmp_path, "real", max_steps=16)
     apply(control_plane, doc, namespace)
 
-    running = wait_status(kube, namespace, "real",
-                          lambda s: s.get("phase") == "Running" and (s.get("progress") or {}).get("loss") is not None,
-                          240, "Running with a loss read from the real runtime", real_operator)
-    assert running["status"]["progress"]["totalSteps"] == 16
-
+    # (the Running phase can last less than a poll on a fast machine: what it showed is checked
+    # through its event and the progress it left, not by catching it)
     done = wait_status(kube, namespace, "real", lambda s: s.get("phase") in ("Succeeded", "Failed"), 420,
                        "finished", real_operator)
     st = done["status"]
     assert st["phase"] == "Succeeded", json.dumps(st, indent=1)
     assert condition(done, "Succeeded")["status"] == "True"
     assert st["output"]["uri"] == f"s3://{bucket}/runs/real/sft/output"
-    assert st["progress"]["step"] == 16 and st["progress"]["loss"] is not None
+    # progress read from the real runtime's /progress
+    assert st["progress"]["step"] == st["progress"]["totalSteps"] == 16 and st["progress"]["loss"] is not None
+    assert {"StageRunning", "StageSucceeded"} <= set(events(kube, namespace, "real"))
 
     client = s3_client(s3)
     marker = json.loads(client.get_object(Bucket=bucket, Key="runs/real/sft/output/COMMITTED.json")["Body"].read())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 from operator_builders import NOW, UID, ftj, k8s_job, pod
@@ -126,6 +127,26 @@ def test_last_stage_success_is_job_success(config):
     assert st["progress"]["percent"] == 100.0 and st["progress"]["step"] == 100 and st["progressText"] == "100%"
     assert "eta" not in st and d.actions == []
     assert [e.reason for e in d.events] == ["StageSucceeded", "Succeeded"]
+
+
+def test_a_stage_that_ended_between_two_polls_still_reports_its_final_loss(config):
+    """Rank 0's termination message on success carries its last /progress document."""
+    body, _ = step(ftj(), Observed(), config)
+    body["status"]["progress"] = {"step": 0, "totalSteps": 16, "percent": 0.0}  # the only poll it got
+    final = {"job": "llama", "stage": "sft", "rank": 0, "phase": "finished", "step": 16, "totalSteps": 16,
+             "loss": 1.25, "learningRate": 0.0, "tokensPerSecond": 812.5}
+    done = k8s_job("llama-sft", conditions=[("Complete", "")], completion_time="2025-06-01T12:05:00Z")
+    pods = [pod("llama-sft", "Succeeded", exit_code=0, message=json.dumps({"progress": final})),
+            pod("llama-sft", "Failed", exit_code=1, message="an earlier attempt")]
+    body, d = step(body, Observed(jobs={"llama-sft": done}, pods={"llama-sft": pods}), config, now=LATER)
+    p = d.status["progress"]
+    assert (p["step"], p["totalSteps"], p["loss"], p["tokensPerSecond"], p["percent"]) == (16, 16, 1.25, 812.5, 100.0)
+    # a message that is no report (an older runtime's empty one) changes nothing
+    body2, _ = step(ftj(), Observed(), config)
+    body2["status"]["progress"] = {"step": 3, "totalSteps": 16, "loss": 2.0}
+    plain = [pod("llama-sft", "Succeeded", exit_code=0, message="")]
+    _, d2 = step(body2, Observed(jobs={"llama-sft": done}, pods={"llama-sft": plain}), config, now=LATER)
+    assert d2.status["progress"]["loss"] == 2.0 and d2.status["progress"]["step"] == 16
 
 
 def test_bad_input_failure_carries_the_termination_message(config):

@@ -146,6 +146,8 @@ def test_run_and_stage_commands_relaunch_under_torchrun(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(launcher, "launch", lambda topo, cli: calls.append((topo, cli)) or 0)
+    # the pod entry's SIGTERM handler is for PID 1 of a container (tests/unit/test_pid1.py)
+    monkeypatch.setattr(local, "exit_on_sigterm", lambda: None)
     monkeypatch.setattr(launcher, "visible_gpus", lambda: 0)
     for k in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "KUBETUNE_NODES", "KUBETUNE_NODE_RANK"):
         monkeypatch.delenv(k, raising=False)
