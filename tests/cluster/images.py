@@ -209,6 +209,21 @@ def python_standin() -> str:
 
 
 # ------------------------------------------------------------------------------ our images
+def _ignored(rel: str, patterns: list[str]) -> bool:
+    """Docker's rule: a path is left out when it, or a folder above it, matches a pattern
+    (`**/` matches any number of folders)."""
+    parts = rel.split("/")
+    for i in range(1, len(parts) + 1):
+        prefix = parts[:i]
+        for pat in patterns:
+            if pat.startswith("**/"):
+                if any(fnmatch.fnmatch("/".join(prefix[j:]), pat[3:]) for j in range(len(prefix))):
+                    return True
+            elif fnmatch.fnmatch("/".join(prefix), pat):
+                return True
+    return False
+
+
 def _context_files(ignorefile: Path) -> list[Path]:
     """Files of the repository the build context sends, by the Dockerfile's .dockerignore (the
     `*` then `!allowed` form our ignore files use, plus exclusion patterns)."""
@@ -222,9 +237,7 @@ def _context_files(ignorefile: Path) -> list[Path]:
     for a in allow:
         p = REPO / a
         for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
-            rel = f.relative_to(REPO).as_posix()
-            if f.is_file() and not any(fnmatch.fnmatch(rel, d.replace("**/", "*")) or
-                                       fnmatch.fnmatch(f.name, d.split("/")[-1]) for d in deny):
+            if f.is_file() and not _ignored(f.relative_to(REPO).as_posix(), deny):
                 out.append(f)
     return out
 
