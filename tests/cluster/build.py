@@ -211,7 +211,7 @@ def ensure_binaries(verbose: bool = True, plan: list[GoTarget] | None = None, ta
                 if all((target / o).is_file() for o in t.outputs):
                     continue
                 what[0] = t.name
-                _log(f"building {t.name} (kubernetes from an empty cache: several minutes on 2 cores)")
+                _log(f"building {t.name} (from an empty Go build cache: seconds to minutes on 2 cores)")
                 out = staging / t.name
                 out.mkdir(exist_ok=True)
                 _go_build(t.module, out, t.ldflags, list(t.packages))
