@@ -49,8 +49,12 @@ set -e
   tail -n 60 "$WORK/run.log"
 } >> "$OUT"
 echo "$OUT (exit $RC)"
-if [ "$MODE" = cold ] && [ -z "${KEEP:-}" ]; then
+if [ "$MODE" = warm ]; then
+  # the run pointed this machine's cached virtual environment at the clone: point it back here
+  bash -c "source '$REPO/scripts/env.sh'"
+fi
+if [ -z "${KEEP:-}" ]; then
   chmod -R u+w "$WORK" 2>/dev/null || true
-  rm -rf "$WORK"  # a cold run's caches (tens of GB); KEEP=1 keeps them
+  rm -rf "$WORK"  # the clone, and a cold run's caches (tens of GB); KEEP=1 keeps them
 fi
 exit "$RC"

@@ -108,6 +108,24 @@ class ManagedProcess:
             _LIVE.remove(self)
 
 
+def wait_ready(what: str, probe, procs: dict[str, "ManagedProcess"], timeout: float) -> None:
+    """Call `probe` until it returns something truthy; fail at once, with its log's tail, when
+    one of `procs` exits meanwhile. Exceptions from the probe mean "not yet"."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        for name, p in procs.items():
+            if not p.alive():
+                raise RuntimeError(f"{name} exited with {p.popen.returncode}:\n{p.tail(40)}")
+        try:
+            if probe():
+                return
+        except Exception as e:  # noqa: BLE001 - any failure means "not yet"
+            last = e
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} not ready after {timeout}s (last error: {last!r})")
+
+
 @atexit.register
 def _kill_all() -> None:
     for p in list(reversed(_LIVE)):
@@ -294,19 +312,7 @@ class ControlPlane:
             return r.status == 200
 
     def _wait(self, what: str, probe) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            for name, p in self.procs.items():
-                if not p.alive():
-                    raise RuntimeError(f"{name} exited with {p.popen.returncode}:\n{p.tail()}")
-            try:
-                if probe():
-                    return
-            except Exception as e:  # noqa: BLE001 - any failure means "not yet"
-                last = e
-            time.sleep(0.2)
-        raise TimeoutError(f"{what} not ready after {self.start_timeout}s (last error: {last})")
+        wait_ready(what, probe, self.procs, self.start_timeout)
 
 
 if __name__ == "__main__":

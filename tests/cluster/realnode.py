@@ -313,19 +313,9 @@ class RealNode:
         return self.procs[name]
 
     def _wait(self, what: str, probe, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        last: object = None
-        while time.monotonic() < deadline:
-            for name, p in self.procs.items():
-                if not p.alive():
-                    raise RuntimeError(f"{name} exited with {p.popen.returncode}:\n{p.tail(40)}")
-            try:
-                if probe():
-                    return
-            except Exception as e:  # noqa: BLE001 - not yet
-                last = e
-            time.sleep(0.2)
-        raise TimeoutError(f"{what} not ready after {timeout}s (last: {last!r})")
+        from .controlplane import wait_ready
+
+        wait_ready(what, probe, self.procs, timeout)
 
     def _containerd_root(self) -> Path:
         """The kept root (images survive the session) unless another session holds it."""

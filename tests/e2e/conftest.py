@@ -36,7 +36,7 @@ from cluster.controlplane import ControlPlane  # noqa: E402
 from cluster.kubeapi import ApiError, KubeClient  # noqa: E402
 from cluster.kubelet import ProcessKubelet  # noqa: E402
 from cluster.util import wait_for  # noqa: E402
-from operatorlib import OperatorProcess, Store  # noqa: E402
+from operatorlib import OperatorProcess, Store, serving  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "finetunejob.yaml"
@@ -159,11 +159,7 @@ def crd(control_plane, kube) -> dict:
 
 @pytest.fixture(scope="module")
 def operator(control_plane, kubelet, crd, runtime_image, tmp_path_factory):
-    op = OperatorProcess(control_plane, tmp_path_factory.mktemp("operator"), runtime_image=runtime_image)
-    op.start()
-    yield op
-    op.stop()
-    print(f"\n--- operator log (last lines) ---\n{op.tail(30)}")
+    yield from serving(OperatorProcess(control_plane, tmp_path_factory.mktemp("operator"), runtime_image=runtime_image))
 
 
 @pytest.fixture

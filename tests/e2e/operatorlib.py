@@ -122,6 +122,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serving(op: "OperatorProcess"):
+    """A fixture's body: the operator runs for the fixture's scope, its log's tail printed after."""
+    op.start()
+    yield op
+    op.stop()
+    print(f"\n--- operator log (last lines) ---\n{op.tail(30)}")
+
+
 def inline_command(script: str) -> str:
     """The operator's `--runtime-command` that runs `script` with the image's Python (`python -c`):
     the script travels in the pod spec, so it runs in any image that has Python, on any node."""

@@ -26,7 +26,7 @@ import pytest
 
 from cluster.util import wait_for
 
-from operatorlib import OperatorProcess, apply, events, jobs, pods, quickstart, wait_status
+from operatorlib import OperatorProcess, apply, events, jobs, pods, quickstart, serving, wait_status
 
 pytestmark = pytest.mark.e2e
 
@@ -99,12 +99,8 @@ if "gang-fail-once" in cfg.model.name:
 
 @pytest.fixture(scope="module")
 def probe_operator(control_plane, kubelet, crd, runtime_image, tmp_path_factory):
-    op = OperatorProcess(control_plane, tmp_path_factory.mktemp("operator-multinode"), runtime_image=runtime_image,
-                         script=PROBE_RUNTIME)
-    op.start()
-    yield op
-    op.stop()
-    print(f"\n--- operator log (last lines) ---\n{op.tail(30)}")
+    yield from serving(OperatorProcess(control_plane, tmp_path_factory.mktemp("operator-multinode"),
+                                       runtime_image=runtime_image, script=PROBE_RUNTIME))
 
 
 def test_two_nodes_make_an_indexed_job_and_a_headless_service(control_plane, kube, probe_operator, namespace,

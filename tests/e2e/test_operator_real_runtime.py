@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cluster.util import wait_for
-from operatorlib import OperatorProcess, apply, condition, events, jobs, wait_status
+from operatorlib import OperatorProcess, apply, condition, events, jobs, serving, wait_status
 from tests.conftest import CORPUS, IDENTITY
 from tests.storage.support import boto_client, make_bucket
 
@@ -39,11 +39,8 @@ class RealRuntimeOperator(OperatorProcess):
 
 @pytest.fixture(scope="module")
 def real_operator(control_plane, kubelet, crd, runtime_image, tmp_path_factory):
-    op = RealRuntimeOperator(control_plane, tmp_path_factory.mktemp("operator-real"), runtime_image=runtime_image)
-    op.start()
-    yield op
-    op.stop()
-    print(f"\n--- operator log (last lines) ---\n{op.tail(30)}")
+    yield from serving(RealRuntimeOperator(control_plane, tmp_path_factory.mktemp("operator-real"),
+                                           runtime_image=runtime_image))
 
 
 def s3_client(s3):
