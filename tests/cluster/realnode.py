@@ -195,6 +195,29 @@ class NodeNetwork:
         }
 
 
+def _resolve_in_image(path: str, lowers: list[Path]) -> list[str]:
+    """`path` inside an image whose layers are `lowers` (top first), its symlinks followed."""
+    parts: list[str] = []
+    todo = [p for p in path.split("/") if p]
+    hops = 0
+    while todo:
+        part = todo.pop(0)
+        if part in (".", ".."):
+            parts = parts[:-1] if part == ".." else parts
+            continue
+        candidate = parts + [part]
+        link = next((d.joinpath(*candidate) for d in lowers if d.joinpath(*candidate).is_symlink()), None)
+        if link is None or hops > 40:
+            parts = candidate
+            continue
+        hops += 1
+        target = os.readlink(link)
+        todo = [p for p in target.split("/") if p] + todo
+        if target.startswith("/"):
+            parts = []
+    return parts
+
+
 # --------------------------------------------------------------------------------- the node
 class RealNode:
     """Start containerd, kube-proxy, CoreDNS and the kubelet for a ControlPlane (see module doc).
@@ -270,11 +293,13 @@ class RealNode:
         wrote only to its volumes."""
         cid = self.container_id(namespace, pod, container)
         mount = self.ctr("snapshots", "--snapshotter", "overlayfs", "mounts", "/kubetune-unused", cid).stdout
-        upper = Path(mount.split("upperdir=", 1)[1].split(",", 1)[0].split()[0])
+        opts = dict(o.split("=", 1) for o in mount.split(" -o ", 1)[1].split()[0].split(",") if "=" in o)
+        upper, lowers = Path(opts["upperdir"]), [Path(d) for d in opts.get("lowerdir", "").split(":") if d]
         spec = json.loads(self.ctr("containers", "info", cid).stdout)["Spec"]
         allowed: set[str] = set()
         for m in spec.get("mounts", []):
-            parts = Path(m["destination"]).relative_to("/").parts
+            # runc makes the mount point where the image's symlinks lead (/var/run -> /run)
+            parts = _resolve_in_image(m["destination"], lowers)
             allowed |= {"/".join(parts[: i + 1]) for i in range(len(parts))}
         found = []
         for f in sorted(upper.rglob("*")):

@@ -336,3 +336,21 @@ def test_kubectl_logs_follow_streams_until_exit(control_plane, kubelet, kube, na
     assert r.stdout == "a\nb\n"
     r = control_plane.kubectl("logs", "--tail=1", "-n", namespace, "chatty")
     assert r.stdout == "b\n", r.stdout + r.stderr
+
+
+def test_the_writable_layer_check_sees_a_write_outside_the_volumes(control_plane, kubelet, kube, namespace):
+    """The negative control of the read-only-root check the real-runtime e2e relies on
+    (RealNode.writes_outside_volumes): a write to the image's filesystem shows, one to a volume
+    does not."""
+    if kubelet.kind != "real":
+        pytest.skip("real node only: the process kubelet runs no container filesystem")
+    stray = py("main", "open('/etc/stray-file', 'w').write('x'); open('/scratch-e2e/ok', 'w').write('x')",
+               volumeMounts=[{"name": "s", "mountPath": "/scratch-e2e"}])
+    tidy = py("main", "open('/scratch-e2e/ok', 'w').write('x')",
+              volumeMounts=[{"name": "s", "mountPath": "/scratch-e2e"}])
+    apply(control_plane, pod("stray", [stray], volumes=[{"name": "s", "emptyDir": {}}]),
+          pod("tidy", [tidy], volumes=[{"name": "s", "emptyDir": {}}]), ns=namespace)
+    for name in ("stray", "tidy"):
+        assert wait_phase(kube, namespace, name, ("Succeeded", "Failed"))["status"]["phase"] == "Succeeded"
+    assert kubelet.writes_outside_volumes(namespace, "stray", "main") == ["etc/stray-file"]
+    assert kubelet.writes_outside_volumes(namespace, "tidy", "main") == []
