@@ -173,12 +173,15 @@ class ControlPlane:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["KUBECONFIG"] = self.kubeconfig
+        # kubectl's discovery and OpenAPI cache is keyed by host:port: a cluster of an earlier run
+        # on the same port must not answer for this one (nor land in the user's ~/.kube)
+        env["KUBECACHEDIR"] = str(self.workdir / "kubectl-cache")
         env["PATH"] = f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"
         return env
 
     def kubectl(self, *args: str, input: str | None = None, timeout: float = 60, check: bool = False):
         return subprocess.run([self.binary("kubectl"), "--kubeconfig", self.kubeconfig, *args], input=input,
-                              capture_output=True, text=True, timeout=timeout, check=check)
+                              capture_output=True, text=True, timeout=timeout, check=check, env=self.env)
 
     def run_tool(self, name: str, *args: str, input: str | None = None, timeout: float = 120):
         """Run one of the built tools (helm, kubectl, etcd, ...) with this cluster's KUBECONFIG."""

@@ -287,9 +287,10 @@ def ensure_images() -> dict[str, str]:
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        refs = {"operator": build_image(OPERATOR, python_standin()),
-                "runtime": build_image(RUNTIME, pytorch_standin())}
-        _forget_stale(set(refs.values()) | {python_standin(), pytorch_standin(), debian_python()})
+        bases = {"operator": python_standin(), "runtime": pytorch_standin()}
+        refs = {"operator": build_image(OPERATOR, bases["operator"]),
+                "runtime": build_image(RUNTIME, bases["runtime"])}
+        _forget_stale(set(refs.values()) | set(bases.values()))
         return refs
 
 

@@ -45,7 +45,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -61,6 +60,7 @@ if __package__ in (None, ""):
     __package__ = "cluster"
 
 from . import build, images  # noqa: E402
+from .controlplane import ManagedProcess, free_port, wait_ready  # noqa: E402
 
 CNI_BIN_DIR = "/usr/lib/cni"
 SERVICE_CIDR = "10.0.0.0/24"
@@ -100,12 +100,6 @@ def choose() -> tuple[str, str]:
     if why and wanted == "real":
         raise RuntimeError(f"KUBETUNE_TEST_NODE=real, but the real node cannot run here: {why}")
     return ("process", why) if why else ("real", "")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _run(*argv: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
@@ -332,14 +326,10 @@ class RealNode:
         self.start_seconds = time.monotonic() - t0
 
     def _spawn(self, name: str, argv: list[str]):
-        from .controlplane import ManagedProcess
-
         self.procs[name] = ManagedProcess(name, argv, self.workdir / f"{name}.log", cwd=str(self.workdir))
         return self.procs[name]
 
     def _wait(self, what: str, probe, timeout: float = 60.0) -> None:
-        from .controlplane import wait_ready
-
         wait_ready(what, probe, self.procs, timeout)
 
     def _containerd_root(self) -> Path:

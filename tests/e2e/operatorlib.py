@@ -9,7 +9,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from cluster.controlplane import free_port
 from cluster.util import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,12 +114,6 @@ put_json(f"{out}/COMMITTED.json", {"stage": stage, "steps": total, "resumedFrom"
 state["phase"], state["output"] = "finished", {"uri": cfg["io"]["output"]}
 print(f"fake runtime: stage {stage} done", flush=True)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serving(op: "OperatorProcess"):

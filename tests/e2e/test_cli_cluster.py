@@ -124,8 +124,7 @@ def test_get_and_describe_show_status_written_by_the_operator(control_plane, crd
     # as a kubectl plugin: kubectl finds kubectl-kubetune on PATH; the kubeconfig comes from the env
     plugin = shutil.which("kubectl-kubetune")
     assert plugin, "kubectl-kubetune entry point not installed"
-    env = {**os.environ, "KUBECONFIG": control_plane.kubeconfig,
-           "PATH": f"{Path(plugin).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**control_plane.env, "PATH": f"{Path(plugin).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     r = subprocess.run([control_plane.binary("kubectl"), "kubetune", "get", "-n", namespace], env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

@@ -240,7 +240,8 @@ def test_deletion_terminates_then_kills(control_plane, kubelet, kube, namespace)
         assert pid_alive(pids[name])
     # follow the polite pod's log: it is gone with the pod on a real kubelet
     follow = subprocess.Popen([control_plane.binary("kubectl"), "--kubeconfig", control_plane.kubeconfig, "logs", "-f",
-                               "-n", namespace, "polite"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               "-n", namespace, "polite"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=control_plane.env)
     wait_for(lambda: follow.stdout.readline().strip() == "up", 30, "the log stream")
     t0 = time.monotonic()
     kube.delete(f"/api/v1/namespaces/{namespace}/pods/polite")

@@ -129,7 +129,7 @@ def token_kubectl(cp, token: str, tmp: Path):
         "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa"}}]}))
     path.chmod(0o600)
     return lambda *a: subprocess.run([cp.binary("kubectl"), "--kubeconfig", str(path), *a], capture_output=True,
-                                     text=True, timeout=60)
+                                     text=True, timeout=60, env=cp.env)
 
 
 def install(cp, release: str, ns: str, values: dict) -> None:

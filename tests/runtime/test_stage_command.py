@@ -6,19 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import yaml
 
 from tests.conftest import job_doc, write_alpaca
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.storage.support import free_port
 
 
 def test_a_stage_pod_leaves_its_final_progress_and_writes_only_to_scratch(tiny_model, tmp_path):
