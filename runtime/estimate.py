@@ -21,16 +21,20 @@ A back-of-the-envelope model, the same one LLaMA-Factory's README table rests on
 - the default optimizer on GPUs is fused AdamW; the foreach step (adamw_torch) needs about one
   more copy of the trained weights at its peak.
 
-Measured on an H100 (PyTorch 2.11, transformers 5.17, a 0.95B Llama in bf16, batch 1, 1024
-tokens, torch.cuda.max_memory_allocated, so without the CUDA context): full fine-tuning with
-foreach AdamW 9.0 GiB (checkpointing on) / 9.2 GiB (off); LoRA r8 all-linear 2.4 / 4.6 GiB.
+Reported for an H100 with commit 3128d6f (PyTorch 2.11, transformers 5.17, a 0.95B Llama in bf16,
+batch 1, 1024 tokens, torch.cuda.max_memory_allocated, so without the CUDA context): full
+fine-tuning with foreach AdamW 9.0 GiB (checkpointing on) / 9.2 GiB (off); LoRA r8 all-linear
+2.4 / 4.6 GiB. No script or raw output of that run is committed: tests/unit/test_estimate.py
+pins the estimate to these figures (±15 %), it does not re-measure them.
 - fsdp shards weights, gradients and optimizer states over all GPUs; ddp replicates them.
 
 Preference stages with full/freeze weights hold a frozen reference copy of the weights; LoRA
 stages use the base model with the adapter switched off as reference (no copy). Online RL
 (grpo/rloo/ppo) adds a KV cache for generation that is not counted: treat their numbers as a floor.
 
-Checked against LLaMA-Factory's published 7B rows in tests/unit/test_estimate.py (±25 %).
+Checked against LLaMA-Factory's published 7B rows in tests/unit/test_estimate.py (±25 %). The
+parameter count from a config.json (dense, GQA, biases, head_dim, Mixtral/Qwen-MoE experts) is
+checked there to equal that of the model transformers builds from it.
 """
 
 from __future__ import annotations
@@ -60,19 +64,46 @@ class Arch:
     kv_ratio: float = 1.0  # num_key_value_heads / num_attention_heads
     tied: bool = False
     source: str = ""
+    attn_dim: int = 0  # num_attention_heads × head_dim; 0: hidden (Qwen3 sets head_dim apart from hidden/heads)
+    experts: int = 0  # routed experts in each MoE layer; 0: a dense model
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0  # Qwen2-MoE's shared expert, 0: none
+    moe_layers: int = 0  # how many layers are MoE (Qwen-MoE can keep some dense: mlp_only_layers)
+    layer_extra: float = 0.0  # per layer, besides the linear weights and two norms: biases, q/k norms
 
     @property
     def embed_params(self) -> float:
         return self.vocab * self.hidden * (1 if self.tied else 2)
 
     @property
+    def _q(self) -> int:
+        return self.attn_dim or self.hidden
+
+    @property
+    def linear_params(self) -> float:
+        """All decoder layers' linear weights. MoE experts (and their router) count here too: the
+        memory model treats them as the linear layers they are, whatever module holds them."""
+        h, q = self.hidden, self._q
+        attn = 2 * h * q + 2 * h * q * self.kv_ratio
+        dense = 3 * h * self.intermediate
+        moe = (self.experts * 3 * h * self.expert_intermediate + h * self.experts
+               + (3 * h * self.shared_intermediate + h if self.shared_intermediate else 0))
+        return self.layers * attn + (self.layers - self.moe_layers) * dense + self.moe_layers * moe
+
+    @property
     def layer_linear_params(self) -> float:
-        h, i = self.hidden, self.intermediate
-        return 2 * h * h + 2 * h * h * self.kv_ratio + 3 * h * i
+        """One layer's linear weights (the mean, where MoE and dense layers alternate)."""
+        return self.linear_params / self.layers
+
+    def count_params(self) -> float:
+        """Embeddings (+ head), the layers' linear weights, their two RMSNorms and `layer_extra`,
+        the final norm: what `sum(p.numel() for p in model.parameters())` gives."""
+        return self.embed_params + self.linear_params + self.layers * (2 * self.hidden + self.layer_extra) + self.hidden
 
     def _targets(self, target: list[str]) -> dict[str, tuple[float, float]]:
-        h, i, kv = self.hidden, self.intermediate, self.hidden * self.kv_ratio
-        shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+        h, i, q = self.hidden, self.intermediate, self._q
+        kv = q * self.kv_ratio
+        shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                   "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
         names = shapes if ("all" in target or not target) else {t: shapes[t] for t in target if t in shapes}
         if not names:  # unknown module names: assume attention q/v
@@ -127,17 +158,39 @@ def arch_from_params(params: float, source: str) -> Arch:
     return Arch(params=params, hidden=h, layers=layers, vocab=v, intermediate=i, kv_ratio=kv, source=source)
 
 
+QKV_BIAS = ("qwen2", "qwen2_moe")  # q/k/v biases without an attention_bias key (Qwen2-MoE: qkv_bias)
+QK_NORM = ("qwen3", "qwen3_moe")  # an RMSNorm of head_dim on q and on k in each layer
+
+
+def moe_layer_count(c: dict[str, Any], layers: int, experts: int) -> int:
+    """Layers with experts: all (Mixtral), or as Qwen-MoE picks them (decoder_sparse_step, mlp_only_layers)."""
+    step, dense = int(c.get("decoder_sparse_step") or 1), set(c.get("mlp_only_layers") or [])
+    return sum(1 for n in range(layers) if experts and n not in dense and (n + 1) % step == 0)
+
+
 def arch_from_config(cfg: dict[str, Any], source: str) -> Arch:
     c = cfg.get("text_config") or cfg
+    kind = c.get("model_type") or cfg.get("model_type") or ""
     h = int(c["hidden_size"])
     layers = int(c.get("num_hidden_layers") or c.get("n_layer"))
     v = int(c.get("vocab_size", 32000))
     i = int(c.get("intermediate_size") or 4 * h)
     heads = int(c.get("num_attention_heads") or 1)
-    kv = int(c.get("num_key_value_heads") or heads) / heads
+    head_dim = int(c.get("head_dim") or h // heads)
+    kv_heads = int(c.get("num_key_value_heads") or heads)
+    q, kv = heads * head_dim, kv_heads * head_dim
     tied = bool(cfg.get("tie_word_embeddings", c.get("tie_word_embeddings", False)))
-    a = Arch(params=0, hidden=h, layers=layers, vocab=v, intermediate=i, kv_ratio=kv, tied=tied, source=source)
-    a.params = a.embed_params + layers * (a.layer_linear_params + 2 * h) + h
+    experts = int(c.get("num_local_experts") or c.get("num_experts") or 0)
+    bias = bool(c.get("attention_bias", False))  # Llama/Qwen3: q, k, v and o
+    extra = (q + 2 * kv if bias or c.get("qkv_bias", kind in QKV_BIAS) else 0) + (h if bias else 0)
+    extra += 2 * head_dim if kind in QK_NORM else 0
+    extra += 2 * i + h if c.get("mlp_bias") else 0
+    a = Arch(params=0, hidden=h, layers=layers, vocab=v, intermediate=i, kv_ratio=kv_heads / heads, tied=tied,
+             source=source, attn_dim=q, experts=experts,
+             expert_intermediate=int(c.get("moe_intermediate_size") or i) if experts else 0,
+             shared_intermediate=int(c.get("shared_expert_intermediate_size") or 0) if experts else 0,
+             moe_layers=moe_layer_count(c, layers, experts), layer_extra=extra)
+    a.params = a.count_params()
     return a
 
 
@@ -177,7 +230,7 @@ def estimate_memory(arch: Arch, *, method: str, stage_type: str = "sft", bits: i
                     double_quant: bool = True) -> Estimate:
     """Bytes per device, by part."""
     e = Estimate(stage=stage or stage_type, method=method)
-    linear = arch.layers * arch.layer_linear_params
+    linear = arch.linear_params
     other = max(arch.params - linear, 0.0)  # embeddings, head, norms
     state_bytes = 2.0 if optimizer and "8bit" in optimizer else 2 * weight_bytes
     if optimizer == "sgd":
