@@ -1,15 +1,20 @@
 """images/: the Dockerfiles parse (dockerfile-parse, the parser of OpenShift's build tooling),
 their base images, users, entrypoints and install lines are what we say; the runtime's
-constraints keep the image's torch (make_constraints.py run against a fake NGC package set);
+constraints keep the image's torch (make_constraints.py run in an interpreter that sees only a
+fake NGC package set, and pip's resolver run offline on its output against stub wheels);
 the Makefile builds both images for amd64 + arm64 with buildx. No Docker engine here: the
 images themselves are built by `make images` on a machine that has one."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -130,27 +135,142 @@ def make_constraints_pin(name: str) -> str:
     raise KeyError(name)
 
 
-def test_constraints_accepted_by_pip_with_torch_prerelease():
-    """pip reads the generated file and lets the image's pre-release torch satisfy torch>=2.4."""
-    packaging = pytest.importorskip("packaging.specifiers")
-    merged = make_constraints.merge((REPO / "constraints.txt").read_text(), NGC)
-    torch_pin = next(ln for ln in merged.splitlines() if ln.startswith("torch=="))
-    spec = packaging.SpecifierSet(">=2.4") & packaging.SpecifierSet(torch_pin[len("torch"):])
-    assert spec.contains(NGC["torch"], prereleases=True)
-    assert packaging.SpecifierSet(torch_pin[len("torch"):]).prereleases  # an explicit pre-release pin admits it
+def image_site(root: Path, packages: dict[str, str]) -> Path:
+    """A site-packages folder that holds only dist-info metadata, which is all make_constraints.py
+    reads (importlib.metadata): an image's package set without the image."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, version in packages.items():
+        info = root / f"{name.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    return root
+
+
+def in_image(site: Path, *args: str) -> subprocess.CompletedProcess:
+    """Python as inside an image that has only `site`'s packages: -S keeps this venv's
+    site-packages (and its torch) off sys.path, PYTHONPATH puts `site` on it."""
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    return subprocess.run([sys.executable, "-S", *args], capture_output=True, text=True, env=env, cwd=site, timeout=60)
+
+
+def distributions_seen(site: Path) -> set[str]:
+    r = in_image(site, "-c", "from importlib import metadata; print(*{d.metadata['Name'] for d in metadata.distributions()})")
+    assert r.returncode == 0, r.stderr
+    return set(r.stdout.split())
+
+
+def make_constraints_in_image(site: Path) -> subprocess.CompletedProcess:
+    """Run as the Dockerfile runs it: make_constraints.py constraints.txt > /etc/kubetune-constraints.txt."""
+    return in_image(site, str(IMAGES / "runtime" / "make_constraints.py"), str(REPO / "constraints.txt"))
 
 
 def test_make_constraints_refuses_to_run_without_torch(tmp_path):
-    c = tmp_path / "c.txt"
-    c.write_text("torch==2.0\n")
-    r = subprocess.run([sys.executable, str(IMAGES / "runtime" / "make_constraints.py"), str(c)],
-                       capture_output=True, text=True)
-    import importlib.util
+    no_torch = {k: v for k, v in NGC.items() if k != "torch"}
+    site = image_site(tmp_path / "site", no_torch)
+    assert distributions_seen(site) == set(no_torch)  # this venv's torch is out of sight
+    r = make_constraints_in_image(site)
+    assert r.returncode == 1 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+    assert "torch is not installed here" in r.stderr and "inside the NGC PyTorch image" in r.stderr
 
-    if importlib.util.find_spec("torch"):
-        assert r.returncode == 0 and "torch==" in r.stdout
-    else:
-        assert r.returncode == 1 and "inside the NGC PyTorch image" in r.stderr
+
+def test_make_constraints_reads_the_images_packages(tmp_path):
+    site = image_site(tmp_path / "site", NGC)
+    assert distributions_seen(site) == set(NGC)
+    r = make_constraints_in_image(site)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == make_constraints.merge((REPO / "constraints.txt").read_text(), NGC)
+    assert f"torch=={NGC['torch']}" in r.stdout.splitlines()
+
+
+# pip's resolver, for real and offline: stub wheels (metadata only) stand in for PyPI, a stub
+# kubetune carries pyproject.toml's [train] requirements, and `pip install --dry-run --report`
+# says what it would install. Each package is offered at the version the constraints pin and at
+# a newer one (torch also at the repo's own pin), so the pins, not the offer, decide.
+NEWER = "99.0"
+
+
+def wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = (), extras: tuple[str, ...] = ()) -> Path:
+    """A wheel with metadata only: all pip's resolver reads of it."""
+    dist = f"{re.sub(r'[-_.]+', '_', name)}-{version}"
+    meta = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+    meta += [f"Provides-Extra: {e}" for e in extras] + [f"Requires-Dist: {r}" for r in requires]
+    path = folder / f"{dist}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{dist}.dist-info/METADATA", "\n".join(meta) + "\n")
+        z.writestr(f"{dist}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{dist}.dist-info/RECORD", "")
+    return path
+
+
+def train_requirements() -> list[str]:
+    tomllib = pytest.importorskip("tomllib")
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["train"]
+
+
+def req_name(req: str) -> str:
+    return make_constraints.canonical(re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0])
+
+
+def pins(constraints: str) -> dict[str, str]:
+    lines = (ln.split("#", 1)[0].strip() for ln in constraints.splitlines())
+    return {make_constraints.canonical(n): v for n, v in (ln.split("==", 1) for ln in lines if "==" in ln)}
+
+
+def repo_pins() -> dict[str, str]:
+    return pins((REPO / "constraints.txt").read_text())
+
+
+def package_index(folder: Path, constraints: str) -> Path:
+    """Stub wheels for kubetune[train] and each of its requirements, the bitsandbytes wheel apart."""
+    folder.mkdir()
+    pinned = {**repo_pins(), **pins(constraints)}
+    reqs = train_requirements()
+    wheel(folder, "kubetune", "0.1.0", tuple(f"{r}; extra == 'train'" for r in reqs), ("train",))
+    for name in map(req_name, reqs):
+        for version in {pinned[name], NEWER} | ({repo_pins()["torch"]} if name == "torch" else set()):
+            wheel(folder, name, version)
+    return folder
+
+
+def pip_dry_run(index: Path, tmp: Path, constraints: str | None) -> tuple[int, dict[str, str], str]:
+    """The Dockerfile's install (the bitsandbytes wheel + kubetune[train], with the constraints), as
+    pip would resolve it: {name: version} it would install."""
+    args = ["--constraint", str(tmp / "constraints.txt")] if constraints is not None else []
+    if constraints is not None:
+        (tmp / "constraints.txt").write_text(constraints)
+    (bnb,) = index.glob(f"bitsandbytes-{repo_pins()['bitsandbytes']}-*.whl")
+    report = tmp / "report.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--report", str(report),
+                        "--ignore-installed", "--no-index", "--find-links", str(index), *args,
+                        str(bnb), "kubetune[train]"], capture_output=True, text=True, env=env, timeout=120)
+    if r.returncode:
+        return r.returncode, {}, r.stdout + r.stderr  # pip explains a conflict on stdout
+    chosen = json.loads(report.read_text())["install"]
+    return 0, {make_constraints.canonical(i["metadata"]["name"]): i["metadata"]["version"] for i in chosen}, r.stderr
+
+
+def test_constraints_accepted_by_pip_with_torch_prerelease(tmp_path):
+    """pip reads the generated file and lets the image's pre-release torch satisfy torch>=2.4;
+    kubetune's pins decide the rest; an image torch that does not satisfy it fails the install
+    rather than being replaced."""
+    merged = make_constraints.merge((REPO / "constraints.txt").read_text(), NGC)
+    index = package_index(tmp_path / "index", merged)
+
+    rc, chosen, err = pip_dry_run(index, tmp_path, merged)
+    assert rc == 0, err
+    assert chosen["torch"] == NGC["torch"]
+    pinned = {**repo_pins(), **pins(merged)}  # bitsandbytes: the wheel given, at the repo's pin
+    assert chosen == {"kubetune": "0.1.0", **{n: pinned[n] for n in map(req_name, train_requirements())}}
+
+    rc, unconstrained, err = pip_dry_run(index, tmp_path, None)  # the control: without them, the newest
+    assert rc == 0 and unconstrained["torch"] == NEWER, (rc, unconstrained, err)
+
+    old = make_constraints.merge((REPO / "constraints.txt").read_text(), {**NGC, "torch": "2.3.0a0+nv24.03"})
+    rc, _, err = pip_dry_run(package_index(tmp_path / "old-index", old), tmp_path, old)
+    assert rc != 0 and "ResolutionImpossible" in err, (rc, err)
+    assert "The user requested (constraint) torch==2.3.0a0+nv24.03" in err and "depends on torch>=2.4" in err, err
 
 
 # ----------------------------------------------------------------------------- operator image
