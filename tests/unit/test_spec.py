@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -15,25 +14,13 @@ from kubetune.runtime.errors import SpecError
 from kubetune.runtime.overrides import apply_overrides
 from kubetune.runtime.plan import plan
 from kubetune.runtime.spec import load_job, parse_job
+from tests.invalid_specs import BASE, INVALID, patched
 
 ROOT = Path(__file__).resolve().parents[2]
 
-BASE = {
-    "apiVersion": "kubetune.io/v1alpha1",
-    "kind": "FineTuneJob",
-    "metadata": {"name": "job"},
-    "spec": {
-        "model": {"name": "org/model"},
-        "data": [{"name": "d", "source": "data.json"}],
-        "stages": [{"name": "sft", "type": "sft"}],
-    },
-}
-
 
 def doc(**spec_updates):
-    d = copy.deepcopy(BASE)
-    d["spec"].update(spec_updates)
-    return d
+    return patched(spec_updates)
 
 
 def test_defaults_match_llama_factory():
@@ -55,52 +42,13 @@ def test_qlora_quantization_defaults():
     assert (q.bits, q.type, q.double_quantization) == (4, "nf4", True)
 
 
-# Each bad input and a fragment the message must contain (naming the field or file).
-BAD_INPUTS = [
-    ("unknown stage type", {"stages": [{"name": "a", "type": "sftt"}]}, "spec.stages[0].type"),
-    ("qlora without bits", {"stages": [{"name": "a", "type": "sft", "method": "qlora"}]}, "spec.stages[0].method: method qlora needs quantization.bits"),
-    ("negative learning rate", {"stages": [{"name": "a", "type": "sft", "hyperparameters": {"learningRate": -1}}]}, "learningRate"),
-    ("duplicate stage names", {"stages": [{"name": "a", "type": "sft"}, {"name": "a", "type": "dpo"}]}, "stage names must be unique"),
-    ("export first", {"stages": [{"name": "e", "type": "export"}]}, "first stage cannot be export"),
-    ("unknown template", {"template": "llama9"}, "spec.template"),
-    ("unknown method", {"stages": [{"name": "a", "type": "sft", "method": "lorra"}]}, "'lora', 'qlora', 'full' or 'freeze'"),
-    ("typo in a field", {"stages": [{"name": "a", "type": "sft", "hyperparameter": {}}]}, "did you mean `hyperparameters`"),
-    ("quantization bits 3", {"stages": [{"name": "a", "type": "sft", "method": "qlora", "quantization": {"bits": 3}}]}, "quantization.bits"),
-    ("zero batch size", {"stages": [{"name": "a", "type": "sft", "hyperparameters": {"batchSize": 0}}]}, "batchSize"),
-    ("stage name not a DNS label", {"stages": [{"name": "SFT_1", "type": "sft"}]}, "spec.stages[0].name"),
-    ("no stages", {"stages": []}, "spec.stages"),
-    ("no data", {"data": []}, "every training stage needs data"),
-    ("unknown dataset format", {"data": [{"name": "d", "source": "x.json", "format": "alpacca"}]}, "spec.data[0].format"),
-    ("lora dropout 1", {"stages": [{"name": "a", "type": "sft", "lora": {"dropout": 1.0}}]}, "lora.dropout"),
-    ("negative gpus", {"resources": {"gpusPerNode": -1}}, "resources.gpusPerNode"),
-    ("distill without teacher", {"stages": [{"name": "a", "type": "distill"}]}, "needs `teacher`"),
-    ("grpo without reward", {"stages": [{"name": "a", "type": "grpo"}]}, "need reward.modelStage"),
-    ("reward stage not rm", {"stages": [{"name": "s", "type": "sft"}, {"name": "g", "type": "grpo", "reward": {"modelStage": "s"}}]}, "must name an rm stage"),
-    ("checkpoint every 0 steps", {"checkpoint": {"everySteps": 0}}, "checkpoint.everySteps"),
-    ("bad addressing style", {"storage": {"uri": "s3://b/p", "addressingStyle": "sideways"}}, "storage.addressingStyle"),
-    ("unknown dtype", {"model": {"name": "m", "dtype": "fp8"}}, "spec.model.dtype"),
-    ("missing model", {"model": None}, "spec.model"),
-    ("gpus through podOverrides", {"resources": {"podOverrides": {"resources": {"nvidia.com/gpu": "2"}}}},
-     "spec.resources.podOverrides: podOverrides.resources cannot set cpu, memory or nvidia.com/gpu"),
-    ("extra resource not a quantity", {"resources": {"podOverrides": {"resources": {"rdma/hca": "lots"}}}},
-     "must be a Kubernetes quantity"),
-    ("unknown dpo loss type", {"stages": [{"name": "s", "type": "sft"}, {"name": "d", "type": "dpo",
-                                                                         "preference": {"lossType": "ipo2"}}]},
-     "spec.stages[1].preference.lossType: a dpo stage takes one of sigmoid, hinge, ipo"),
-    ("dpo loss type on a kto stage", {"stages": [{"name": "k", "type": "kto", "preference": {"lossType": "ipo"}}]},
-     "a kto stage sigmoid (KTO's own loss), kto or apo_zero_unpaired"),
-    ("unknown reward function", {"stages": [{"name": "g", "type": "grpo", "reward": {"functions": ["exact-match"]}}]},
-     "reward.functions: each is one of exact_match, format, length or the import path"),
-    ("format reward without pattern", {"stages": [{"name": "g", "type": "grpo", "reward": {"functions": ["format"]}}]},
-     "the format reward needs reward.pattern"),
-]
-
-
-@pytest.mark.parametrize("label,update,expected", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_inputs_are_rejected_naming_the_field(label, update, expected):
+# The invalid cases are shared with the apiserver's test (tests/e2e/test_crd_validation.py).
+@pytest.mark.parametrize("case", INVALID, ids=[c.name for c in INVALID])
+def test_bad_inputs_are_rejected_naming_the_field(case):
     with pytest.raises(SpecError) as err:
-        parse_job(doc(**update))
-    assert expected in str(err.value), str(err.value)
+        parse_job(patched(case.patch))
+    missing = case.offline.missing_from(str(err.value))
+    assert not missing, f"{missing} not in: {err.value}"
 
 
 def test_bad_metadata_name():

@@ -1,0 +1,147 @@
+"""One table of invalid FineTuneJobs for both validations: offline (the pydantic model behind
+`kubetune validate`, tests/unit/test_spec.py) and the kube-apiserver's OpenAPI schema and CEL rules
+from the generated CRD (tests/e2e/test_crd_validation.py). A case added here is checked by both.
+
+Each row is a name, a patch to the valid document BASE (top-level spec fields replaced), and what
+each layer's message must contain: the field path it names and a fragment of its message. Where
+the two layers word or place an error differently (pydantic's "Input should be …" against the
+apiserver's "Unsupported value", a CEL rule's fieldPath), the row says so with its own apiserver
+expectation; otherwise the apiserver must say the same as the offline validation.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, NamedTuple
+
+BASE = {
+    "apiVersion": "kubetune.io/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "job"},
+    "spec": {
+        "model": {"name": "org/model"},
+        "data": [{"name": "d", "source": "data.json"}],
+        "stages": [{"name": "sft", "type": "sft"}],
+    },
+}
+
+
+def patched(patch: dict[str, Any], name: str = "job") -> dict:
+    """BASE with the spec fields in `patch` replaced, named `name`."""
+    d = copy.deepcopy(BASE)
+    d["metadata"]["name"] = name
+    d["spec"].update(patch)
+    return d
+
+
+class Expect(NamedTuple):
+    field: str  # the field path the message names
+    message: str  # a fragment of the message
+
+    def missing_from(self, text: str) -> list[str]:
+        return [f for f in self if f not in text]
+
+
+class Invalid(NamedTuple):
+    name: str
+    patch: dict[str, Any]
+    offline: Expect
+    served: Expect | None = None  # the apiserver's, where it differs from offline
+
+    @property
+    def apiserver(self) -> Expect:
+        return self.offline if self.served is None else self.served
+
+
+def _stage(**fields) -> dict[str, Any]:
+    return {"stages": [{"name": "a", "type": "sft", **fields}]}
+
+
+INVALID = [
+    Invalid("unknown stage type", {"stages": [{"name": "a", "type": "sftt"}]},
+            Expect("spec.stages[0].type", "Input should be 'pt', 'sft', 'rm', 'dpo'"),
+            Expect("spec.stages[0].type", 'Unsupported value: "sftt"')),
+    Invalid("qlora without bits", _stage(method="qlora"),
+            Expect("spec.stages[0].method", "method qlora needs quantization.bits (4 or 8)")),
+    Invalid("negative learning rate", _stage(hyperparameters={"learningRate": -1}),
+            Expect("spec.stages[0].hyperparameters.learningRate", "Input should be greater than 0"),
+            Expect("spec.stages[0].hyperparameters.learningRate", "should be greater than 0")),
+    Invalid("duplicate stage names", {"stages": [{"name": "a", "type": "sft"}, {"name": "a", "type": "dpo"}]},
+            Expect("spec.stages", "stage names must be unique")),
+    Invalid("duplicate stage names of one type", {"stages": [{"name": "a", "type": "sft"}, {"name": "a", "type": "sft"}]},
+            Expect("spec.stages", "stage names must be unique")),
+    Invalid("export first", {"stages": [{"name": "e", "type": "export"}]},
+            Expect("spec.stages", "the first stage cannot be export: there is nothing to merge yet")),
+    Invalid("unknown template", {"template": "llama9"},
+            Expect("spec.template", "Input should be 'chatml', 'llama3'"),
+            Expect("spec.template", 'Unsupported value: "llama9"')),
+    Invalid("unknown method", _stage(method="lorra"),
+            Expect("spec.stages[0].method", "Input should be 'lora', 'qlora', 'full' or 'freeze'"),
+            Expect("spec.stages[0].method", 'Unsupported value: "lorra"')),
+    Invalid("typo in a field", _stage(hyperparameter={}),
+            Expect("spec.stages[0].hyperparameter", "unknown field `hyperparameter` (did you mean `hyperparameters`?)"),
+            Expect('"spec.stages[0].hyperparameter"', "strict decoding error: unknown field")),
+    Invalid("quantization bits 3", _stage(method="qlora", quantization={"bits": 3}),
+            Expect("spec.stages[0].quantization.bits", "Input should be 4 or 8"),
+            Expect("spec.stages[0].quantization.bits", "Unsupported value: 3")),
+    Invalid("zero batch size", _stage(hyperparameters={"batchSize": 0}),
+            Expect("spec.stages[0].hyperparameters.batchSize", "Input should be greater than or equal to 1"),
+            Expect("spec.stages[0].hyperparameters.batchSize", "should be greater than or equal to 1")),
+    Invalid("stage name not a DNS label", {"stages": [{"name": "SFT_1", "type": "sft"}]},
+            Expect("spec.stages[0].name", "must be a DNS label"),
+            Expect("spec.stages[0].name", "should match")),
+    Invalid("no stages", {"stages": []},
+            Expect("spec.stages", "List should have at least 1 item"),
+            Expect("spec.stages", "should have at least 1 items")),
+    Invalid("no data", {"data": []},
+            Expect("spec.data", "every training stage needs data: set spec.data or the stage's data")),
+    Invalid("unknown dataset format", {"data": [{"name": "d", "source": "x.json", "format": "alpacca"}]},
+            Expect("spec.data[0].format", "Input should be 'alpaca', 'sharegpt'"),
+            Expect("spec.data[0].format", 'Unsupported value: "alpacca"')),
+    Invalid("lora dropout 1", _stage(lora={"dropout": 1.0}),
+            Expect("spec.stages[0].lora.dropout", "Input should be less than 1"),
+            Expect("spec.stages[0].lora.dropout", "should be less than 1")),
+    Invalid("negative gpus", {"resources": {"gpusPerNode": -1}},
+            Expect("spec.resources.gpusPerNode", "Input should be greater than or equal to 0"),
+            Expect("spec.resources.gpusPerNode", "should be greater than or equal to 0")),
+    Invalid("distill without teacher", {"stages": [{"name": "a", "type": "distill"}]},
+            Expect("spec.stages[0].type", "a distill stage needs `teacher` (the teacher model)")),
+    Invalid("grpo without reward", {"stages": [{"name": "a", "type": "grpo"}]},
+            Expect("spec.stages[0].reward", "grpo, rloo and ppo stages need reward.modelStage")),
+    Invalid("reward stage not rm", {"stages": [{"name": "s", "type": "sft"},
+                                               {"name": "g", "type": "grpo", "reward": {"modelStage": "s"}}]},
+            Expect("spec.stages", "reward.modelStage must name an rm stage of this job")),
+    Invalid("checkpoint every 0 steps", {"checkpoint": {"everySteps": 0}},
+            Expect("spec.checkpoint.everySteps", "Input should be greater than or equal to 1"),
+            Expect("spec.checkpoint.everySteps", "should be greater than or equal to 1")),
+    Invalid("bad addressing style", {"storage": {"uri": "s3://b/p", "addressingStyle": "sideways"}},
+            Expect("spec.storage.addressingStyle", "Input should be 'path', 'virtual' or 'auto'"),
+            Expect("spec.storage.addressingStyle", 'Unsupported value: "sideways"')),
+    Invalid("unknown dtype", {"model": {"name": "m", "dtype": "fp8"}},
+            Expect("spec.model.dtype", "Input should be 'auto', 'bfloat16', 'float16' or 'float32'"),
+            Expect("spec.model.dtype", 'Unsupported value: "fp8"')),
+    Invalid("missing model", {"model": None},
+            Expect("spec.model", "Input should be a valid dictionary"),
+            Expect("spec.model", "Required value")),
+    Invalid("gpus through podOverrides", {"resources": {"podOverrides": {"resources": {"nvidia.com/gpu": "2"}}}},
+            Expect("spec.resources.podOverrides", "podOverrides.resources cannot set cpu, memory or nvidia.com/gpu: "
+                                                  "use resources.cpu"),
+            Expect("spec.resources.podOverrides.resources", "podOverrides.resources cannot set cpu, memory or "
+                                                            "nvidia.com/gpu: use resources.cpu")),
+    Invalid("extra resource not a quantity", {"resources": {"podOverrides": {"resources": {"rdma/hca": "lots"}}}},
+            Expect("spec.resources.podOverrides", "podOverrides.resources: every value must be a Kubernetes quantity"),
+            Expect("spec.resources.podOverrides.resources",
+                   "podOverrides.resources: every value must be a Kubernetes quantity")),
+    Invalid("unknown dpo loss type", {"stages": [{"name": "s", "type": "sft"},
+                                                 {"name": "d", "type": "dpo", "preference": {"lossType": "ipo2"}}]},
+            Expect("spec.stages[1].preference.lossType", "a dpo stage takes one of sigmoid, hinge, ipo")),
+    Invalid("dpo loss type on a kto stage", {"stages": [{"name": "k", "type": "kto", "preference": {"lossType": "ipo"}}]},
+            Expect("spec.stages[0].preference.lossType", "a kto stage sigmoid (KTO's own loss), kto or apo_zero_unpaired")),
+    Invalid("unknown reward function", {"stages": [{"name": "g", "type": "grpo", "reward": {"functions": ["exact-match"]}}]},
+            Expect("spec.stages[0].reward", "reward.functions: each is one of exact_match, format, length or the import path"),
+            Expect("spec.stages[0].reward.functions",
+                   "reward.functions: each is one of exact_match, format, length or the import path")),
+    Invalid("format reward without pattern", {"stages": [{"name": "g", "type": "grpo", "reward": {"functions": ["format"]}}]},
+            Expect("spec.stages[0].reward", "the format reward needs reward.pattern (a regular expression)"),
+            Expect("spec.stages[0].reward.pattern", "the format reward needs reward.pattern (a regular expression)")),
+]
