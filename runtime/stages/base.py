@@ -7,6 +7,7 @@ cross-cutting parts (progress, metrics, checkpoint upload, trainer_log.jsonl) ar
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,7 @@ def summarize(trainer, result, duration: float, ctx: StageContext, log_records: 
     losses = [r["loss"] for r in log_records if "loss" in r]
     evals = [r["eval_loss"] for r in log_records if "eval_loss" in r]
     tokens = getattr(state, "num_input_tokens_seen", 0) or 0
+    trained = tokens - tokens_at(ctx.resume_from)  # by this run: a resumed one starts at its checkpoint's count
     return {
         "job": ctx.cfg.job,
         "stage": ctx.cfg.name,
@@ -169,10 +171,22 @@ def summarize(trainer, result, duration: float, ctx: StageContext, log_records: 
         "eval_loss": evals[-1] if evals else None,
         "duration_seconds": round(duration, 3),
         "tokens": tokens,
-        "tokens_per_second": round(tokens / duration, 2) if duration > 0 and tokens else None,
+        "tokens_this_run": trained,
+        "tokens_per_second": round(trained / duration, 2) if duration > 0 and trained > 0 else None,
         "resumed_from_step": _step_of(ctx.resume_from),
         "output_kind": ctx.cfg.io.output_kind,
     }
+
+
+def tokens_at(checkpoint: Path | None) -> int:
+    """The input tokens the stage had trained on when `checkpoint` was saved (0: no checkpoint)."""
+    if checkpoint is None:
+        return 0
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return int(state.get("num_input_tokens_seen") or 0)
 
 
 def _step_of(path: Path | None) -> int | None:

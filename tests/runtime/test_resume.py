@@ -86,9 +86,11 @@ def test_sigkill_then_resume_from_latest_ignoring_a_torn_checkpoint(tiny_model, 
     # come from whatever LATEST names now
     latest_at_kill = int(_latest(s3, bucket).removeprefix("checkpoint-"))
     assert latest_at_kill in (2 * EVERY, 3 * EVERY)
+    client = boto_client(s3.endpoint)
+    state_key = f"runs/crash/sft/checkpoints/checkpoint-{latest_at_kill}/trainer_state.json"
+    tokens_at_kill = json.loads(client.get_object(Bucket=bucket, Key=state_key)["Body"].read())["num_input_tokens_seen"]
 
     # A kill during an upload leaves files without a marker: plant one newer than LATEST.
-    client = boto_client(s3.endpoint)
     src = "runs/crash/sft/checkpoints/checkpoint-10/"
     for obj in client.list_objects_v2(Bucket=bucket, Prefix=src)["Contents"]:
         if not obj["Key"].endswith("COMMITTED.json"):
@@ -103,6 +105,11 @@ def test_sigkill_then_resume_from_latest_ignoring_a_torn_checkpoint(tiny_model, 
     assert resumed == latest_at_kill  # the newest committed one; the torn checkpoint-25 was not trusted
     summary = _output_summary(s3, bucket)
     assert summary["steps"] == STEPS and summary["resumed_from_step"] == resumed
+    # throughput: the tokens this run trained over this run's time (not the stage's tokens since step 0)
+    assert 0 < tokens_at_kill < summary["tokens"]
+    assert summary["tokens_this_run"] == summary["tokens"] - tokens_at_kill
+    rate = summary["tokens_this_run"] / summary["duration_seconds"]  # (duration rounded to ms)
+    assert summary["tokens_per_second"] == pytest.approx(rate, rel=2e-3)
     # the resumed run trained exactly the steps after it. (How many steps the kill cost is not
     # bounded by everySteps: a checkpoint uploads beside training, so training runs ahead of
     # LATEST by the steps of one upload.)
@@ -127,13 +134,37 @@ def test_training_survives_an_s3_outage(tiny_model, tmp_path, s3):
             time.sleep(0.05)
         s3.pause()  # the S3 server hangs: no answers at all
         try:
-            time.sleep(8)
-            assert proc.poll() is None  # training went on
+            at_pause = _last_step(log_path.read_text())
+            # training goes on through the next checkpoint (its upload hangs in the background)
+            # up to the one after it, which waits for that upload: a run holds at most one
+            # checkpoint more than storage has
+            next_checkpoint = (at_pause // EVERY + 1) * EVERY
+            deadline = time.time() + 60
+            while _last_step(log_path.read_text()) < next_checkpoint + EVERY:
+                assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.1)
+            time.sleep(2)
+            during = log_path.read_text()
+            assert proc.poll() is None
         finally:
             s3.resume()
         assert proc.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+    at_end = _last_step(during)
+    print(f"outage: step {at_pause} when S3 stopped answering, step {at_end} while it was away")
+    assert at_end >= next_checkpoint + EVERY and next_checkpoint > at_pause, (at_pause, at_end)
+    # every checkpoint saved during the outage was committed after it, none before
+    made_during = range(next_checkpoint, at_end + 1, EVERY)
+    after = log_path.read_text()[len(during):]
+    for step in made_during:
+        assert f"committed checkpoint-{step} " not in during
+        assert f"committed checkpoint-{step} " in after, (step, after[-3000:])
     assert _latest(s3, bucket) == "checkpoint-20"
     assert _output_summary(s3, bucket)["steps"] == 20
+
+
+def _last_step(log: str) -> int:
+    steps = [int(s) for s in re.findall(r"step (\d+)/\d+ ", log)]
+    return max(steps, default=0)
 
 
 def test_s3_gone_for_good_fails_clearly_and_keeps_the_local_checkpoint(tiny_model, tmp_path, s3):
