@@ -12,6 +12,14 @@ to `--max-length` tokens), same output (input_ids + labels with the loss on assi
 * baseline: read the JSON, `datasets.map` alpaca → messages, then TRL's `_prepare_dataset` on the
             messages: its per-sample `apply_chat_template` map (assistant_only_loss=True, so the
             labels match ours), labels, packing.
+* trl defaults: the baseline with TRL's default `assistant_only_loss=False`: no assistant mask to
+            render, the loss on every token. Not the same labels (the check below says so), but
+            what a plain `SFTTrainer` does, so the baseline's cost of the mask shows.
+
+"Same tokens and labels" is checked, not assumed: a sha256 of each path's packed input_ids, of
+its labels and of its packed sequence lengths (each concatenated in row order). Ours and the
+baseline must agree on all three, TRL defaults on the tokens and lengths, with labels equal to its
+input_ids; on any difference the script prints the digests and exits 1.
 
 Both run in this process, one after the other, single process (`num_proc` None), with
 TOKENIZERS_PARALLELISM=false as the runtime sets it. Reported: tokens/s (tokens in the packed
@@ -25,12 +33,14 @@ Run: `python bench/data_pipeline.py` (50k samples; `--samples 2000` for a quick 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
 import sys
 import tempfile
 import time
+from array import array
 from pathlib import Path
 
 from machine import cpu_description  # bench/machine.py (the script's folder is on sys.path)
@@ -78,7 +88,7 @@ def ours(path: Path, tok, max_length: int):
     return trl_prepare(Dataset.from_dict(columns), tok, max_length, assistant_only_loss=False), columns
 
 
-def baseline(path: Path, tok, max_length: int):
+def baseline(path: Path, tok, max_length: int, assistant_only_loss: bool = True):
     from datasets import Dataset
 
     records = json.loads(path.read_text())
@@ -88,7 +98,29 @@ def baseline(path: Path, tok, max_length: int):
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": r["output"]}]}
 
     ds = Dataset.from_list(records).map(to_messages, remove_columns=["instruction", "input", "output"])
-    return trl_prepare(ds, tok, max_length, assistant_only_loss=True)
+    return trl_prepare(ds, tok, max_length, assistant_only_loss=assistant_only_loss)
+
+
+def digests(packed) -> dict[str, str]:
+    """sha256 of the packed input_ids, of the labels and of the packed sequence lengths, each
+    concatenated in row order as int32: equal digests, the same tokens in the same rows."""
+    out = {}
+    for col in ("input_ids", "labels", "seq_lengths"):
+        h = hashlib.sha256()
+        for row in packed[col]:
+            h.update(array("i", row).tobytes())
+        out[col] = h.hexdigest()
+    return out
+
+
+def mismatches(d: dict[str, dict[str, str]]) -> list[str]:
+    """What differs from ours: anything for the baseline; tokens or lengths for TRL defaults, whose
+    labels must be its input_ids (the loss on every token)."""
+    bad = [f"baseline {c}" for c in ("input_ids", "labels", "seq_lengths") if d["baseline"][c] != d["ours"][c]]
+    bad += [f"trl_defaults {c}" for c in ("input_ids", "seq_lengths") if d["trl_defaults"][c] != d["ours"][c]]
+    if d["trl_defaults"]["labels"] != d["trl_defaults"]["input_ids"]:
+        bad.append("trl_defaults labels (not its input_ids)")
+    return bad
 
 
 def padding_shares(packed, columns, tok, batch_rows: int, batch_samples: int, seed: int = 0) -> dict:
@@ -162,31 +194,40 @@ def main() -> int:
 
     (packed_ours, columns), t_ours = timed(lambda: ours(path, tok, args.max_length))
     packed_base, t_base = timed(lambda: baseline(path, tok, args.max_length))
-    n_ours = sum(len(x) for x in packed_ours["input_ids"])
-    n_base = sum(len(x) for x in packed_base["input_ids"])
-    lab_ours = sum(sum(1 for t in x if t != -100) for x in packed_ours["labels"])
-    lab_base = sum(sum(1 for t in x if t != -100) for x in packed_base["labels"])
+    packed_plain, t_plain = timed(lambda: baseline(path, tok, args.max_length, assistant_only_loss=False))
     shares = padding_shares(packed_ours, columns, tok, batch_rows=4, batch_samples=8)
-    fill = n_ours / (len(packed_ours) * args.max_length)
-    report = {
-        "samples": len(records), "max_length": args.max_length, "cpu": cpu_description(), "date": time.strftime("%Y-%m-%d"),
-        "ours": {"seconds": t_ours, "tokens": n_ours, "label_tokens": lab_ours, "rows": len(packed_ours), "tokens_per_s": n_ours / t_ours},
-        "baseline": {"seconds": t_base, "tokens": n_base, "label_tokens": lab_base, "rows": len(packed_base), "tokens_per_s": n_base / t_base},
-        "ratio": (n_ours / t_ours) / (n_base / t_base),
-        "padding": {"ours_padding_free": shares["ours_padding_free"], "naive_padded_8": shares["naive_padded"]},
-        "bfd_bin_fill": fill,
-    }
+    runs = {"ours": (packed_ours, t_ours), "baseline": (packed_base, t_base), "trl_defaults": (packed_plain, t_plain)}
+    report = {"samples": len(records), "max_length": args.max_length, "cpu": cpu_description(),
+              "date": time.strftime("%Y-%m-%d")}
+    for k, (packed, seconds) in runs.items():
+        n = sum(len(x) for x in packed["input_ids"])
+        labels = sum(sum(1 for t in x if t != -100) for x in packed["labels"])
+        report[k] = {"seconds": seconds, "tokens": n, "label_tokens": labels, "rows": len(packed),
+                     "tokens_per_s": n / seconds, "sha256": digests(packed)}
+    report["ratio"] = report["ours"]["tokens_per_s"] / report["baseline"]["tokens_per_s"]
+    report["ratio_trl_defaults"] = report["ours"]["tokens_per_s"] / report["trl_defaults"]["tokens_per_s"]
+    report["padding"] = {"ours_padding_free": shares["ours_padding_free"], "naive_padded_8": shares["naive_padded"]}
+    report["bfd_bin_fill"] = fill = report["ours"]["tokens"] / (len(packed_ours) * args.max_length)
+    report["mismatches"] = bad = mismatches({k: report[k]["sha256"] for k in runs})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print()
-    print(f"{'path':<10}{'seconds':>9}{'tokens':>12}{'label tok':>11}{'rows':>7}{'tokens/s':>11}")
-    for k in ("ours", "baseline"):
+    print(f"{'path':<14}{'seconds':>9}{'tokens':>12}{'label tok':>11}{'rows':>7}{'tokens/s':>11}  "
+          "sha256 input_ids / labels / seq_lengths (first 12)")
+    for k in runs:
         r = report[k]
-        print(f"{k:<10}{r['seconds']:>9.1f}{r['tokens']:>12}{r['label_tokens']:>11}{r['rows']:>7}{r['tokens_per_s']:>11.0f}")
-    print(f"ratio ours/baseline: {report['ratio']:.2f}x   (goal >= 2x)")
+        sha = " / ".join(r["sha256"][c][:12] for c in ("input_ids", "labels", "seq_lengths"))
+        print(f"{k:<14}{r['seconds']:>9.1f}{r['tokens']:>12}{r['label_tokens']:>11}{r['rows']:>7}"
+              f"{r['tokens_per_s']:>11.0f}  {sha}")
+    print(f"ratio ours/baseline: {report['ratio']:.2f}x   (goal >= 2x)   "
+          f"ours/trl defaults: {report['ratio_trl_defaults']:.2f}x")
     print(f"padding share: ours (packed, padding-free) {100 * shares['ours_padding_free']:.2f} %   "
           f"naive (8 samples padded to the longest) {100 * shares['naive_padded']:.1f} %   (goal < 2 %)")
     print(f"bfd bins filled to {100 * fill:.1f} % of {args.max_length} tokens (rows are not padded to it)")
+    if bad:
+        print(f"MISMATCH: {', '.join(bad)} (full digests in {args.out})", file=sys.stderr)
+        return 1
+    print("same tokens, labels and rows: ours = baseline; trl defaults = the same tokens, loss on every token")
     return 0
 
 
