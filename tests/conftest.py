@@ -92,3 +92,47 @@ def run_doc(doc: dict, folder: Path) -> int:
 
 def read_log(stage_output: Path) -> list[dict]:
     return [json.loads(line) for line in (stage_output / "trainer_log.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def loaded_models(monkeypatch) -> list[dict]:
+    """Every model the runtime loads through models.load_model during the test (the stages load
+    their policy with it, through load_policy), as it came back: {"stage" (the StageSpec's name or
+    None), "path", "dtype", "model" (the object the stage then trains), "footprint" (its
+    get_memory_footprint() right after loading, before adapters are added)}."""
+    from kubetune.runtime import models
+
+    loads: list[dict] = []
+    load_model = models.load_model
+
+    def recording(path, model, **kwargs):
+        m = load_model(path, model, **kwargs)
+        stage = kwargs.get("stage")
+        loads.append({"stage": stage.name if stage is not None else None, "path": path, "dtype": kwargs["dtype"],
+                      "model": m, "footprint": m.get_memory_footprint()})
+        return m
+
+    monkeypatch.setattr(models, "load_model", recording)
+    return loads
+
+
+def assert_quantized(load: dict, bits: int) -> None:
+    """`load` (from loaded_models) is quantised: every linear layer of the decoder is a bitsandbytes
+    `bits`-bit layer, the base of a LoRA layer (the adapter was trained on this very model), whose
+    weight takes `bits` bits a parameter, and the model took less memory than the same checkpoint
+    loaded unquantised."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    layer = {4: bnb.nn.Linear4bit, 8: bnb.nn.Linear8bitLt}[bits]
+    plain = AutoModelForCausalLM.from_pretrained(load["path"], dtype=load["dtype"])
+    linears = {n: m for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    quantized = {n: m for n, m in load["model"].named_modules() if isinstance(m, layer)}
+    assert all(n.endswith(".base_layer") for n in quantized), sorted(quantized)
+    quantized = {n.removesuffix(".base_layer"): m for n, m in quantized.items()}
+    assert linears and sorted(quantized) == sorted(linears), (sorted(quantized), sorted(linears))
+    for name, m in quantized.items():
+        stored = m.weight.numel() * m.weight.element_size()
+        assert stored * 8 == linears[name].weight.numel() * bits, (name, bits, stored, tuple(linears[name].weight.shape))
+    assert load["footprint"] < plain.get_memory_footprint(), (load["footprint"], plain.get_memory_footprint())

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from tests.conftest import IDENTITY, job_doc, read_log, run_doc, write_alpaca
+from tests.conftest import IDENTITY, assert_quantized, job_doc, read_log, run_doc, write_alpaca
 
 FAST = {"maxSteps": 10, "batchSize": 8, "gradientAccumulation": 1, "loggingSteps": 1, "cutoffLen": 64,
         "gradientCheckpointing": False, "lrScheduler": "constant"}
@@ -173,7 +173,7 @@ def test_dpo_loss_types_match_trl_and_bad_ones_are_rejected(tiny_model, tmp_path
         run_doc(doc, tmp_path)
 
 
-def test_qlora_dpo_continues_a_qlora_sft_adapter_with_ipo_and_ftx(tiny_model, tmp_path):
+def test_qlora_dpo_continues_a_qlora_sft_adapter_with_ipo_and_ftx(tiny_model, tmp_path, loaded_models):
     """The example pipeline's shape on a 4-bit base: sft qlora, then dpo qlora continuing that
     adapter (reference: base + the sft adapter), with another loss variant plus the SFT term."""
     sft_data = write_alpaca(tmp_path / "identity.json")
@@ -187,6 +187,10 @@ def test_qlora_dpo_continues_a_qlora_sft_adapter_with_ipo_and_ftx(tiny_model, tm
     ]
     doc = job_doc("q", tiny_model, [{"name": "identity", "source": str(sft_data)}], stages, tmp_path / "saves")
     assert run_doc(doc, tmp_path) == 0
+    # each stage loaded its base in 4 bits and trained its adapter on it
+    assert [load["stage"] for load in loaded_models] == ["sft", "dpo"]
+    for load in loaded_models:
+        assert_quantized(load, 4)
     out = tmp_path / "saves" / "dpo" / "output"
     log = read_log(out)
     # TRL keeps the trained adapter in bf16 on a quantised base, its frozen copy in fp32: near zero

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import job_doc, read_log, run_doc, write_alpaca
+from tests.conftest import assert_quantized, job_doc, read_log, run_doc, write_alpaca
 
 FAST = {"maxSteps": 16, "batchSize": 4, "gradientAccumulation": 1, "loggingSteps": 1, "cutoffLen": 64,
         "gradientCheckpointing": False, "lrScheduler": "constant"}
@@ -38,7 +38,7 @@ METHODS = {
 
 
 @pytest.mark.parametrize("label", list(METHODS))
-def test_sft_methods_train_and_loss_goes_down(label, tiny_model, tmp_path):
+def test_sft_methods_train_and_loss_goes_down(label, tiny_model, tmp_path, loaded_models):
     settings, lr = METHODS[label]
     data = write_alpaca(tmp_path / "data" / "identity.json")
     steps = 24 if settings["method"] in ("lora", "qlora") else 16  # adapters on a random tiny base learn slower
@@ -51,6 +51,9 @@ def test_sft_methods_train_and_loss_goes_down(label, tiny_model, tmp_path):
     summary = json.loads((out / "run.json").read_text())
     assert summary["steps"] == steps and summary["tokens"] > 0 and summary["final_loss"] < summary["first_loss"]
     assert (out / "training_loss.png").stat().st_size > 5000
+    if settings["method"] == "qlora":  # the model the stage loaded and trained had its base in 4 or 8 bits
+        assert [load["stage"] for load in loaded_models] == ["sft"]
+        assert_quantized(loaded_models[0], settings["quantization"]["bits"])
     if settings["method"] in ("lora", "qlora"):
         cfg = json.loads((out / "adapter_config.json").read_text())
         assert cfg["r"] == settings["lora"]["rank"]
