@@ -288,6 +288,11 @@ class Coordinator:
             self._group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
         return self._group
 
+    def join(self) -> None:
+        """Start the default process group now (nccl on GPUs, gloo on CPU), for a stage that runs
+        its own collectives; a no-op in a single process."""
+        self._ensure()
+
     def barrier(self) -> None:
         group = self._ensure()
         if group is not None:

@@ -17,10 +17,18 @@ One iteration of the loop below:
    `VF_COEF` × the clipped value loss.
 
 Optimizer steps count as training steps (`maxSteps`); `epochs` are passes over the prompts, each
-rollout taking `PPO_EPOCHS` steps. Logging, progress, metrics and checkpoint upload use the same
-`TrainerCallback`s as the TRL stages, through transformers' `CallbackHandler`; checkpoints hold
-the policy, the value head, the optimizer, the scheduler and the trainer state, and a resumed
-stage continues from them.
+rollout taking `PPO_EPOCHS` steps. Tokens count once per rollout (prompt + completion).
+
+Several processes (torchrun: `gpusPerNode > 1`, `nodes > 1`) train one model, data-parallel: every
+rollout's prompts are split between the ranks (`batchSize × gradientAccumulation` each, as the
+per-device batch of the Trainer stages), each rank generates and scores its share, and the
+gradients are averaged over all ranks before every optimizer step, so the ranks stay identical
+(they start from rank 0's weights). Logged rewards, losses and token counts are those of all
+ranks (`reward_std`: the mean of the ranks' spreads); rank 0 writes the checkpoints and the output.
+
+Logging, progress, metrics and checkpoint upload use the same `TrainerCallback`s as the TRL
+stages, through transformers' `CallbackHandler`; checkpoints hold the policy, the value head, the
+optimizer, the scheduler and the trainer state, and a resumed stage continues from them.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..launcher import coordinator
 from ..models import compute_dtype, load_model, load_policy, load_tokenizer
 from ..outputs import TrainerLogCallback
 from .base import StageContext, StageResult, check_method, common_args, finish
@@ -197,6 +206,68 @@ def ppo_loss(model, value_head, batch, sl: slice, temperature: float):
     return pg_loss + VF_COEF * vf_loss, {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "clipfrac": clipfrac.item()}
 
 
+# ------------------------------------------------------------------------------- data parallelism
+
+
+class Ranks:
+    """The collectives of data-parallel PPO; in a single process every call returns its input."""
+
+    def __init__(self):
+        team = coordinator()
+        team.join()  # on GPUs this makes the rank's own GPU the current one
+        self.world, self.rank, self.is_main = team.world_size, team.rank, team.is_main
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def start_from_rank0(self, tensors) -> None:
+        """Every rank starts from rank 0's weights (a fresh adapter or value head is random)."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            for t in tensors:
+                dist.broadcast(t.data, src=0)
+
+    def average_gradients(self, params) -> None:
+        """The gradient of the whole rollout: the mean over ranks of each rank's share."""
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad.div_(self.world)
+
+    def mean(self, stats: dict[str, float]) -> dict[str, float]:
+        """The mean of each number over the ranks (each rank has an equal share of the rollout)."""
+        if not self.distributed or not stats:
+            return stats
+        import torch.distributed as dist
+
+        keys = sorted(stats)
+        t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: v / self.world for k, v in zip(keys, t.tolist())}
+
+    def total(self, n: int) -> int:
+        if not self.distributed:
+            return n
+        import torch.distributed as dist
+
+        t = torch.tensor([n], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t)
+        return int(t.item())
+
+    def any(self, flag: bool) -> bool:
+        """A stop on one rank is a stop on all (a rank left alone would wait in a collective)."""
+        return self.total(int(bool(flag))) > 0
+
+
 # ------------------------------------------------------------------------------------- checkpoints
 
 
@@ -255,7 +326,8 @@ def run(ctx: StageContext) -> StageResult:
         from safetensors.torch import load_file
 
         set_peft_model_state_dict(model, load_file(str(resume / "adapter_model.safetensors")), adapter_name="default")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ranks = Ranks()
+    device = ranks.device
     if getattr(model, "hf_device_map", None) is None:
         model.to(device)
     if hp.gradient_checkpointing is not False:  # unset means on here
@@ -271,7 +343,8 @@ def run(ctx: StageContext) -> StageResult:
     nn.init.normal_(value_head.weight, std=1 / math.sqrt(hidden + 1))
     nn.init.zeros_(value_head.bias)
 
-    prompts_per_rollout = hp.batch_size * hp.gradient_accumulation
+    per_rank = hp.batch_size * hp.gradient_accumulation
+    prompts_per_rollout = per_rank * ranks.world
     rollouts_per_epoch = max(1, math.ceil(len(train_ds) / prompts_per_rollout))
     max_steps = hp.max_steps or max(1, math.ceil(rollouts_per_epoch * hp.epochs)) * PPO_EPOCHS
     args = TrainingArguments(**{**common_args(ctx), "max_steps": max_steps})
@@ -286,6 +359,10 @@ def run(ctx: StageContext) -> StageResult:
         optimizer.load_state_dict(torch.load(resume / "optimizer.pt", map_location=device))
         scheduler.load_state_dict(torch.load(resume / "scheduler.pt"))
         state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+    state.is_world_process_zero = state.is_local_process_zero = ranks.is_main  # logs, uploads: rank 0
+    ranks.start_from_rank0(params)
+    if ranks.distributed:
+        torch.manual_seed(hp.seed + ranks.rank)  # each rank samples its own completions
     log_cb = TrainerLogCallback(ctx.trainer_dir)
     handler = CallbackHandler([log_cb, *ctx.callbacks], model, tokenizer, optimizer, scheduler)
     control = TrainerControl()
@@ -296,12 +373,15 @@ def run(ctx: StageContext) -> StageResult:
     losses: list[float] = []
     started = time.time()
     pending: dict[str, list[float]] = {}
-    while state.global_step < max_steps and not control.should_training_stop:
+    while state.global_step < max_steps and not ranks.any(control.should_training_stop):
         epoch, at = divmod(rollout_index * prompts_per_rollout, len(rows))
         order = list(range(len(rows)))
         random.Random(hp.seed + epoch).shuffle(order)
-        batch_rows = [rows[order[(at + k) % len(rows)]] for k in range(prompts_per_rollout)]
+        mine = range(ranks.rank * per_rank, (ranks.rank + 1) * per_rank)  # this rank's share
+        batch_rows = [rows[order[(at + k) % len(rows)]] for k in mine]
         batch = rollout(model, value_head, reference, tokenizer, batch_rows, funcs, classes, stage, device)
+        rollout_stats = ranks.mean(batch["stats"])
+        state.num_input_tokens_seen += ranks.total(batch["tokens"])
         rollout_index += 1
         model.train()
         micro = hp.batch_size * reward.num_generations
@@ -323,14 +403,15 @@ def run(ctx: StageContext) -> StageResult:
                 step_loss += loss.item() * share
                 for k, v in parts.items():
                     step_stats[k] = step_stats.get(k, 0.0) + v * share
+            ranks.average_gradients(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm) if hp.max_grad_norm > 0 else None
             optimizer.step()
             scheduler.step()
             state.global_step += 1
             state.epoch = rollout_index / rollouts_per_epoch
-            state.num_input_tokens_seen += batch["tokens"]
-            losses.append(step_loss)
-            for k, v in {"loss": step_loss, **step_stats, **batch["stats"]}.items():
+            step_stats = ranks.mean({"loss": step_loss, **step_stats})
+            losses.append(step_stats["loss"])
+            for k, v in {**step_stats, **rollout_stats}.items():
                 pending.setdefault(k, []).append(v)
             if grad_norm is not None:
                 pending.setdefault("grad_norm", []).append(float(grad_norm))
@@ -341,7 +422,7 @@ def run(ctx: StageContext) -> StageResult:
                 pending.clear()
                 state.log_history.append({**logs, "step": state.global_step})
                 handler.on_log(args, state, control, logs=logs)
-            if state.global_step % cfg.checkpoint.every_steps == 0 or state.global_step == max_steps:
+            if (state.global_step % cfg.checkpoint.every_steps == 0 or state.global_step == max_steps) and ranks.is_main:
                 _save_checkpoint(ctx.trainer_dir / f"checkpoint-{state.global_step}", model, value_head, optimizer,
                                  scheduler, state, is_peft)
                 handler.on_save(args, state, control)

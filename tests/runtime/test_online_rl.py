@@ -10,8 +10,13 @@ imported by path, or a reward model trained by an `rm` stage of the same job.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
+import yaml
 
 from tests.conftest import IDENTITY, job_doc, read_log, run_doc, write_alpaca
 
@@ -107,11 +112,85 @@ def test_ppo_learns_to_mention_kubi(taught_model, prompts, tmp_path):
     assert all(k in records[-1] for k in ("policy_loss", "value_loss", "kl", "clipfrac", "loss"))
     summary = json.loads((out / "run.json").read_text())
     assert summary["steps"] == 20 and (out / "model.safetensors").exists()
-    # the output is the policy alone (the value head stays in the checkpoints)
-    from transformers import AutoModelForCausalLM
+    # the output is the policy alone: exactly the parameters of the model it started from
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)
-    assert "v_head" not in (out / "model.safetensors").read_bytes()[:20000].decode("latin-1")
+    with safe_open(out / "model.safetensors", "pt") as trained, safe_open(taught_model / "model.safetensors", "pt") as base:
+        assert set(trained.keys()) == set(base.keys())
+    # the value head is in the checkpoints, for a resumed stage to continue with it
+    (checkpoint,) = (tmp_path / "saves" / "ppo" / "checkpoints").glob("checkpoint-20")
+    head = torch.load(checkpoint / "value_head.pt")
+    hidden = AutoConfig.from_pretrained(taught_model).hidden_size
+    assert set(head) == {"weight", "bias"} and head["weight"].shape == (1, hidden)
+    assert head["bias"].abs().item() > 0  # trained (it starts at zero)
+
+
+RECORDING_REWARD = """
+import json, os
+
+def kubi_briefly(prompts, completions, **kwargs):
+    # continuous (the length term), so two ranks' mean scores differ
+    scores = [float("Kubi" in c[0]["content"]) - len(c[0]["content"]) / 1000 for c in completions]
+    with open(os.path.join(os.environ["REWARD_RECORDS"], f"rank-{os.environ['RANK']}.jsonl"), "a") as f:
+        f.write(json.dumps({"prompts": [p[-1]["content"] for p in prompts], "scores": scores}) + "\\n")
+    return scores
+"""
+
+
+def test_ppo_on_two_processes_trains_one_model_on_both_ranks_rollouts(taught_model, prompts, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each rank generates for its own half of every
+    rollout's prompts, the update averages both halves' gradients, so both ranks end with the same
+    weights, and the logged reward is that of all the rollout's completions."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "kubi_rewards.py").write_text(RECORDING_REWARD)
+    records = tmp_path / "records"
+    records.mkdir()
+    batch, generations = 2, 2
+    stage = {"name": "ppo", "type": "ppo", "method": "lora", "lora": {"rank": 8},
+             "reward": {"functions": ["kubi_rewards:kubi_briefly"], "numGenerations": generations,
+                        "maxNewTokens": 8, "temperature": 1.0, "klCoef": 0.01},
+             "hyperparameters": {**FAST, "batchSize": batch, "maxSteps": 8, "learningRate": 5e-3}}
+    doc = job_doc("p2", taught_model, prompts, [stage], tmp_path / "saves", resources={"gpusPerNode": 0})
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    keep = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "KUBETUNE_NODES")}
+    env = {**keep, "KUBETUNE_NPROC": "2", "KUBETUNE_WORK_DIR": str(tmp_path / "work"), "CUDA_VISIBLE_DEVICES": "",
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "REWARD_RECORDS": str(records),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "kubetune.runtime", "run", str(job), "--no-progress"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "world size 2, gloo" in done.stderr
+
+    # 8 steps = 2 rollouts; in each, the ranks scored different prompts, `batch` each
+    rollouts = {rank: [json.loads(line) for line in (records / f"rank-{rank}.jsonl").read_text().splitlines()]
+                for rank in (0, 1)}
+    assert len(rollouts[0]) == len(rollouts[1]) == 2, rollouts
+    for r0, r1 in zip(rollouts[0], rollouts[1]):
+        assert len(r0["scores"]) == len(r1["scores"]) == batch * generations
+        assert len(set(r0["prompts"])) == len(set(r1["prompts"])) == batch
+        assert not set(r0["prompts"]) & set(r1["prompts"]), (r0["prompts"], r1["prompts"])
+
+    out = tmp_path / "saves" / "ppo" / "output"
+    logged = signal(out, "reward")
+    first = rollouts[0][0]["scores"] + rollouts[1][0]["scores"]
+    assert logged[0] == pytest.approx(sum(first) / len(first))  # all the rollout's completions
+    rank0 = rollouts[0][0]["scores"]
+    assert sum(rank0) / len(rank0) != pytest.approx(logged[0])  # (so rank 0's alone would show)
+
+    # one model: rank 1's own copy (in its scratch folder) is rank 0's uploaded output, and trained
+    from safetensors.torch import load_file
+
+    mine = load_file(out / "adapter_model.safetensors")
+    (theirs_file,) = (tmp_path / "work").glob("p2/ppo/ranks/1/**/output/adapter_model.safetensors")
+    theirs = load_file(theirs_file)
+    assert mine.keys() == theirs.keys() and mine
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert any(k.endswith("lora_B.weight") and mine[k].abs().sum() > 0 for k in mine)  # B starts at zero
 
 
 def test_ppo_with_lora_writes_an_adapter(taught_model, prompts, tmp_path):
