@@ -147,8 +147,15 @@ RESERVED_ENV = frozenset({
 def _override_env(stage: ResolvedStage) -> list[dict[str, Any]]:
     """spec.resources.podOverrides.env (NCCL settings and the like); the runtime's own contract
     variables cannot be overridden this way."""
-    return [{"name": e.name, "value": e.value} for e in stage.resources.pod_overrides.env
+    return [_env_var(e) for e in stage.resources.pod_overrides.env
             if not e.name.startswith("KUBETUNE_") and e.name not in RESERVED_ENV]
+
+
+def _env_var(e) -> dict[str, Any]:
+    if e.value_from is not None:  # the kubelet reads the Secret: its value is never in our objects
+        ref = e.value_from.secret_key_ref
+        return {"name": e.name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+    return {"name": e.name, "value": e.value or ""}
 
 
 def _env(job: FineTuneJob, stage: ResolvedStage, config: OperatorConfig) -> list[dict[str, Any]]:
@@ -275,6 +282,8 @@ def build_job(
         "volumes": [{"name": "config", "configMap": {"name": name}}, {"name": "scratch", "emptyDir": {}}],
         "securityContext": POD_SECURITY_CONTEXT,
         "automountServiceAccountToken": False,  # training pods need no API rights
+        # SIGTERM (drain, preemption, suspend) → the trainer commits a checkpoint within this
+        "terminationGracePeriodSeconds": job.spec.run_policy.termination_grace_period_seconds,
         "enableServiceLinks": False,
     }
     if config.service_account:

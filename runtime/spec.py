@@ -417,9 +417,31 @@ class FsdpSpec(Spec):
     cpu_offload: bool = _field("Keep parameters, gradients and optimizer state in host memory.", False)
 
 
+class EnvVarSource(Spec):
+    secret_key_ref: SecretKeyRef = _field(
+        "A key of a Secret in the FineTuneJob's namespace: the kubelet puts its value into the "
+        "container; it is never copied into the FineTuneJob, its ConfigMap or its status."
+    )
+
+
 class EnvVar(Spec):
     name: str = _field("Variable name, e.g. NCCL_SOCKET_IFNAME.", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=253)
-    value: str = _field("Its value.", "", max_length=4096)
+    value: str | None = _field(
+        "Its value, in plain text: anyone who can read the FineTuneJob sees it, so never a secret "
+        "(use valueFrom). Unset with no valueFrom: the empty string.",
+        None,
+        max_length=4096,
+    )
+    value_from: EnvVarSource | None = _field("Take the value from a Secret's key instead (API keys, tokens).", None)
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="!(has(self.value) && has(self.valueFrom))",
+            message="podOverrides.env: set value or valueFrom, not both",
+            check=lambda s: s.value is None or s.value_from is None,
+            field_path=".valueFrom",
+        ),
+    )
 
 
 _QUANTITY = re.compile(r"[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[KMGTPE]i|[numkMGTPE])?")  # a Kubernetes quantity
@@ -488,6 +510,10 @@ class ResourcesSpec(Spec):
     pod_overrides: PodOverrides = _field("Network and environment settings of the training pods (NCCL, hostNetwork, interfaces).", default_factory=PodOverrides)
 
 
+# `scheme://user:password@host...`: credentials written into a URL (RE2 and Python alike)
+_URL_USERINFO = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@"
+
+
 class StorageSpec(Spec):
     uri: str | None = _field(
         "Where checkpoints and outputs go: s3://bucket/prefix/, file:// or a local path. Default "
@@ -495,13 +521,28 @@ class StorageSpec(Spec):
         None,
         max_length=1024,
     )
-    endpoint: str | None = _field("S3 endpoint URL for MinIO, Ceph RGW and other S3-compatible servers.", None, max_length=1024)
+    endpoint: str | None = _field(
+        "S3 endpoint URL for MinIO, Ceph RGW and other S3-compatible servers, e.g. "
+        "http://minio.storage:9000. No credentials in it: they go in credentialsSecretRef.",
+        None,
+        max_length=1024,
+    )
     region: str | None = _field("S3 region.", None, max_length=64)
     addressing_style: Literal["path", "virtual", "auto"] = _field("S3 addressing style. Default path (MinIO, Ceph).", "path")
     credentials_secret_ref: SecretKeyRef | None = _field(
         "Secret with the S3 keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (its `key` is "
         "ignored); injected as environment variables, never copied.",
         None,
+    )
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule=f"!has(self.endpoint) || !self.endpoint.matches('{_URL_USERINFO}')",
+            message="storage.endpoint must not carry credentials (user:password@): put the keys in a "
+            "Secret and name it in storage.credentialsSecretRef",
+            check=lambda s: s.endpoint is None or not re.search(_URL_USERINFO, s.endpoint),
+            field_path=".endpoint",
+        ),
     )
 
 
@@ -511,6 +552,20 @@ class CheckpointSpec(Spec):
 
 
 class RunPolicy(Spec):
+    termination_grace_period_seconds: int = _field(
+        "Seconds a stopped training pod (node drain, preemption, suspend) has to save and commit a "
+        "checkpoint before it is killed. Default 300: enough for a checkpoint of a LoRA adapter or "
+        "of a model of a few GB; raise it for full fine-tuning of big models.",
+        300,
+        ge=30,
+        le=86400,
+    )
+    outputs: Literal["reuse", "overwrite"] = _field(
+        "A stage whose committed output already exists (the FineTuneJob was deleted and applied "
+        "again): reuse skips it and hands its output to the next stage; overwrite trains it again "
+        "from scratch and replaces the output. Default reuse.",
+        "reuse",
+    )
     backoff_limit: int = _field("Retries of a failed stage pod (resuming from checkpoints). Default 3.", 3, ge=0, le=100)
     active_deadline_seconds: int | None = _field("Fail a stage that runs longer than this.", None, ge=1)
     ttl_seconds_after_finished: int | None = _field(
@@ -709,11 +764,14 @@ def _model_of(annotation: Any) -> Any:
 
 
 def _cel_field_paths() -> dict[str, str]:
-    paths = {}
-    for model in (StageSpec, FineTuneJobSpec):
-        for r in model.cel_rules:
-            if r.field_path:
-                paths[r.message] = r.field_path
+    """The field each CEL rule's message names, for every model of the API (nested ones too)."""
+    paths, seen, todo = {}, set(), [Spec]
+    while todo:
+        for model in todo.pop().__subclasses__():
+            if model not in seen:
+                seen.add(model)
+                todo.append(model)
+                paths.update({r.message: r.field_path for r in model.cel_rules if r.field_path})
     return paths
 
 

@@ -231,3 +231,20 @@ def test_pod_overrides_for_rdma_fabrics(config):
     assert tmpl["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "cx7-roce"
     assert tmpl["metadata"]["labels"]["fabric"] == "cx7" and tmpl["metadata"]["labels"]["kubetune.io/job"] == "llama"
     assert tmpl["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1", "rdma/rdma_shared_device_a": "1"}
+
+
+def test_pod_override_env_from_a_secret_and_the_grace_period(config):
+    """podOverrides.env takes a Secret's key (no plaintext anywhere); runPolicy sets the grace period."""
+    body = ftj({"resources": {"podOverrides": {"env": [
+        {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key"}}},
+        {"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "EMPTY"}]}}})
+    body["spec"]["runPolicy"] = {"terminationGracePeriodSeconds": 900}
+    _, _, (cm, j) = build(body, config)
+    pod = j["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["WANDB_API_KEY"] == {"name": "WANDB_API_KEY",
+                                    "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key"}}}
+    assert env["NCCL_DEBUG"] == {"name": "NCCL_DEBUG", "value": "INFO"} and env["EMPTY"]["value"] == ""
+    assert pod["terminationGracePeriodSeconds"] == 900
+    _, _, (_, default) = build(ftj(), config)
+    assert default["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 300

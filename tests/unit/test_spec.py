@@ -191,3 +191,16 @@ def test_reward_functions_and_loss_types_that_are_valid_pass():
     ]))
     assert [st.preference.loss_type for st in job.spec.stages[1:4]] == ["ipo", "sigmoid", "apo_zero_unpaired"]
     assert job.spec.stages[4].reward.functions[2] == "my_pkg.rewards:score"
+
+
+
+def test_credentials_in_an_endpoint_are_refused_without_echoing_them():
+    """(The table has the refusal; here: its variants, the URLs that are fine, and no password in
+    the message.)"""
+    for url in ("http://minio:minio123@minio.storage:9000", "https://AKIA@s3.example.com/", "s3://u:p@host"):
+        with pytest.raises(SpecError) as err:
+            parse_job(patched({"storage": {"endpoint": url}}, "userinfo"))
+        assert "spec.storage.endpoint" in str(err.value) and "credentialsSecretRef" in str(err.value)
+        assert "minio123" not in str(err.value) and "AKIA" not in str(err.value)
+    for url in ("http://minio.storage:9000", "https://s3.example.com/path@v2", "http://[::1]:9000"):
+        parse_job(patched({"storage": {"endpoint": url}}, "fine"))
