@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-import urllib.error
-import urllib.request
+import socket
+import time
 from typing import Any
 
 import kubernetes
@@ -94,21 +94,138 @@ def observe(namespace: str, job_name: str) -> Observed:
     )
 
 
+PROGRESS_MAX_BYTES = 64 * 1024  # a /progress report is ~1 KiB; anything past this is not one
+PROGRESS_MAX_DEPTH = 16  # the report nests 2 levels; json's recursive parser must not meet 100k
+
+
+class ProgressError(Exception):
+    """Why a /progress answer was not used (a deadline, a size, a body that is not a report)."""
+
+
+def _nesting(body: bytes, limit: int) -> int:
+    """The deepest [ / { nesting of a JSON text (strings skipped), stopping early past `limit`."""
+    depth = deepest = 0
+    in_str = esc = False
+    for ch in body:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == 0x5C:  # backslash
+                esc = True
+            elif ch == 0x22:  # quote
+                in_str = False
+        elif ch == 0x22:
+            in_str = True
+        elif ch in (0x5B, 0x7B):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    break
+        elif ch in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def fetch_progress(host: str, port: int, deadline: float, max_bytes: int = PROGRESS_MAX_BYTES,
+                   path: str = "/progress") -> dict[str, Any]:
+    """GET http://host:port/progress within `deadline` seconds in all (connect, headers, body).
+
+    A plain HTTP/1.0 exchange on a socket whose timeout is, before every read, what is left of
+    the deadline: a server that drips a byte a second, or never ends its body, costs `deadline`
+    and no more; more than `max_bytes` of body, a body nested deeper than PROGRESS_MAX_DEPTH,
+    or anything but a JSON object raise ProgressError (so do connection errors, as OSError).
+    """
+    end = time.monotonic() + deadline
+
+    def left() -> float:
+        r = end - time.monotonic()
+        if r <= 0:
+            raise ProgressError(f"no complete answer within {deadline:g}s")
+        return r
+
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    buf = bytearray()
+    head: bytes | None = None
+    length: int | None = None
+    try:
+        with socket.create_connection((host, port), timeout=left()) as sock:
+            sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {authority}\r\nAccept: application/json\r\n"
+                         "Connection: close\r\n\r\n".encode())
+            while True:
+                sock.settimeout(left())
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                if head is None:
+                    at = buf.find(b"\r\n\r\n")
+                    if at < 0:
+                        if len(buf) > 16384:
+                            raise ProgressError("HTTP headers longer than 16 KiB")
+                        continue
+                    head, buf = bytes(buf[:at]), buf[at + 4:]
+                    length = _content_length(head, max_bytes)
+                if len(buf) > max_bytes:
+                    raise ProgressError(f"answer larger than {max_bytes} bytes")
+                if length is not None and len(buf) >= length:
+                    break  # all of it (a keep-alive server need not close)
+    except TimeoutError:
+        raise ProgressError(f"no complete answer within {deadline:g}s") from None
+    if head is None:
+        raise ProgressError("not an HTTP answer")
+    if length is not None and len(buf) < length:
+        raise ProgressError(f"answer cut short ({len(buf)} of {length} bytes)")
+    body = bytes(buf[:length] if length is not None else buf)
+    if _nesting(body, PROGRESS_MAX_DEPTH) > PROGRESS_MAX_DEPTH:
+        raise ProgressError(f"JSON nested deeper than {PROGRESS_MAX_DEPTH} levels")
+    try:
+        report = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise ProgressError(f"not JSON: {str(e)[:100]}") from None
+    if not isinstance(report, dict):
+        raise ProgressError(f"not a JSON object but {type(report).__name__}")
+    return report
+
+
+def _content_length(head: bytes, max_bytes: int) -> int | None:
+    lines = head.split(b"\r\n")
+    status = lines[0].split()
+    if len(status) < 2 or not status[0].startswith(b"HTTP/") or status[1] != b"200":
+        raise ProgressError(f"HTTP status {lines[0][:60].decode('latin-1')!r}")
+    length = None
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"transfer-encoding" and value.strip().lower() != b"identity":
+            raise ProgressError("a chunked answer to an HTTP/1.0 request")
+        if name == b"content-length":
+            try:
+                length = int(value.strip())
+            except ValueError:
+                raise ProgressError("a malformed Content-Length") from None
+            if length > max_bytes:
+                raise ProgressError(f"answer larger than {max_bytes} bytes (Content-Length {length})")
+    return length
+
+
 def poll_progress(pods: list[dict[str, Any]], port: int, timeout: float) -> dict[str, Any] | None:
-    """GET http://<rank-0 pod IP>:<port>/progress; None when no pod runs or it does not answer yet."""
+    """The rank-0 pod's /progress report (fetch_progress within `timeout` seconds in all); None
+    when no pod runs, it does not answer yet, or its answer is not a report (logged, never raised)."""
     pod = s.rank0_pod(pods)
     ip = ((pod or {}).get("status") or {}).get("podIP")
     if not ip:
         return None
-    host = f"[{ip}]" if ":" in ip else ip
-    url = f"http://{host}:{port}/progress"
+    name = pod["metadata"].get("name")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (pod IP, http by design)
-            report = json.loads(resp.read(1 << 20))
-        return report if isinstance(report, dict) else None
-    except (OSError, ValueError, urllib.error.URLError) as e:
-        log.debug("progress of pod %s not available: %s", pod["metadata"]["name"], e)
-        return None
+        return fetch_progress(ip, port, timeout)
+    except ProgressError as e:
+        log.warning("progress of pod %s not used: %s", name, e, extra={"pod": name})
+    except OSError as e:
+        log.debug("progress of pod %s not available: %s", name, e)
+    except Exception as e:  # noqa: BLE001 — a tenant's server must never break a reconcile
+        log.warning("progress of pod %s not used: %r", name, e, extra={"pod": name})
+    return None
 
 
 def apply(namespace: str, action: Action) -> str:
