@@ -14,6 +14,8 @@ import shlex
 
 from kubetune.runtime.contract import METRICS_PORT
 
+from .policy import Policy, parse_policy
+
 DEFAULT_RUNTIME_IMAGE = "ghcr.io/kubetune/runtime:0.1.0"
 
 
@@ -36,6 +38,7 @@ class OperatorConfig:
     default_runtime_class_name: str | None = None
     default_node_selector: tuple[tuple[str, str], ...] = ()
     default_tolerations: tuple[str, ...] = ()  # JSON of each toleration (hashable)
+    policy: Policy | None = None  # what a FineTuneJob may ask of its pods (operator/policy.py); None: anything
 
 
 def _env(name: str, default: str) -> str:
@@ -90,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-tolerations", default=_env("DEFAULT_TOLERATIONS", "[]"),
                    help="JSON list of tolerations of training pods whose spec sets none "
                         "(env KUBETUNE_OPERATOR_DEFAULT_TOLERATIONS)")
+    p.add_argument("--policy", default=_env("POLICY", ""),
+                   help="JSON of the chart's `policy` values: what a FineTuneJob may ask of its training pods "
+                        "(images, hostNetwork, placement, annotations, labels, Secrets); a job that asks for "
+                        "more fails with reason PolicyViolation before anything is created; empty: no policy "
+                        "(env KUBETUNE_OPERATOR_POLICY)")
     p.add_argument("--log-format", choices=["json", "plain"], default=_env("LOG_FORMAT", "json"),
                    help="structured JSON logs (default) or plain text (env KUBETUNE_OPERATOR_LOG_FORMAT)")
     p.add_argument("--print-peering-manifests", action="store_true",
@@ -110,6 +118,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[OperatorConfig, argpars
         raise SystemExit("kubetune operator: --poll-interval must be > 0")
     selector, tolerations = _json_arg(args.default_node_selector, dict, "--default-node-selector"), \
         _json_arg(args.default_tolerations, list, "--default-tolerations")
+    try:
+        policy = parse_policy(args.policy)
+    except ValueError as err:
+        raise SystemExit(f"kubetune operator: {err}") from None
     cfg = OperatorConfig(
         runtime_image=args.runtime_image,
         image_pull_policy=args.image_pull_policy,
@@ -126,6 +138,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[OperatorConfig, argpars
         default_runtime_class_name=args.default_runtime_class_name,
         default_node_selector=tuple(sorted((str(k), str(v)) for k, v in selector.items())),
         default_tolerations=tuple(json.dumps(t, sort_keys=True) for t in tolerations),
+        policy=policy,
     )
     return cfg, args
 

@@ -43,6 +43,7 @@ from kubetune.runtime.spec import API_GROUP, API_VERSION, KIND, FineTuneJob, par
 from . import manifests as m
 from . import status as s
 from .config import OperatorConfig
+from .policy import violations
 
 Verb = Literal["create", "patch", "delete"]
 
@@ -208,6 +209,13 @@ def reconcile(
     if job is None:
         _invalid(prev, d, gen, now, reason, problems)
         return d
+    if not any(uid in owner_uids(o) for o in observed.jobs.values()):
+        # before anything is created: the cluster admin's policy (the apiserver's admission policy
+        # enforces it too, unless it is off or its binding does not cover this namespace)
+        problems = violations(job, config.policy, config.runtime_image)
+        if problems:
+            _invalid(prev, d, gen, now, "PolicyViolation", problems)
+            return d
 
     stages = plan(job)
     records = _records(prev.get("stages") or [], stages)

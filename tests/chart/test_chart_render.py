@@ -125,7 +125,8 @@ def test_everything_on(helm):
     objs = render(helm, FULL)
     pm = one(objs, "PodMonitor")
     (ep,) = pm["spec"]["podMetricsEndpoints"]
-    assert ep["port"] == "metrics" and ep["honorLabels"] is True and ep["path"] == "/metrics"
+    assert ep["port"] == "metrics" and ep["honorLabels"] is False and ep["path"] == "/metrics"
+    assert pm["spec"]["jobLabel"] == "kubetune.io/job"  # the operator's label: a pod cannot claim another job
     assert pm["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "kubetune-operator"}
     assert pm["spec"]["namespaceSelector"] == {"matchNames": ["ml", "research"]}
     sm = one(objs, "ServiceMonitor")

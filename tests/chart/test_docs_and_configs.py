@@ -38,7 +38,7 @@ def test_k3s_guide_covers_the_issue():
     doc = (REPO / "docs" / "k3s-dgx-spark.md").read_text()
     for needle in ("handler: nvidia", "nvidia-device-plugin", "gpu-operator", "minio", "kube-prometheus-stack",
                    "NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "ConnectX-7", "Unified memory", "grafana_dashboard",
-                   "honorLabels", "runtime.runtimeClassName=nvidia", "AWS_ACCESS_KEY_ID"):
+                   "jobLabel", "runtime.runtimeClassName=nvidia", "AWS_ACCESS_KEY_ID"):
         assert needle in doc, needle
     # every relative link resolves
     for link in re.findall(r"\]\(((?:\.\./)?[\w./-]+)\)", doc):
