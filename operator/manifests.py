@@ -24,7 +24,7 @@ from kubetune.runtime.contract import (
     SCRATCH_DIR,
     TERMINATION_MESSAGE_PATH,
 )
-from kubetune.runtime.errors import EXIT_BAD_INPUT
+from kubetune.runtime.errors import EXIT_KILLED, PERMANENT_EXIT_CODES
 from kubetune.runtime.plan import ResolvedStage
 from kubetune.runtime.spec import API_GROUP, API_VERSION, KIND, FineTuneJob
 
@@ -232,17 +232,24 @@ POD_SECURITY_CONTEXT = {
 
 
 def pod_failure_policy(gang: bool = False) -> dict[str, Any]:
-    """Bad input (exit 42) fails the stage at once; evictions and preemptions cost no retry.
+    """The runtime's permanent failures fail the stage at once: bad input (42) and out of memory
+    (43, and 137: the kernel's OOM killer, which leaves no chance to report); evictions and
+    preemptions cost no retry. Every other exit is retried (kubetune.runtime.errors.FAILURES).
 
     One pod: a disrupted pod is replaced (Ignore). A gang (several nodes): a disrupted pod fails
     the Job at once, so the operator restarts all pods now instead of the others waiting for
-    their collective to time out; the operator does not count that restart.
+    their collective to time out; the operator does not count that restart. The disruption rule
+    comes before the 137 rule: a pod SIGKILLed at the end of a drain's grace period is disrupted,
+    not out of memory.
     """
+    permanent = [code for code in PERMANENT_EXIT_CODES if code != EXIT_KILLED]
     return {
         "rules": [
             {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                 "values": [EXIT_BAD_INPUT]}},
+                                                 "values": permanent}},
             {"action": "FailJob" if gang else "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                 "values": [EXIT_KILLED]}},
         ]
     }
 

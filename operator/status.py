@@ -10,9 +10,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import re
 from typing import Any
 
 from kubetune.runtime.contract import FINAL_PROGRESS_KEY
+from kubetune.runtime.errors import BY_EXIT_CODE, EXIT_KILLED, FAILURES
 
 CONDITION_TYPES = ("Validated", "Running", "Succeeded", "Failed", "Suspended")
 TERMINAL_PHASES = ("Succeeded", "Failed")
@@ -173,11 +175,61 @@ def job_failed(job: dict[str, Any]) -> bool:
     return job_condition(job, "Failed") is not None
 
 
-def job_failure_reason(job: dict[str, Any]) -> str:
+# "Container trainer for pod ns/name failed with exit code 43 matching FailJob rule at index 0"
+_EXIT_CODE_RE = re.compile(r"exit code (\d+)")
+
+
+def _oom_killed(pods: list[dict[str, Any]]) -> bool:
+    return any(_terminated(cs).get("reason") == "OOMKilled"
+               for pod in pods for cs in (pod.get("status") or {}).get("containerStatuses") or [])
+
+
+def _terminated(cs: dict[str, Any]) -> dict[str, Any]:
+    return (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
+
+
+def job_failure_reason(job: dict[str, Any], pods: list[dict[str, Any]] | None = None) -> str:
+    """The Failed reason of a stage whose Job failed: the row of the runtime's table of failures
+    (kubetune.runtime.errors.FAILURES) its podFailurePolicy rule matched by exit code — BadInput,
+    OutOfMemory (43, or 137 with the container OOMKilled by the kernel) — or Disrupted, or the Job's
+    own reason (BackoffLimitExceeded: OutOfMemory when the kernel OOM-killed the last pod)."""
     c = job_condition(job, "Failed") or {}
-    if c.get("reason") == "PodFailurePolicy" and "DisruptionTarget" in (c.get("message") or ""):
-        return "Disrupted"  # the gang rule (multi-node stages); otherwise the rule is exit code 42
+    message = c.get("message") or ""
+    if c.get("reason") == "PodFailurePolicy":
+        if "DisruptionTarget" in message:
+            return "Disrupted"  # the gang rule (multi-node stages)
+        m = _EXIT_CODE_RE.search(message)
+        code = int(m.group(1)) if m else None
+        if code == EXIT_KILLED:
+            return "OutOfMemory" if pods is None or _oom_killed(pods) else "Killed"
+        if code in BY_EXIT_CODE:
+            return BY_EXIT_CODE[code].reason
+        return "BadInput"
+    if c.get("reason") == "BackoffLimitExceeded" and pods and _oom_killed(pods):
+        return "OutOfMemory"
     return _JOB_FAILURE_REASONS.get(c.get("reason", ""), c.get("reason") or "StageFailed")
+
+
+def failure_is_permanent(reason: str) -> bool:
+    """A reason no retry can fix (the table's non-retryable rows, and activeDeadlineSeconds)."""
+    row = FAILURES.get(reason)
+    return reason == "DeadlineExceeded" or (row is not None and not row.retryable)
+
+
+def oom_killed_message(pod: dict[str, Any], cs: dict[str, Any]) -> str:
+    """What a container the kernel's OOM killer stopped (exit 137, OOMKilled) says: it could not
+    report itself, so the advice comes from here."""
+    limit = None
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        if c.get("name") == cs.get("name"):
+            limit = ((c.get("resources") or {}).get("limits") or {}).get("memory")
+    where = f"its memory limit ({limit}, spec.resources.memory)" if limit else "the node's memory"
+    return (f"container {cs.get('name')} was OOMKilled: the stage's host memory use reached {where} and the "
+            "kernel's OOM killer stopped it (exit 137). Run `kubetune estimate <job.yaml>` for the figure per "
+            "device; lower it with hyperparameters.batchSize (raise gradientAccumulation to keep the effective "
+            "batch), hyperparameters.cutoffLen, hyperparameters.gradientCheckpointing: true, or method: qlora "
+            "(quantization.bits: 4)" + (", or raise spec.resources.memory" if limit else "")
+            + ". Not retried: the same settings would run out of memory again")
 
 
 def job_failure_message(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
@@ -185,10 +237,12 @@ def job_failure_message(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
     best: tuple[str, str] | None = None
     for pod in pods:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+            term = _terminated(cs)
             if not term or term.get("exitCode", 0) == 0:
                 continue
             msg = (term.get("message") or "").strip()
+            if term.get("reason") == "OOMKilled":  # the message is only the log tail (FallbackToLogsOnError)
+                msg = oom_killed_message(pod, cs)
             text = msg or f"container {cs.get('name')} exited with code {term.get('exitCode')} ({term.get('reason', 'Error')})"
             key = term.get("finishedAt") or ""
             if best is None or key >= best[0]:

@@ -181,11 +181,15 @@ def torchrun_command(topo: Topology, program: Sequence[str]) -> list[str]:
 def launch(topo: Topology, cli_args: Sequence[str]) -> int:
     """Run `python -m kubetune.runtime *cli_args` as every local rank under torchrun (in this
     process: torch.distributed.run's own API) and return an exit code for the pod: bad input
-    (42) when any rank failed with it, 1 for any other failure."""
+    (42) or out of memory (43) when any rank failed with it, else the most telling of the ranks'
+    codes by the table of failures (errors.combine_exit_codes); SIGTERM to this agent: torchrun
+    passes it on to the workers, which commit a checkpoint and stop (Interrupted, 143)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    from .errors import EXIT_BAD_INPUT, EXIT_FAILED
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from .errors import EXIT_FAILED, EXIT_INTERRUPTED, combine_exit_codes
 
     for note in topo.notes:
         log.warning("%s", note)
@@ -204,7 +208,10 @@ def launch(topo: Topology, cli_args: Sequence[str]) -> int:
         codes = sorted({f.exitcode for f in err.failures.values()})
         log.error("training process(es) failed: %s", ", ".join(f"rank {r}: exit {f.exitcode}"
                                                                for r, f in sorted(err.failures.items())))
-        return EXIT_BAD_INPUT if EXIT_BAD_INPUT in codes else EXIT_FAILED
+        return combine_exit_codes(codes)
+    except SignalException as err:  # torchrun stopped the workers with the same signal (30 s)
+        log.warning("training stopped by %s", err.sigval.name if hasattr(err.sigval, "name") else err.sigval)
+        return EXIT_INTERRUPTED
     except Exception as err:  # rendezvous timeouts, a peer node gone
         log.error("distributed launch failed: %s: %s", type(err).__name__, err)
         return EXIT_FAILED
@@ -299,6 +306,19 @@ class Coordinator:
             import torch.distributed as dist
 
             dist.barrier(group=group)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when any rank's `flag` is (a SIGTERM seen by one rank stops all at the
+        same step)."""
+        group = self._ensure()
+        if group is None:
+            return bool(flag)
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return bool(t.item())
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank."""

@@ -12,12 +12,13 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from .contract import FINAL_PROGRESS_KEY, TERMINATION_MESSAGE_PATH, use_scratch
-from .errors import EXIT_BAD_INPUT, EXIT_FAILED, UserError
+from .errors import Interrupted, OutOfMemory, UserError, classify, is_out_of_memory, termination_text
 from .plan import ResolvedStage
 
 log = logging.getLogger("kubetune")
@@ -86,12 +87,36 @@ def _work_dir(cfg: ResolvedStage, storage_is_local: bool) -> Path:
     return Path.home() / ".cache" / "kubetune" / "work" / cfg.job / cfg.name
 
 
+STORAGE_WAIT_ENV = "KUBETUNE_STORAGE_WAIT_SECONDS"
+DEFAULT_STORAGE_WAIT_SECONDS = 300.0
+
+
+def storage_wait_seconds() -> float:
+    """How long a stage waits for unreachable storage at its start ($KUBETUNE_STORAGE_WAIT_SECONDS,
+    default 300) before it exits retryable (StorageUnavailable)."""
+    text = (os.environ.get(STORAGE_WAIT_ENV) or "").strip()
+    if not text:
+        return DEFAULT_STORAGE_WAIT_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{text!r} is not a number of seconds", STORAGE_WAIT_ENV) from None
+    if value < 0:
+        raise UserError(f"{text!r}: use 0 or more seconds", STORAGE_WAIT_ENV)
+    return value
+
+
 def execute_stage(
-    cfg: ResolvedStage, base_dir: Path | None = None, server=None, console: str | None = None
+    cfg: ResolvedStage, base_dir: Path | None = None, server=None, console: str | None = None,
+    outputs: str = "reuse",
 ) -> dict[str, Any]:
     """Run one stage under the storage protocol. Returns its summary (with `skipped` when its
     output was already committed). Metrics and `/progress` are served by `server` when given;
-    `console` draws them on stderr: "bar" (redrawn on a terminal) or "lines"."""
+    `console` draws them on stderr: "bar" (redrawn on a terminal) or "lines".
+
+    `outputs` (runPolicy.outputs): "reuse" skips a stage whose output is committed (saying so);
+    "overwrite" trains it again from scratch, ignoring its committed checkpoints, and replaces
+    its output."""
     from .launcher import coordinator
     from .stages import stage_runner
     from .storage import find_committed_output, open_storage
@@ -101,26 +126,37 @@ def execute_stage(
     team = coordinator()
     s = cfg.storage
     storage = open_storage(cfg.io.stage_root, endpoint=s.endpoint, region=s.region, addressing_style=s.addressing_style)
-    storage.check()  # a missing bucket or rejected credentials fail here, before any training
-    done = find_committed_output(storage, "") if team.is_main else None
+    # a missing bucket or rejected credentials fail here, before any training; an unreachable
+    # endpoint is waited for (bounded), so a short outage does not cost one of the Job's retries
+    if team.is_main:
+        storage.wait_until_reachable(storage_wait_seconds())
+    done = find_committed_output(storage, "") if team.is_main and outputs == "reuse" else None
     done_uri = team.broadcast(done.uri if done is not None else None)
     if done_uri is not None:
-        log.info("stage %s: output already committed at %s, skipping", cfg.name, done_uri)
+        log.info("stage %s: output already committed at %s, reusing it (runPolicy.outputs: reuse)",
+                 cfg.name, done_uri)
         return {"stage": cfg.name, "skipped": True, "output": done_uri}
+    if outputs == "overwrite" and team.is_main:
+        log.warning("stage %s: runPolicy.outputs is overwrite: training from scratch, ignoring the committed "
+                    "checkpoints and output under %s (the output is replaced when the stage commits)",
+                    cfg.name, storage.url(""))
     runner = stage_runner(cfg.stage.type, f"spec.stages[{cfg.index}].type")
     if team.distributed and cfg.stage.type == "export":  # no trainer: rank 0 alone merges
-        summary = _execute_single(cfg, base_dir, server, console, storage, runner) if team.is_main else None
+        summary = (_execute_single(cfg, base_dir, server, console, storage, runner, outputs)
+                   if team.is_main else None)
         output = team.broadcast(summary["output"] if summary else None)  # the others wait here
         return summary or {"stage": cfg.name, "skipped": True, "output": output}
-    return _execute_single(cfg, base_dir, server, console, storage, runner)
+    return _execute_single(cfg, base_dir, server, console, storage, runner, outputs)
 
 
-def _execute_single(cfg: ResolvedStage, base_dir, server, console, storage, runner) -> dict[str, Any]:
+def _execute_single(cfg: ResolvedStage, base_dir, server, console, storage, runner,
+                    outputs: str = "reuse") -> dict[str, Any]:
     from transformers import TrainerCallback
 
     from .launcher import Coordinator, coordinator
     from .stages.base import StageContext
     from .storage import CheckpointUploader, download_latest_checkpoint
+    from .storage import StorageIntegrityError
     from .storage.checkpoints import download_checkpoint
     from .storage.factory import is_local_uri
 
@@ -144,7 +180,12 @@ def _execute_single(cfg: ResolvedStage, base_dir, server, console, storage, runn
     if team.is_local_main:  # one scratch folder per node, emptied once
         shutil.rmtree(work, ignore_errors=True)  # scratch only: everything durable is in storage
         work.mkdir(parents=True, exist_ok=True)
-    restored = download_latest_checkpoint(storage, "", work / "restore") if team.is_main else None
+    restored = None
+    if team.is_main and outputs == "reuse":
+        try:
+            restored = download_latest_checkpoint(storage, "", work / "restore")
+        except StorageIntegrityError as err:  # every committed checkpoint is corrupt: never bad input
+            log.warning("stage %s: %s; training from scratch instead", cfg.name, err)
     # every rank resumes from rank 0's checkpoint; each other node downloads that one, once
     checkpoint = team.broadcast(restored.checkpoint if restored is not None else None)
     resume_from = None
@@ -172,13 +213,44 @@ def _execute_single(cfg: ResolvedStage, base_dir, server, console, storage, runn
         )
 
     class CheckpointSync(TrainerCallback):
-        """Hands every checkpoint the trainer saves to the background uploader."""
+        """Hands every checkpoint the trainer saves to the background uploader. On SIGTERM
+        (see `graceful_stop`): every rank stops at the same step end, the trainer saves, rank 0
+        commits that checkpoint (waiting for the upload), and the stage ends `Interrupted`."""
+
+        stopping = False
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            _stop.training = True
+
+        def on_train_end(self, args, state, control, **kwargs):
+            _stop.training = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            stop = _stop.requested.is_set()
+            if team.distributed:  # one decision for all ranks: they must save at the same step
+                stop = team.any(stop)
+            if stop:
+                self.stopping = True
+                control.should_save = True
+                control.should_training_stop = True
+            return control
 
         def on_save(self, args, state, control, **kwargs):
+            committed = None
             if state.is_world_process_zero and uploader is not None:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if folder.is_dir():
                     uploader.submit(folder, state.global_step)
+                    if self.stopping:
+                        result = uploader.flush()
+                        committed = result.uri if result is not None else None
+            if self.stopping:
+                _stop.training = False
+                took = time.monotonic() - _stop.since if _stop.since else 0.0
+                raise Interrupted(
+                    f"stage {cfg.name} stopped by SIGTERM at step {state.global_step}"
+                    + (f"; {committed} committed {took:.1f}s after the signal" if committed else "")
+                    + "; it resumes from its last committed checkpoint", checkpoint=committed)
 
     resolver = Resolver(cfg, base_dir)
     ctx = StageContext(
@@ -191,7 +263,12 @@ def _execute_single(cfg: ResolvedStage, base_dir, server, console, storage, runn
         fetch=resolver.fetch,
     )
     try:
-        result = runner(ctx)
+        try:
+            result = runner(ctx)
+        except BaseException as err:
+            if not isinstance(err, (OutOfMemory, UserError, Interrupted)) and is_out_of_memory(err):
+                raise OutOfMemory(out_of_memory_message(cfg, err, resolver)) from err
+            raise
         team.barrier()  # every rank has finished writing
         output_uri = None
         if uploader is not None:
@@ -276,26 +353,123 @@ def run_job(
         server = start_metrics_server(port=port, addr=os.environ.get("KUBETUNE_METRICS_ADDR", "127.0.0.1"))
         print(f"kubetune: metrics at {server.url}/metrics, progress at {server.url}/progress{launcher.rank_suffix()}",
               file=sys.stderr)
+    graceful_stop()
+    outputs = job.spec.run_policy.outputs
     for cfg in stages:
         if team.is_main:
             print(f"kubetune: stage {cfg.index + 1}/{cfg.count} {cfg.name} ({cfg.stage.type}/{cfg.stage.method})",
                   file=sys.stderr)
         console = ("bar" if progress else "lines") if team.is_main else None  # one progress display
         try:
-            summaries.append(execute_stage(cfg, base_dir, server, console))
+            summaries.append(execute_stage(cfg, base_dir, server, console, outputs=outputs))
         except UserError:
             raise
-        except Exception as err:
-            if _is_permanent_storage_error(err):
-                raise UserError(str(err), f"stage {cfg.name} storage") from None
-            log.exception("stage %s failed", cfg.name)
-            print(f"error: stage {cfg.name} failed: {type(err).__name__}: {err}", file=sys.stderr)
-            return EXIT_FAILED
+        except Exception as err:  # the table of failures decides the exit code (errors.classify)
+            failure = classify(err)
+            if failure.reason == "StageFailed":
+                log.exception("stage %s failed", cfg.name)
+            print(f"error: stage {cfg.name} failed ({failure.reason}, exit {failure.exit_code}): "
+                  f"{termination_text(err)}", file=sys.stderr)
+            return failure.exit_code
     if team.is_main:
         _print_summary(summaries, started)
     if server is not None:
         server.stop()
     return 0
+
+
+GIB = 1024**3
+
+
+def peak_memory() -> str:
+    """The peak memory this process saw: the torch allocator's on a GPU, the max RSS on the host
+    (and the container's limit when there is one)."""
+    parts = []
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            dev = torch.cuda.current_device()
+            total = torch.cuda.get_device_properties(dev).total_memory
+            parts.append(f"peak GPU memory allocated {torch.cuda.max_memory_allocated(dev) / GIB:.2f} GiB "
+                         f"(reserved {torch.cuda.max_memory_reserved(dev) / GIB:.2f} GiB) of {total / GIB:.1f} GiB "
+                         f"on {torch.cuda.get_device_name(dev)}")
+    except Exception:  # noqa: BLE001 - a report must not fail
+        pass
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    host = f"peak host memory (max RSS) {rss / GIB:.2f} GiB"
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            host += f" of the container's {int(limit) / GIB:.2f} GiB limit"
+    except (OSError, ValueError):
+        pass
+    parts.append(host)
+    return "; ".join(parts)
+
+
+def out_of_memory_message(cfg: ResolvedStage, err: BaseException, resolve=None) -> str:
+    """What an out-of-memory failure reports: what ran out, the peak seen, `kubetune estimate`'s
+    figure for this stage and, for each knob that lowers it, the value to try and (when the model's
+    shape is known) the estimate with it."""
+    hp = cfg.stage.hyperparameters
+    where = f"spec.stages[{cfg.index}]"
+    kind = "host" if isinstance(err, MemoryError) else "GPU" if "cuda" in f"{type(err).__name__} {err}".lower() else "device"
+    first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    text = [f"stage {cfg.name} ran out of {kind} memory ({type(err).__name__}: {first}); {peak_memory()}"]
+    estimate = None
+    try:
+        from .estimate import estimate_stage, model_arch
+
+        arch = model_arch(resolve(cfg.io.policy.model, "spec.model.name") if resolve else cfg.model.name)
+
+        def need(stage) -> float:
+            return estimate_stage(arch, stage, cfg.model, cfg.resources).total
+
+        estimate = need
+        text.append(f"kubetune estimate: {need(cfg.stage) / GIB:.1f} GiB per device for this stage")
+    except Exception as e:  # noqa: BLE001 - no shape (a hub id offline): advice without figures
+        log.debug("no estimate for the OOM report: %s", e)
+        text.append("run `kubetune estimate <job.yaml>` for the figure per device")
+
+    def knob(label: str, field: str, stage_update: dict | None = None, hp_update: dict | None = None) -> str:
+        line = f"{where}.{field}: {label}"
+        if estimate is not None:
+            changed = cfg.stage.model_copy(update={
+                **(stage_update or {}),
+                **({"hyperparameters": hp.model_copy(update=hp_update)} if hp_update else {})})
+            try:
+                line += f" (estimate {estimate(changed) / GIB:.1f} GiB)"
+            except Exception:  # noqa: BLE001
+                pass
+        return line
+
+    knobs = []
+    if hp.batch_size > 1:
+        half = max(1, hp.batch_size // 2)
+        knobs.append(knob(f"batchSize {hp.batch_size} → {half} (gradientAccumulation "
+                          f"{hp.gradient_accumulation} → {hp.gradient_accumulation * hp.batch_size // half} keeps "
+                          "the effective batch)", "hyperparameters.batchSize", hp_update={"batch_size": half}))
+    if hp.cutoff_len > 256:
+        knobs.append(knob(f"cutoffLen {hp.cutoff_len} → {hp.cutoff_len // 2}", "hyperparameters.cutoffLen",
+                          hp_update={"cutoff_len": hp.cutoff_len // 2}))
+    if hp.gradient_checkpointing is not True:
+        knobs.append(knob("gradientCheckpointing: true (recompute activations)",
+                          "hyperparameters.gradientCheckpointing", hp_update={"gradient_checkpointing": True}))
+    if cfg.stage.method in ("lora", "full", "freeze") and cfg.stage.type != "export":
+        try:
+            from .spec import QuantizationSpec
+
+            knobs.append(knob("method: qlora with quantization.bits: 4 (4-bit base weights)", "method",
+                              stage_update={"method": "qlora", "quantization": QuantizationSpec(bits=4)}))
+        except Exception:  # noqa: BLE001
+            knobs.append(f"{where}.method: qlora with quantization.bits: 4 (4-bit base weights)")
+    if knobs:
+        text.append("lower it with " + "; ".join(knobs))
+    text.append("not retried: the same settings would run out of memory again")
+    return ". ".join(text)
 
 
 def _stage_metrics(cfg: ResolvedStage):
@@ -311,12 +485,6 @@ def _stage_metrics(cfg: ResolvedStage):
     )
 
 
-def _is_permanent_storage_error(err: BaseException) -> bool:
-    from .storage import StorageError
-
-    return isinstance(err, StorageError) and not err.retryable
-
-
 def _write_termination_message(text: str) -> None:
     path = os.environ.get("KUBETUNE_TERMINATION_LOG", TERMINATION_MESSAGE_PATH)
     try:
@@ -326,15 +494,36 @@ def _write_termination_message(text: str) -> None:
         pass
 
 
-def exit_on_sigterm() -> None:
-    """Kubernetes stops a pod (delete, suspend, preemption, eviction) with SIGTERM to the
+class _StopRequest:
+    """SIGTERM's flag: set by the handler, read by the trainer callback at every step end."""
+
+    def __init__(self):
+        self.requested = threading.Event()
+        self.training = False  # a trainer is between two steps: it can save and commit first
+        self.since = 0.0
+
+
+_stop = _StopRequest()
+
+
+def graceful_stop() -> None:
+    """Kubernetes stops a pod (delete, drain, suspend, preemption, eviction) with SIGTERM to the
     container's PID 1, which in the runtime image is this process, and the kernel ignores a signal
-    that PID 1 has no handler for: without one, a stopped pod would train on for its whole grace
-    period and then be SIGKILLed. Exit at once instead, as any other process would; the stage
-    resumes from its last committed checkpoint."""
+    that PID 1 has no handler for. While a trainer runs, SIGTERM asks it to finish its step, save
+    a checkpoint and commit it (runPolicy.terminationGracePeriodSeconds leaves time for that),
+    then the stage exits Interrupted (143, retryable) and the next run resumes from there. At any
+    other moment (loading, downloading, committing the output), or on a second SIGTERM, it exits
+    at once with 143; the stage resumes from its last committed checkpoint."""
 
     def stop(signum, frame):
-        log.warning("stage stopped by %s; it resumes from its last committed checkpoint", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if _stop.training and not _stop.requested.is_set():
+            _stop.since = time.monotonic()
+            _stop.requested.set()
+            log.warning("%s: saving and committing a checkpoint at the end of this step, then stopping "
+                        "(a second %s stops at once)", name, name)
+            return
+        log.warning("stage stopped by %s; it resumes from its last committed checkpoint", name)
         for h in logging.getLogger().handlers + log.handlers:
             h.flush()
         os._exit(128 + signum)
@@ -342,10 +531,13 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+exit_on_sigterm = graceful_stop  # the name the PID-1 tests know it by
+
+
 def run_stage_config(config_path: str, metrics_port: int | None = None) -> int:
     """`python -m kubetune.runtime stage --config FILE`: what a stage pod runs."""
     setup_logging()
-    exit_on_sigterm()
+    graceful_stop()
     use_scratch()  # in a pod: every cache and temp file on the scratch volume, never the root fs
     try:
         try:
@@ -377,21 +569,19 @@ def run_stage_config(config_path: str, metrics_port: int | None = None) -> int:
         if metrics_port:
             metrics_port += launcher.coordinator().local_rank
         server = start_metrics_server(port=metrics_port)
+        # runPolicy.outputs is not in the resolved stage config yet: a pod always reuses (see
+        # docs/failures.md); `kubetune run` honours both values
         summary = execute_stage(cfg, None, server, console="lines")
         log.info("stage %s finished: %s", cfg.name, summary)
         final = server.progress_snapshot()
         if final is not None and launcher.coordinator().rank == 0:
             _write_termination_message(json.dumps({FINAL_PROGRESS_KEY: final}, separators=(",", ":")))
         return 0
-    except UserError as err:
-        log.error("%s", err)
-        _write_termination_message(f"bad input: {err}")
-        return EXIT_BAD_INPUT
-    except Exception as err:
-        if _is_permanent_storage_error(err):
-            log.error("%s", err)
-            _write_termination_message(f"bad input: {err}")
-            return EXIT_BAD_INPUT
-        log.exception("stage failed")
-        _write_termination_message(f"{type(err).__name__}: {err}")
-        return EXIT_FAILED
+    except Exception as err:  # the table of failures decides the exit code (errors.classify)
+        failure = classify(err)
+        if failure.reason == "StageFailed":
+            log.exception("stage failed")
+        else:
+            log.error("stage failed (%s, exit %d): %s", failure.reason, failure.exit_code, err)
+        _write_termination_message(termination_text(err))
+        return failure.exit_code

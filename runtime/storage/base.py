@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import StorageNotFoundError
+from .errors import StorageError, StorageNotFoundError
 
 # Temporary files the local backend writes before an atomic rename; never listed.
 TMP_PREFIX = ".kubetune-tmp-"
@@ -222,3 +222,45 @@ class Storage(ABC):
             StorageError: with a message that says what to fix.
         """
 
+
+    def wait_until_reachable(self, seconds: float, *, backoff_initial: float = 1.0,
+                             backoff_max: float = 30.0) -> float:
+        """`check()`, retried with exponential backoff (jittered) while its error is retryable
+        (endpoint unreachable, throttling, 5xx) for up to `seconds`, each retry logged at
+        WARNING. A short storage outage at stage start then costs a wait inside the pod, not one
+        of the Job's retries. Returns the seconds waited.
+
+        Raises:
+            StorageError: a permanent problem at once (missing bucket, rejected credentials), or
+                the last retryable one once `seconds` have passed (the stage exits retryable).
+        """
+        import logging
+        import random
+        import time
+
+        log = logging.getLogger("kubetune.storage")
+        t0 = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                self.check()
+            except StorageError as e:
+                waited = time.monotonic() - t0
+                if not e.retryable:
+                    raise
+                left = seconds - waited
+                if left <= 0:
+                    raise StorageError(f"storage unreachable for {waited:.0f}s ({attempt} attempts; "
+                                       f"KUBETUNE_STORAGE_WAIT_SECONDS={seconds:g}): {e}",
+                                       uri=e.uri, retryable=True) from e
+                delay = min(backoff_max, backoff_initial * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+                delay = max(0.0, min(left, delay))
+                log.warning("storage unreachable at stage start (attempt %d): %s; retrying in %.1fs "
+                            "(waiting up to %.0fs more)", attempt, e, delay, left)
+                time.sleep(delay)
+                continue
+            waited = time.monotonic() - t0
+            if attempt > 1:
+                log.info("storage reachable again after %.1fs (%d attempts)", waited, attempt)
+            return waited

@@ -233,7 +233,7 @@ def _commit_dir(storage: Storage, prefix: str, local_dir: str | os.PathLike, *, 
             raise StorageIntegrityError(
                 f"{root / f.path} changed while it was being uploaded ({f.size} bytes when "
                 f"hashed, {size} when sent): do not modify a checkpoint folder before its upload "
-                f"finishes", uri=storage.url(join_key(prefix, f.path)))
+                f"finishes", uri=storage.url(join_key(prefix, f.path)), retryable=False)
         uploaded.add(f.path)
     manifest = Manifest(kind=kind, files=tuple(files), step=step, committed_at=_now(),
                         extra=dict(extra or {}))

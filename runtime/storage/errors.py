@@ -8,10 +8,7 @@ user-info part.
 
 from __future__ import annotations
 
-# Mirrors the exit codes of kubetune.runtime.errors: 42 = bad input (permanent, the user must fix
-# the spec or a Secret), 1 = environment problem (retrying the pod may help).
-_EXIT_FAILED = 1
-_EXIT_BAD_INPUT = 42
+# The exit codes come from the one table of failures (kubetune.runtime.errors.classify).
 
 
 class StorageError(Exception):
@@ -22,8 +19,9 @@ class StorageError(Exception):
         retryable: True when the cause is likely transient (endpoint unreachable, throttling,
             5xx answers): retrying later may succeed. False for problems a user must fix
             (missing bucket, rejected credentials, missing object, corrupt data).
-        exit_code: the process exit code the runtime should use when this error ends a stage:
-            1 when retryable, 42 (bad input, permanent) when the user must fix something.
+        exit_code: the process exit code the runtime uses when this error ends a stage, from
+            the table of failures (errors.classify): 75 (StorageUnavailable) when retryable, 42
+            (BadInput, permanent) when the user must fix something, 74 for integrity errors.
     """
 
     def __init__(self, message: str, *, uri: str | None = None, retryable: bool = False):
@@ -34,7 +32,9 @@ class StorageError(Exception):
 
     @property
     def exit_code(self) -> int:
-        return _EXIT_FAILED if self.retryable else _EXIT_BAD_INPUT
+        from ..errors import exit_code_for
+
+        return exit_code_for(self)
 
 
 class StorageNotFoundError(StorageError):
@@ -42,11 +42,12 @@ class StorageNotFoundError(StorageError):
 
 
 class StorageIntegrityError(StorageError):
-    """Stored or downloaded data does not match its manifest (size or sha256)."""
+    """Stored or downloaded data does not match its manifest (size or sha256). Retryable
+    (another download may succeed); a corrupt checkpoint never ends a stage: resume falls back
+    to the previous committed one, or to a start from scratch."""
 
-    @property
-    def exit_code(self) -> int:
-        return _EXIT_FAILED
+    def __init__(self, message: str, *, uri: str | None = None, retryable: bool = True):
+        super().__init__(message, uri=uri, retryable=retryable)
 
 
 class CheckpointUploadError(StorageError):
@@ -56,7 +57,3 @@ class CheckpointUploadError(StorageError):
                  retryable: bool = True):
         super().__init__(message, uri=uri, retryable=retryable)
         self.local_dir = local_dir
-
-    @property
-    def exit_code(self) -> int:
-        return _EXIT_FAILED

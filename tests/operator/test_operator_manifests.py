@@ -123,7 +123,7 @@ def test_placement_policy_and_passthrough(config):
 def test_pod_failure_policy_fails_fast_on_bad_input_and_ignores_disruptions(config):
     _, _, (_, j) = build(ftj(), config)
     rules = j["spec"]["podFailurePolicy"]["rules"]
-    assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [42]}}
+    assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [42, 43]}}
     assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
 
 

@@ -118,7 +118,7 @@ def test_sigkill_then_resume_from_latest_ignoring_a_torn_checkpoint(tiny_model, 
 
     # Running the finished job again trains nothing.
     third = _run(job, env)
-    assert third.returncode == 0 and "skipping" in third.stderr and "step " not in third.stderr
+    assert third.returncode == 0 and "reusing it (runPolicy.outputs: reuse)" in third.stderr and "step " not in third.stderr
 
 
 def test_training_survives_an_s3_outage(tiny_model, tmp_path, s3):
