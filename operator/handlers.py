@@ -3,9 +3,17 @@
 Every trigger — a FineTuneJob event, a child Job event, the periodic timer — ends in
 `reconcile_object()`: read the FineTuneJob and its children fresh from the API, ask the pure
 `reconcile()` what should exist, make it so, post the events, write the status. Only the timer
-polls the rank-0 pod's /progress (so our own status writes never start a polling loop). A lock
-per object keeps concurrent triggers from interleaving; a status patch carries the
-resourceVersion it was computed from, so a stale decision is refused (409) and retried.
+asks for the rank-0 pod's /progress (so our own status writes never start a polling loop), and
+the poll runs off the reconcile threads (`ProgressPoller`): a tenant's pod that answers slowly
+holds one poller thread for at most `progress_timeout` seconds, never a kopf worker or an
+object's lock. A lock per object keeps concurrent triggers from interleaving; a status patch
+carries the resourceVersion it was computed from, so a stale decision is refused (409) and retried.
+
+Per-object state in this process lives only as long as its object: the lock exists while a
+trigger of the object is inside `reconcile_object`; the echo table, the TTL clean-up marks, the
+progress cache and the phase gauge's entry are dropped by `forget()` when the object is deleted
+(its DELETED event, or a reconcile that finds it gone). `state_sizes()` counts them (exported
+as kubetune_operator_object_state_entries{table}).
 """
 
 from __future__ import annotations
@@ -13,7 +21,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import kopf
 from kubernetes.client.rest import ApiException
@@ -22,26 +31,124 @@ from kubetune.runtime.spec import API_GROUP, API_VERSION, PLURAL
 
 from . import kube, metrics
 from . import manifests as m
+from . import status as s
 from .config import OperatorConfig
 from .reconcile import Decision, _terminal, merge_patch, next_check_seconds, reconcile
 
 log = logging.getLogger("kubetune.operator")
 
-_locks: dict[tuple[str, str], threading.Lock] = {}
+Key = tuple[str, str]  # (namespace, name)
+
 _locks_guard = threading.Lock()
-_cleaned: set[str] = set()  # finished jobs whose TTL clean-up has run (in this process)
-# Triggers of one object inside reconcile_object (running + waiting), and whether a waiting one
-# was asked to poll /progress. A third trigger is dropped: the one waiting has not read anything
-# yet, so it will see whatever change this trigger was about.
-_inside: dict[tuple[str, str], list] = {}
+_cleaned: set[str] = set()  # uids of finished jobs whose TTL clean-up has run (in this process)
+# Triggers of one object inside reconcile_object (running + waiting): [count, poll asked, lock].
+# A third trigger is dropped: the one waiting has not read anything yet, so it will see whatever
+# change this trigger was about. The entry (and its lock) goes when the last trigger leaves.
+_inside: dict[Key, list] = {}
 # The resourceVersion of each object's last status write by this process: its watch event is the
 # echo of our own decision, and reconciling it again would only repeat that decision.
-_own_writes: dict[tuple[str, str], str] = {}
+_own_writes: dict[Key, str] = {}
 
 
-def _lock(namespace: str, name: str) -> threading.Lock:
+class ProgressPoller:
+    """Polls rank-0 pods' /progress on its own few threads, never on a reconcile's.
+
+    `request()` starts a poll of an object's pod unless one is in flight or the object is backing
+    off, and returns at once; a reconcile uses `latest()`, the last report that pod gave. When a
+    report differs from the one before, `on_new(key)` runs (the handlers reconcile the object
+    again, so status follows progress without waiting for the next timer tick). A poll that
+    fails backs off: the next one waits min(60 s, seconds the failed poll took × 2^failures),
+    so a pod that always uses the whole deadline costs a poller thread a few seconds a minute.
+    """
+
+    MAX_BACKOFF = 60.0
+
+    def __init__(self, workers: int = 4):
+        self.workers = workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._guard = threading.Lock()
+        self._latest: dict[Key, tuple[str, dict[str, Any]]] = {}  # key → (pod name, report)
+        self._busy: set[Key] = set()
+        self._backoff: dict[Key, tuple[float, int]] = {}  # key → (not before, failures)
+
+    def latest(self, key: Key, pod: str) -> dict[str, Any] | None:
+        with self._guard:
+            got = self._latest.get(key)
+        return got[1] if got and got[0] == pod else None
+
+    def request(self, key: Key, pod: dict[str, Any], port: int, timeout: float,
+                on_new: Callable[[Key], None] | None = None) -> bool:
+        with self._guard:
+            if key in self._busy or time.monotonic() < self._backoff.get(key, (0.0, 0))[0]:
+                return False
+            self._busy.add(key)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kubetune-progress")
+        self._pool.submit(self._poll, key, pod, port, timeout, on_new)
+        return True
+
+    def _poll(self, key: Key, pod: dict[str, Any], port: int, timeout: float, on_new) -> None:
+        name = (pod.get("metadata") or {}).get("name") or ""
+        started = time.monotonic()
+        try:
+            report = kube.poll_progress([pod], port, timeout)
+        except Exception:  # noqa: BLE001 — poll_progress raises nothing; a poller thread must survive
+            log.exception("progress poll of %s failed", name)
+            report = None
+        took = time.monotonic() - started
+        changed = False
+        with self._guard:
+            if key not in self._busy:
+                return  # forgotten meanwhile: the object is gone
+            self._busy.discard(key)
+            if report is None:
+                failures = self._backoff.get(key, (0.0, 0))[1] + 1
+                wait = min(self.MAX_BACKOFF, took * 2 ** failures)
+                self._backoff[key] = (time.monotonic() + wait, failures)
+            else:
+                self._backoff.pop(key, None)
+                old = self._latest.get(key)
+                changed = old != (name, report)
+                self._latest[key] = (name, report)
+        if changed and on_new is not None:
+            try:
+                on_new(key)
+            except Exception as e:  # noqa: BLE001 — retried by the next timer tick
+                log.debug("reconcile of %s/%s after a progress report deferred: %s", *key, e)
+
+    def forget(self, key: Key) -> None:
+        with self._guard:
+            self._latest.pop(key, None)
+            self._busy.discard(key)
+            self._backoff.pop(key, None)
+
+    def sizes(self) -> dict[str, int]:
+        with self._guard:
+            return {"progress": len(self._latest), "progress_inflight": len(self._busy),
+                    "progress_backoff": len(self._backoff)}
+
+
+poller = ProgressPoller()
+
+
+def forget(namespace: str, name: str, uid: str | None = None) -> None:
+    """Drop everything this process keeps about an object that is gone."""
+    key = (namespace, name)
+    metrics.forget(namespace, name)
+    poller.forget(key)
     with _locks_guard:
-        return _locks.setdefault((namespace, name), threading.Lock())
+        _own_writes.pop(key, None)
+        if uid:
+            _cleaned.discard(uid)
+
+
+def state_sizes() -> dict[str, int]:
+    """Entries in each per-object table of this process (0 everywhere once all objects are gone)."""
+    with _locks_guard:
+        out = {"locks": len(_inside), "own_writes": len(_own_writes), "ttl_cleaned": len(_cleaned)}
+    out.update(poller.sizes())
+    out["phases"] = metrics.tracked()
+    return out
 
 
 def own_echo(namespace: str, name: str, resource_version: str | None) -> bool:
@@ -72,13 +179,13 @@ def reconcile_object(namespace: str, name: str, *, poll: bool, config: OperatorC
     """
     key = (namespace, name)
     with _locks_guard:
-        inside = _inside.setdefault(key, [0, False])
+        inside = _inside.setdefault(key, [0, False, threading.Lock()])
         if inside[0] >= 2:
             inside[1] = inside[1] or poll
             return None
         inside[0] += 1
     try:
-        with _lock(namespace, name):
+        with inside[2]:
             with _locks_guard:
                 poll, inside[1] = poll or inside[1], False
             return _reconcile_locked(namespace, name, poll=poll, config=config)
@@ -93,13 +200,19 @@ def _reconcile_locked(namespace: str, name: str, *, poll: bool, config: Operator
     started = time.monotonic()
     body = kube.get_finetunejob(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
-        metrics.forget(namespace, name)
+        forget(namespace, name, (body or {}).get("metadata", {}).get("uid"))
         return None
     observed = kube.observe(namespace, name)
     stage = ((body.get("status") or {}).get("stage") or {}).get("name")
-    if poll and stage and not _terminal(body.get("status") or {}):
-        pods = observed.pods.get(m.child_name(name, stage), [])
-        observed.progress = kube.poll_progress(pods, config.runtime_metrics_port, config.progress_timeout)
+    if stage and not _terminal(body.get("status") or {}):
+        # the last report of the rank-0 pod (polled off this thread); a timer tick asks for a new one
+        pod = s.rank0_pod(observed.pods.get(m.child_name(name, stage), []))
+        if pod is not None:
+            key = (namespace, name)
+            observed.progress = poller.latest(key, pod["metadata"].get("name") or "")
+            if poll:
+                poller.request(key, pod, config.runtime_metrics_port, config.progress_timeout,
+                               lambda k: _after_report(k, config))
     decision = reconcile(body, observed, config)
     ctx = {"namespace": namespace, "finetunejob": name}
     errors = []
@@ -131,7 +244,8 @@ def _reconcile_locked(namespace: str, name: str, *, poll: bool, config: Operator
             written = kube.patch_status(namespace, name, body["metadata"].get("resourceVersion"), patch)
             rv = ((written or {}).get("metadata") or {}).get("resourceVersion")
             if rv:
-                _own_writes[(namespace, name)] = rv
+                with _locks_guard:
+                    _own_writes[(namespace, name)] = rv
         except ApiException as e:
             if e.status in (404, 409):
                 raise kopf.TemporaryError(f"status not written ({e.status}); will reconcile again", delay=1)
@@ -145,6 +259,14 @@ def _reconcile_locked(namespace: str, name: str, *, poll: bool, config: Operator
         metrics.ERRORS.inc()
         raise kopf.TemporaryError("; ".join(errors), delay=max(5.0, config.poll_interval))
     return decision
+
+
+def _after_report(key: Key, config: OperatorConfig) -> None:
+    """A new /progress report arrived (on a poller thread): put it into the status now."""
+    try:
+        reconcile_object(*key, poll=False, config=config)
+    except kopf.TemporaryError as e:
+        log.debug("reconcile of %s/%s after a progress report deferred: %s", *key, e)
 
 
 def configure_settings(settings: kopf.OperatorSettings) -> None:
@@ -176,6 +298,7 @@ def register(config: OperatorConfig, registry: kopf.OperatorRegistry | None = No
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure_settings(settings)
+        metrics.export_state(state_sizes)
         if config.metrics_port:
             metrics.serve(config.metrics_port)
 
@@ -186,8 +309,7 @@ def register(config: OperatorConfig, registry: kopf.OperatorRegistry | None = No
     @kopf.on.event(API_GROUP, API_VERSION, PLURAL, registry=registry)
     def finetunejob_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         if type == "DELETED":
-            metrics.forget(body.metadata.namespace, body.metadata.name)
-            _own_writes.pop((body.metadata.namespace, body.metadata.name), None)
+            forget(body.metadata.namespace, body.metadata.name, body.metadata.uid)
             return
         if own_echo(body.metadata.namespace, body.metadata.name, body.metadata.get("resourceVersion")):
             return  # the echo of our own status write
@@ -203,7 +325,8 @@ def register(config: OperatorConfig, registry: kopf.OperatorRegistry | None = No
             if left is None or left > 0 or uid in _cleaned:
                 return  # finished and nothing (more) scheduled: no API traffic
             reconcile_object(body.metadata.namespace, body.metadata.name, poll=False, config=config)
-            _cleaned.add(uid)  # the TTL clean-up ran; a restart runs it once more, harmlessly
+            with _locks_guard:
+                _cleaned.add(uid)  # the TTL clean-up ran; a restart runs it once more, harmlessly
             return
         reconcile_object(body.metadata.namespace, body.metadata.name, poll=True, config=config)
 
@@ -220,4 +343,4 @@ def register(config: OperatorConfig, registry: kopf.OperatorRegistry | None = No
     return registry
 
 
-__all__ = ["register", "reconcile_object"]
+__all__ = ["ProgressPoller", "forget", "register", "reconcile_object", "state_sizes"]

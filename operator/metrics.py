@@ -5,15 +5,18 @@ kubetune_operator_reconcile_duration_seconds, kubetune_operator_child_actions_to
 kubetune_operator_stage_transitions_total{phase} (a stage entering a phase),
 kubetune_operator_pod_restarts_total (failed training pods retried),
 kubetune_operator_first_pod_running_seconds (creation → first running pod), and
-kubetune_finetunejobs{phase} (how many FineTuneJobs this replica sees in each phase).
+kubetune_finetunejobs{phase} (how many FineTuneJobs this replica sees in each phase), and
+kubetune_operator_object_state_entries{table} (entries of each per-object table of the process:
+all 0 once every FineTuneJob is gone, or the process leaks).
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 RECONCILES = Counter("kubetune_operator_reconciles_total", "Reconciles of FineTuneJobs.")
 DURATION = Histogram("kubetune_operator_reconcile_duration_seconds", "Time one reconcile took.")
@@ -90,6 +93,34 @@ def forget(namespace: str, name: str) -> None:
 def tracked() -> int:
     with _guard:
         return len(_phase)
+
+
+class _StateCollector:
+    """kubetune_operator_object_state_entries{table}, read at scrape time from `sizes()`."""
+
+    def __init__(self, sizes: Callable[[], dict[str, int]]):
+        self.sizes = sizes
+
+    def collect(self):
+        g = GaugeMetricFamily("kubetune_operator_object_state_entries",
+                              "Entries of each per-object table in the operator process.", labels=["table"])
+        for table, n in sorted(self.sizes().items()):
+            g.add_metric([table], n)
+        yield g
+
+
+_state: _StateCollector | None = None
+
+
+def export_state(sizes: Callable[[], dict[str, int]]) -> None:
+    """Export the per-object table sizes (once per process; a second call replaces the source)."""
+    global _state
+    with _guard:
+        if _state is None:
+            _state = _StateCollector(sizes)
+            REGISTRY.register(_state)
+        else:
+            _state.sizes = sizes
 
 
 def serve(port: int) -> None:

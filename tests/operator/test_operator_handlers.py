@@ -3,6 +3,7 @@ our own status writes (the e2e tier runs the same code against a real apiserver)
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -10,7 +11,7 @@ import kopf
 import pytest
 from operator_builders import ftj
 
-from kubetune.operator import handlers, kube
+from kubetune.operator import handlers, kube, metrics
 from kubetune.operator.reconcile import Observed
 
 
@@ -80,3 +81,109 @@ def test_the_echo_of_our_own_status_write_is_recognised(fake_api, config):
     assert handlers.own_echo("ml", "llama", written)
     assert not handlers.own_echo("ml", "llama", str(int(written) + 1))  # someone else's change after ours
     assert not handlers.own_echo("ml", "other", written) and not handlers.own_echo("ml", "llama", None)
+
+
+# ----------------------------------------------------- /progress off the reconcile threads, state
+
+
+def _running(body, port_pod_ip="127.0.0.1"):
+    """`body` at its stage sft with a Job and a running rank-0 pod at 127.0.0.1."""
+    from operator_builders import k8s_job, pod
+
+    body["status"] = {"phase": "Running", "stage": {"name": "sft", "index": 0, "count": 1}}
+    return Observed(jobs={"llama-sft": k8s_job("llama-sft", active=1)},
+                    pods={"llama-sft": [pod("llama-sft", "Running", ip=port_pod_ip)]})
+
+
+@pytest.fixture
+def real_poll(fake_api, monkeypatch):
+    """fake_api, but kube.poll_progress is the real one and a fresh ProgressPoller."""
+    monkeypatch.setattr(kube, "poll_progress", _real_poll)
+    monkeypatch.setattr(handlers, "poller", handlers.ProgressPoller(workers=2))
+    monkeypatch.setattr(handlers, "_cleaned", set())
+    monkeypatch.setattr(metrics, "_phase", {})
+    return fake_api
+
+
+_real_poll = kube.poll_progress
+
+
+def test_a_dripping_progress_server_never_holds_a_reconcile(real_poll, config, monkeypatch):
+    from test_operator_progress import Server, drip, ok
+
+    calls, _, body = real_poll
+    obs = _running(body)
+    monkeypatch.setattr(kube, "observe", lambda ns, name: obs)
+    cfg = dataclasses.replace(config, progress_timeout=1.5)
+    slow = Server(drip)
+    try:
+        cfg = dataclasses.replace(cfg, runtime_metrics_port=slow.port)
+        t0 = time.monotonic()
+        handlers.reconcile_object("ml", "llama", poll=True, config=cfg)
+        assert time.monotonic() - t0 < 0.5  # the poll runs on a poller thread
+        # the poller gives up at the deadline and backs off
+        deadline = time.monotonic() + 5
+        while handlers.poller.sizes()["progress_inflight"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert time.monotonic() - t0 < cfg.progress_timeout + 0.7
+        assert handlers.poller.sizes() == {"progress": 0, "progress_inflight": 0, "progress_backoff": 1}
+        assert not handlers.poller.request(("ml", "llama"), obs.pods["llama-sft"][0], slow.port, 1.5)
+    finally:
+        slow.close()
+    # a good report reaches the status without waiting for a timer tick
+    good = Server(ok(b'{"stage": "sft", "step": 3, "totalSteps": 6}'))
+    try:
+        handlers.poller._backoff.clear()
+        cfg = dataclasses.replace(cfg, runtime_metrics_port=good.port)
+        handlers.reconcile_object("ml", "llama", poll=True, config=cfg)
+        deadline = time.monotonic() + 5
+        while (body["status"].get("progress") or {}).get("step") != 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert body["status"]["progress"]["step"] == 3 and body["status"]["progressText"] == "50%"
+    finally:
+        good.close()
+
+
+def test_per_object_state_is_released_when_objects_are_deleted(real_poll, config, monkeypatch):
+    """N objects reconciled (locks, echoes, progress reports, TTL marks, phase gauge), then their
+    DELETED events through the registered kopf handler: every table is empty again."""
+    from test_operator_progress import Server, ok
+
+    calls, _, body = real_poll
+    n = 20
+    good = Server(ok(b'{"stage": "sft", "step": 1, "totalSteps": 6}'))
+    cfg = dataclasses.replace(config, runtime_metrics_port=good.port)
+    registry = handlers.register(cfg, kopf.OperatorRegistry())
+    on_event = next(h.fn for h in registry._watching.get_all_handlers() if h.fn.__name__ == "finetunejob_event")
+    monkeypatch.setattr(kube, "get_finetunejob", lambda ns, name: body)
+    obs = _running(body)
+    monkeypatch.setattr(kube, "observe", lambda ns, name: Observed(
+        jobs={f"{name}-sft": obs.jobs["llama-sft"]}, pods={f"{name}-sft": obs.pods["llama-sft"]}))
+    try:
+        for i in range(n):
+            body["status"] = {"phase": "Running", "stage": {"name": "sft", "index": 0, "count": 1}}
+            handlers.reconcile_object("ml", f"job-{i}", poll=True, config=cfg)
+            handlers._cleaned.add(f"uid-{i}")
+        deadline = time.monotonic() + 10
+        while handlers.state_sizes()["progress"] < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sizes = handlers.state_sizes()
+        # (one shared fake body: a reconcile that finds nothing to change writes nothing)
+        assert sizes["progress"] == n and sizes["own_writes"] > n // 2 and sizes["phases"] >= n, sizes
+        assert sizes["ttl_cleaned"] == n and sizes["locks"] == 0  # a lock lives only while a trigger is inside
+        for i in range(n):
+            meta = {"name": f"job-{i}", "namespace": "ml", "uid": f"uid-{i}"}
+            on_event(type="DELETED", body=kopf.Body({"metadata": meta}))
+        handlers.forget("ml", "llama", body["metadata"]["uid"])  # the fake_api's own object
+        assert handlers.state_sizes() == {"locks": 0, "own_writes": 0, "ttl_cleaned": 0, "progress": 0,
+                                          "progress_inflight": 0, "progress_backoff": 0, "phases": 0}
+    finally:
+        good.close()
+
+
+def test_a_reconcile_that_finds_the_object_gone_forgets_it(real_poll, config, monkeypatch):
+    handlers._own_writes[("ml", "gone")] = "5"
+    handlers.poller._latest[("ml", "gone")] = ("pod", {})
+    monkeypatch.setattr(kube, "get_finetunejob", lambda ns, name: None)
+    assert handlers.reconcile_object("ml", "gone", poll=True, config=config) is None
+    assert ("ml", "gone") not in handlers._own_writes and not handlers.poller._latest
