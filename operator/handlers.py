@@ -33,7 +33,7 @@ from . import kube, metrics
 from . import manifests as m
 from . import status as s
 from .config import OperatorConfig
-from .reconcile import Decision, _terminal, merge_patch, next_check_seconds, reconcile
+from .reconcile import Decision, _terminal, merge_patch, next_check_seconds, reconcile, stage_names
 
 log = logging.getLogger("kubetune.operator")
 
@@ -206,7 +206,8 @@ def _reconcile_locked(namespace: str, name: str, *, poll: bool, config: Operator
     stage = ((body.get("status") or {}).get("stage") or {}).get("name")
     if stage and not _terminal(body.get("status") or {}):
         # the last report of the rank-0 pod (polled off this thread); a timer tick asks for a new one
-        pod = s.rank0_pod(observed.pods.get(m.child_name(name, stage), []))
+        uid = body["metadata"].get("uid") or ""
+        pod = s.rank0_pod(observed.pods.get(stage_names(observed, name, stage, uid)[0], []))
         if pod is not None:
             key = (namespace, name)
             observed.progress = poller.latest(key, pod["metadata"].get("name") or "")
@@ -216,9 +217,16 @@ def _reconcile_locked(namespace: str, name: str, *, poll: bool, config: Operator
     decision = reconcile(body, observed, config)
     ctx = {"namespace": namespace, "finetunejob": name}
     errors = []
+    conflicts: dict[str, str] = {}
     for action in decision.actions:
         try:
             result = kube.apply(namespace, action)
+        except kube.NameConflict as e:
+            conflicts[e.name] = e.message
+            metrics.ACTIONS.labels(action.verb, action.kind, "conflict").inc()
+            log.warning("%s %s %s: %s", action.verb, action.kind, action.name, e.message,
+                        extra={**ctx, "verb": action.verb, "kind": action.kind, "child": action.name})
+            continue
         except ApiException as e:
             msg = _api_message(e)
             errors.append(f"{action.verb} {action.kind} {action.name}: {msg}")
@@ -229,6 +237,11 @@ def _reconcile_locked(namespace: str, name: str, *, poll: bool, config: Operator
         metrics.ACTIONS.labels(action.verb, action.kind, result).inc()
         log.info("%s %s %s: %s (%s)", action.verb, action.kind, action.name, result, action.why,
                  extra={**ctx, "verb": action.verb, "kind": action.kind, "child": action.name, "result": result})
+    if conflicts:
+        # decide again knowing which names are taken: the status says so (NameConflict); the
+        # actions of that decision are the ones just tried, so they are not repeated
+        observed.conflicts = conflicts
+        decision = reconcile(body, observed, config)
     ref = _ref(body)
     for ev in decision.events:
         (kopf.info if ev.type == "Normal" else kopf.warn)(ref, reason=ev.reason, message=ev.message)

@@ -86,11 +86,24 @@ def observe(namespace: str, job_name: str) -> Observed:
         owner = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
         if owner:
             by_job.setdefault(owner, []).append(p)
+    # A Job without pods may be one whose pods cannot be created (quota, Pod Security, a missing
+    # PriorityClass): the Job controller says so only in a FailedCreate event on the Job.
+    podless = {j["metadata"].get("uid"): j["metadata"]["name"] for j in jobs
+               if j["metadata"]["name"] not in by_job and not s.job_complete(j) and not s.job_failed(j)
+               and not (j.get("spec") or {}).get("suspend")}
+    events: dict[str, list[dict[str, Any]]] = {}
+    if podless:
+        for e in _json(_core().list_namespaced_event, namespace,
+                       field_selector="involvedObject.kind=Job,reason=FailedCreate")["items"]:
+            name = podless.get((e.get("involvedObject") or {}).get("uid"))
+            if name:
+                events.setdefault(name, []).append(e)
     return Observed(
         jobs={j["metadata"]["name"]: j for j in jobs},
         configmaps={c["metadata"]["name"]: c for c in cms},
         services={v["metadata"]["name"]: v for v in svcs},
         pods=by_job,
+        job_events=events,
     )
 
 
@@ -228,8 +241,44 @@ def poll_progress(pods: list[dict[str, Any]], port: int, timeout: float) -> dict
     return None
 
 
+class NameConflict(Exception):
+    """A child's name is taken by an object the FineTuneJob does not own."""
+
+    def __init__(self, kind: str, name: str, message: str):
+        super().__init__(message)
+        self.kind, self.name, self.message = kind, name, message
+
+
+def _existing(namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+    fn = {"Job": _batch().read_namespaced_job, "ConfigMap": _core().read_namespaced_config_map,
+          "Service": _core().read_namespaced_service}[kind]
+    try:
+        return _json(fn, name, namespace)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def _check_owner(namespace: str, action: Action) -> str:
+    """A create met 409: 'exists' when the object there is ours (a lost race with ourselves),
+    else NameConflict naming what is there — never "already exists = success"."""
+    want = {r.get("uid") for r in ((action.body or {}).get("metadata") or {}).get("ownerReferences") or []}
+    there = _existing(namespace, action.kind, action.name)
+    if there is None:
+        raise ApiException(status=409, reason="Conflict")  # gone again: the next reconcile retries
+    refs = (there.get("metadata") or {}).get("ownerReferences") or []
+    if want & {r.get("uid") for r in refs}:
+        return "exists"
+    owners = ", ".join(f"{r.get('kind')} {r.get('name')}" for r in refs) or "no owner"
+    raise NameConflict(action.kind, action.name,
+                       f"{action.kind} {action.name} already exists and is not owned by this FineTuneJob "
+                       f"(owned by {owners}); delete or rename it, or rename this FineTuneJob or stage")
+
+
 def apply(namespace: str, action: Action) -> str:
-    """Carry out one action; returns what happened ('created', 'exists', 'patched', 'deleted', 'gone')."""
+    """Carry out one action; returns what happened ('created', 'exists', 'patched', 'deleted', 'gone').
+    Raises NameConflict when a create finds the name taken by an object this FineTuneJob does not own."""
     core, batch = _core(), _batch()
     try:
         if action.verb == "create":
@@ -254,7 +303,7 @@ def apply(namespace: str, action: Action) -> str:
         return "deleted"
     except ApiException as e:
         if action.verb == "create" and e.status == 409:
-            return "exists"
+            return _check_owner(namespace, action)
         if action.verb == "delete" and e.status == 404:
             return "gone"
         raise

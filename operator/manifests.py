@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 from kubetune.runtime import contract as c
@@ -44,22 +45,51 @@ GPU_RESOURCE = "nvidia.com/gpu"
 MAX_CHILD_NAME = 52
 
 
-def _truncate(name: str, limit: int) -> str:
-    if len(name) <= limit:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+_DIGEST = re.compile(r"[0-9a-f]{8}")
+
+
+def _hashed(name: str, key: str, limit: int = MAX_CHILD_NAME) -> str:
+    """`name` cut to fit, then `-<8 hex of sha256(key)>`."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"{name[: limit - 9].rstrip('-')}-{digest}"
 
 
 def child_name(job_name: str, stage_name: str) -> str:
-    """`<job>-<stage>`, deterministic; truncated with a hash suffix when too long."""
-    return _truncate(f"{job_name}-{stage_name}", MAX_CHILD_NAME)
+    """The name of a stage's Job and ConfigMap: `<job>-<stage>` when that says which job and stage
+    it is, else `<job>-<stage>` cut to fit plus `-<hash of (job, stage)>`.
+
+    Injective: a plain name's last dash-separated part is the stage (plain only when the stage
+    has no dash and does not look like a hash suffix), so job and stage can be read back; a
+    hashed name ends in 8 hex digits of sha256 over both names, which no plain name does. So a
+    FineTuneJob `a-b` with stage `c` gets `a-b-c` and `a` with stage `b-c` gets `a-b-c-<hash>`.
+    Jobs keep ≤ 52 characters (an Indexed Job's pod hostname `<job>-<index>` is a DNS label).
+    Names from before this scheme (`<job>-<stage>` for every stage) are found by `legacy_child_name`.
+    """
+    name = f"{job_name}-{stage_name}"
+    if "-" not in stage_name and not _DIGEST.fullmatch(stage_name) and len(name) <= MAX_CHILD_NAME:
+        return name
+    return _hashed(name, f"{job_name}\0{stage_name}")
 
 
 def service_name(job_name: str, stage_name: str) -> str:
     """Headless Service of a multi-node stage (a DNS-1035 label: starts with a letter)."""
     name = child_name(job_name, stage_name)
-    return name if name[0].isalpha() else _truncate(f"s-{name}", MAX_CHILD_NAME)
+    return name if name[0].isalpha() else _hashed(f"s-{job_name}-{stage_name}", f"service\0{job_name}\0{stage_name}")
+
+
+def legacy_child_name(job_name: str, stage_name: str) -> str:
+    """The child name of operators before 0.x (`<job>-<stage>`, hashed only when too long): the
+    Jobs of FineTuneJobs that were running across the upgrade keep it (reconcile looks them up)."""
+    name = f"{job_name}-{stage_name}"
+    if len(name) <= MAX_CHILD_NAME:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: MAX_CHILD_NAME - 9].rstrip('-')}-{digest}"
+
+
+def legacy_service_name(job_name: str, stage_name: str) -> str:
+    name = legacy_child_name(job_name, stage_name)
+    return name if name[0].isalpha() else legacy_child_name("s", name)
 
 
 def stage_config(stage: ResolvedStage) -> dict[str, Any]:

@@ -57,6 +57,10 @@ class Observed:
     services: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     pods: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
     progress: dict[str, Any] | None = None  # the rank-0 /progress report, when polled
+    # FailedCreate events of the Job controller by Job name (only read for Jobs without pods)
+    job_events: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    # child names taken by an object this FineTuneJob does not own: name → what is there
+    conflicts: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +128,28 @@ def validate(body: dict[str, Any]) -> tuple[FineTuneJob | None, str, list[str]]:
 
 def owner_uids(obj: dict[str, Any]) -> list[str]:
     return [r.get("uid") for r in (obj.get("metadata") or {}).get("ownerReferences") or [] if r.get("kind") == KIND]
+
+
+def stage_names(observed: Observed, job_name: str, stage_name: str, uid: str) -> tuple[str, str]:
+    """(Job and ConfigMap name, Service name) of a stage: `manifests.child_name`, except for a
+    stage whose Job an operator before the collision-free names created (`legacy_child_name`,
+    owned by this FineTuneJob): it keeps its Job, ConfigMap and Service until the stage ends."""
+    new = m.child_name(job_name, stage_name)
+    old = m.legacy_child_name(job_name, stage_name)
+    if old != new and new not in observed.jobs and uid and uid in owner_uids(observed.jobs.get(old) or {}):
+        return old, m.legacy_service_name(job_name, stage_name)
+    return new, m.service_name(job_name, stage_name)
+
+
+def failed_create(observed: Observed, job: dict[str, Any]) -> str | None:
+    """The newest FailedCreate event message of this Job (its uid), if any."""
+    meta = job.get("metadata") or {}
+    evs = [e for e in observed.job_events.get(meta.get("name"), [])
+           if (e.get("involvedObject") or {}).get("uid") in (None, meta.get("uid"))]
+    if not evs:
+        return None
+    evs.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or (e.get("metadata") or {}).get("creationTimestamp") or "")
+    return str(evs[-1].get("message") or "the Job controller could not create the pod")
 
 
 def merge_patch(old: Any, new: Any) -> Any:
@@ -226,8 +252,9 @@ def reconcile(
     validated = (True, "Valid", f"{len(stages)} stage(s): {flow}")
 
     # Children of stages that no longer exist in the spec (renamed or removed) go away.
-    wanted = {m.child_name(job.metadata.name, st.name) for st in stages}
-    wanted_svc = {m.service_name(job.metadata.name, st.name) for st in stages}
+    names = [stage_names(observed, job.metadata.name, st.name, uid) for st in stages]
+    wanted = {n for n, _ in names}
+    wanted_svc = {v for _, v in names}
     for kind, objs, keep in (("Job", observed.jobs, wanted), ("ConfigMap", observed.configmaps, wanted),
                              ("Service", observed.services, wanted_svc)):
         for name, obj in objs.items():
@@ -241,7 +268,7 @@ def reconcile(
         if rec.get("phase") == "Succeeded":
             i += 1
             continue
-        jname = m.child_name(job.metadata.name, st.name)
+        jname = names[i][0]
         child = observed.jobs.get(jname)
         if child is not None and uid in owner_uids(child) and s.job_complete(child):
             rec["phase"] = "Succeeded"
@@ -264,7 +291,7 @@ def reconcile(
         status["startTime"] = status.get("startTime") or records[0].get("startTime") or status["completionTime"]
         progress = dict(status.get("progress") or {})
         # the last stage's own final report (it may have ended between two /progress polls)
-        final = s.final_report(observed.pods.get(m.child_name(job.metadata.name, last.name), []))
+        final = s.final_report(observed.pods.get(names[-1][0], []))
         if final is not None:
             progress.update(s.progress_from_report(final))
         progress.update({"percent": 100.0, "etaSeconds": 0.0})
@@ -311,11 +338,24 @@ def _current_stage(
         for k in ("progress", "checkpoint", "eta", "progressText"):
             status.pop(k, None)
     status["stage"] = _stage_ref(st)
-    jname = m.child_name(job.metadata.name, st.name)
+    jname, sname = stage_names(observed, job.metadata.name, st.name, uid)
+
+    # A name of this stage's children taken by an object this FineTuneJob does not own: never
+    # "already exists = done"; the stage waits, saying what is in the way.
+    taken = [observed.conflicts[n] for n in dict.fromkeys((jname, sname)) if n in observed.conflicts]
+    if taken:
+        conds = {"Validated": validated, "Succeeded": (False, "InProgress", "")}
+        text = f"stage {_label(st)} cannot start: " + "; ".join(taken)
+        old = s.get_condition(prev.get("conditions"), "Running") or {}
+        if old.get("reason") != "NameConflict" or old.get("message") != text[: s.MAX_MESSAGE]:
+            d.warn("NameConflict", text)
+        _pending(status, rec, conds, d, gen, now, "Pending", "NameConflict", text)
+        return
 
     # The ConfigMap (and the headless Service of a multi-node stage) follow the spec.
     cm = observed.configmaps.get(jname)
     desired_cm = m.build_configmap(job, st, uid)
+    desired_cm["metadata"]["name"] = jname  # (a stage Job from before the upgrade keeps its names)
     if cm is not None and uid not in owner_uids(cm) and owner_uids(cm):
         d.actions.append(Action("delete", "ConfigMap", jname, why="owned by an older FineTuneJob of this name"))
     elif cm is None:
@@ -326,8 +366,9 @@ def _current_stage(
                          "ownerReferences": desired_cm["metadata"]["ownerReferences"]},
             "data": desired_cm["data"]}, why="stage config drifted from the spec"))
     svc = m.build_service(job, st, uid)
-    if svc is not None and svc["metadata"]["name"] not in observed.services:
-        d.actions.append(Action("create", "Service", svc["metadata"]["name"], svc, why="multi-node rendezvous"))
+    if svc is not None and sname not in observed.services:
+        svc["metadata"]["name"] = sname
+        d.actions.append(Action("create", "Service", sname, svc, why="multi-node rendezvous"))
 
     child = observed.jobs.get(jname)
     pods = observed.pods.get(jname, [])
@@ -425,6 +466,16 @@ def _current_stage(
         _set_all(status, gen, now, **conds)
         return
     why = s.pending_reason(pods) if child is not None else None
+    cannot = failed_create(observed, child) if child is not None and not why and not pods else None
+    if cannot:
+        # Quota, Pod Security admission, a missing PriorityClass...: the Job controller keeps
+        # trying (and succeeds once the cause is fixed); say why now instead of Pending forever.
+        text = f"the pods of Job {jname} (stage {_label(st)}) cannot be created: {cannot}"
+        old = s.get_condition(prev.get("conditions"), "Running") or {}
+        if old.get("reason") != "PodCreationFailed" or old.get("message") != text[: s.MAX_MESSAGE]:
+            d.warn("PodCreationFailed", text)
+        _pending(status, rec, conds, d, gen, now, "Pending", "PodCreationFailed", text)
+        return
     _pending(status, rec, conds, d, gen, now, "Pending", "Pending",
              why or f"waiting for the pod of Job {jname} (stage {_label(st)}) to start")
 
@@ -471,8 +522,8 @@ def _gang_restart(job, st, rec, child, pods, d: Decision) -> bool:
     except when a pod was disrupted (evicted, preempted: its DisruptionTarget condition). Bad input and
     activeDeadlineSeconds are final. Returns False when the stage fails instead.
     """
-    reason = s.job_failure_reason(child)
-    if reason in ("BadInput", "DeadlineExceeded"):
+    reason = s.job_failure_reason(child, pods)
+    if s.failure_is_permanent(reason):  # bad input, out of memory, deadline: no restart
         return False
     meta = child.get("metadata") or {}
     delete = Action("delete", "Job", meta.get("name", ""), {"propagationPolicy": "Foreground"},
@@ -497,7 +548,7 @@ def _gang_restart(job, st, rec, child, pods, d: Decision) -> bool:
 
 def _failed(job, st, rec, child, pods, d: Decision, gen, now, validated) -> None:
     status = d.status
-    reason = s.job_failure_reason(child)
+    reason = s.job_failure_reason(child, pods)
     msg = s.job_failure_message(child, pods)
     rec["phase"] = "Failed"
     rec["message"] = msg[: s.MAX_MESSAGE]
@@ -505,7 +556,7 @@ def _failed(job, st, rec, child, pods, d: Decision, gen, now, validated) -> None
     status["phase"] = "Failed"
     status["completionTime"] = rec["completionTime"]
     status.pop("eta", None)
-    retries = "" if reason == "BadInput" else f" after {rec.get('restarts', 0)} retries"
+    retries = "" if s.failure_is_permanent(reason) and reason != "DeadlineExceeded" else f" after {rec.get('restarts', 0)} retries"
     text = f"stage {_label(st)} failed ({reason}){retries}: {msg}"
     _set_all(status, gen, now, Validated=validated,
              Running=(False, "Failed", f"stage {_label(st)} failed"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 from pathlib import Path
 
@@ -155,6 +157,34 @@ def test_names_are_deterministic_and_bounded():
     assert len(long) <= m.MAX_CHILD_NAME and long == m.child_name("a" * 63, "stage-" + "b" * 34)
     assert long != m.child_name("a" * 63, "stage-" + "c" * 34)
     assert m.service_name("1job", "sft")[0].isalpha()
+
+
+def test_child_names_never_collide():
+    """FineTuneJob `a-b` stage `c` and FineTuneJob `a` stage `b-c` get different children; so does
+    every pair of (job, stage) built from a small alphabet of dashed parts, hash-like stage names
+    and names long enough to be cut."""
+    import itertools
+
+    assert m.child_name("a-b", "c") == "a-b-c" and m.child_name("a", "b-c") != "a-b-c"
+    assert m.service_name("a-b", "c") != m.service_name("a", "b-c")
+    parts = ["a", "b", "c", "1", "0a1b2c3d", "x" * 30, "y" * 40]
+    names = {"-".join(p) for n in (1, 2, 3) for p in itertools.product(parts, repeat=n)}
+    jobs = [n for n in names if len(n) <= 63]
+    stages = [n for n in names if len(n) <= 40]
+    seen: dict[str, tuple[str, str]] = {}
+    seen_svc: dict[str, tuple[str, str]] = {}
+    for job, stage in itertools.product(jobs, stages):
+        c, v = m.child_name(job, stage), m.service_name(job, stage)
+        assert len(c) <= m.MAX_CHILD_NAME and len(v) <= m.MAX_CHILD_NAME and v[0].isalpha()
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", c) and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", v)
+        assert seen.setdefault(c, (job, stage)) == (job, stage), (c, seen[c], (job, stage))
+        assert seen_svc.setdefault(v, (job, stage)) == (job, stage), (v, seen_svc[v], (job, stage))
+    assert len(seen) > 10_000
+
+
+def test_legacy_names_are_the_old_scheme():
+    assert m.legacy_child_name("a", "b-c") == "a-b-c" == m.legacy_child_name("a-b", "c")
+    assert m.legacy_service_name("1a", "b") == m.legacy_child_name("s", "1a-b")
 
 
 def test_operator_defaults_and_runtime_command_override():
