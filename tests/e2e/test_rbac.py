@@ -42,6 +42,7 @@ NAMESPACED_MATRIX = [
     ("list", "pods", "watched", YES),
     ("watch", "pods", "watched", YES),
     ("create", "events", "watched", YES),
+    ("list", "events", "watched", YES),  # a Job's FailedCreate events
     ("patch", "kopfpeerings.kopf.dev", "watched", YES),
     ("get", "secrets", "watched", NO),
     ("list", "secrets", "watched", NO),
@@ -57,6 +58,7 @@ NAMESPACED_MATRIX = [
     ("get", "configmaps", "other", NO),
     ("list", "pods", "other", NO),
     ("create", "events", "other", NO),
+    ("list", "events", "other", NO),
     ("list", "customresourcedefinitions.apiextensions.k8s.io", "cluster", YES),
     ("watch", "customresourcedefinitions.apiextensions.k8s.io", "cluster", YES),
     ("create", "customresourcedefinitions.apiextensions.k8s.io", "cluster", NO),
@@ -81,6 +83,7 @@ CLUSTER_MATRIX = [
     ("create", "jobs.batch", "other", YES),
     ("create", "configmaps", "other", YES),
     ("list", "pods", "cluster", YES),
+    ("list", "events", "other", YES),  # a Job's FailedCreate events
     ("list", "namespaces", "cluster", NO),  # kopf needs no namespace list when cluster-wide
     ("patch", "clusterkopfpeerings.kopf.dev", "cluster", YES),
     ("get", "secrets", "other", NO),

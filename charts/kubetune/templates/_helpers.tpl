@@ -64,5 +64,5 @@ app.kubernetes.io/component: operator
   verbs: ["get", "list", "watch"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]  # list: a Job's FailedCreate events (pods that cannot be created)
 {{- end }}
