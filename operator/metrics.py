@@ -110,12 +110,13 @@ class _StateCollector:
 
 
 _state: _StateCollector | None = None
+_state_guard = threading.Lock()
 
 
 def export_state(sizes: Callable[[], dict[str, int]]) -> None:
     """Export the per-object table sizes (once per process; a second call replaces the source)."""
     global _state
-    with _guard:
+    with _state_guard:  # not _guard: registering collects once, and sizes() reads _phase under _guard
         if _state is None:
             _state = _StateCollector(sizes)
             REGISTRY.register(_state)

@@ -187,3 +187,12 @@ def test_a_reconcile_that_finds_the_object_gone_forgets_it(real_poll, config, mo
     monkeypatch.setattr(kube, "get_finetunejob", lambda ns, name: None)
     assert handlers.reconcile_object("ml", "gone", poll=True, config=config) is None
     assert ("ml", "gone") not in handlers._own_writes and not handlers.poller._latest
+
+
+def test_the_state_tables_are_exported_as_a_metric():
+    from prometheus_client import REGISTRY, generate_latest
+
+    metrics.export_state(handlers.state_sizes)
+    text = generate_latest(REGISTRY).decode()
+    for table in ("locks", "own_writes", "ttl_cleaned", "progress", "progress_inflight", "progress_backoff", "phases"):
+        assert f'kubetune_operator_object_state_entries{{table="{table}"}}' in text
