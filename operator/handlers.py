@@ -308,10 +308,13 @@ def register(config: OperatorConfig, registry: kopf.OperatorRegistry | None = No
         # the same credentials as the kubernetes client: in-cluster, else KUBECONFIG
         return kopf.login_via_client(**kwargs)
 
+    # here, not in the startup activity below: registering a collector from inside it (a sync
+    # handler on kopf's executor) left the activity unfinished, and the operator never started
+    metrics.export_state(state_sizes)
+
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure_settings(settings)
-        metrics.export_state(state_sizes)
         if config.metrics_port:
             metrics.serve(config.metrics_port)
 
