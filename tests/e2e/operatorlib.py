@@ -135,13 +135,15 @@ class OperatorProcess:
     FAKE RUNTIME by default) in `runtime_image`."""
 
     def __init__(self, control_plane, workdir: Path, peering: tuple[str, int] | None = None,
-                 runtime_image: str = "kubetune/runtime:e2e", script: str = FAKE_RUNTIME):
+                 runtime_image: str = "kubetune/runtime:e2e", script: str = FAKE_RUNTIME,
+                 extra_args: tuple[str, ...] = ()):
         self.cp = control_plane
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.peering = peering
         self.runtime_image = runtime_image
         self.script = script
+        self.extra_args = tuple(extra_args)
         self.runtime_port = free_port()
         self.health_port = free_port()
         self.metrics_port = free_port()
@@ -155,7 +157,8 @@ class OperatorProcess:
         argv = [sys.executable, "-m", "kubetune.operator", *mode, "--log-format", "plain",
                 "--poll-interval", "1", "--runtime-image", self.runtime_image,
                 "--runtime-metrics-port", str(self.runtime_port), "--health-port", str(self.health_port),
-                "--metrics-port", str(self.metrics_port), "--runtime-command", inline_command(self.script)]
+                "--metrics-port", str(self.metrics_port), "--runtime-command", inline_command(self.script),
+                *self.extra_args]
         self.proc = subprocess.Popen(argv, env=self.cp.env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
         wait_for(self.healthy, 60, "operator liveness endpoint")
