@@ -25,6 +25,15 @@ Lifecycle rules (the documented behaviour):
   outcome and warns with a `SpecChangeIgnored` event; to train again, create a new FineTuneJob
   (or delete and re-apply this one). A job that failed validation never ran: fixing its spec
   starts it.
+- Child names cannot collide (`manifests.child_name`). A create that finds the name taken by an
+  object this FineTuneJob does not own is never "already exists = done": the stage waits with
+  Running=False, reason `NameConflict`, naming the object. A stage Job named by an operator
+  from before these names (`legacy_child_name`, owned by this FineTuneJob) keeps its Job,
+  ConfigMap and Service until the stage ends; later stages get the new names.
+- A Job whose pods the Job controller cannot create (a ResourceQuota, Pod Security admission,
+  a missing PriorityClass) shows the newest `FailedCreate` event of that Job as Running=False,
+  reason `PodCreationFailed` (phase Pending: the Job controller retries, and fixing the cause
+  starts the pod).
 - `runPolicy.ttlSecondsAfterFinished` deletes the children (Jobs, their pods, ConfigMaps,
   Services) that long after the FineTuneJob finished; the status and the stored outputs stay.
 """
