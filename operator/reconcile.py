@@ -252,7 +252,7 @@ def reconcile(
             _invalid(prev, d, gen, now, "PolicyViolation", problems)
             return d
 
-    stages = plan(job)
+    stages = plan(job, run=uid)  # the uid: a stage's pods and retries are one run, a re-applied job a new one
     records = _records(prev.get("stages") or [], stages)
     status["stages"] = records
     kueue = m.KUEUE_QUEUE_LABEL in job.metadata.labels

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -107,16 +108,16 @@ def storage_wait_seconds() -> float:
 
 
 def execute_stage(
-    cfg: ResolvedStage, base_dir: Path | None = None, server=None, console: str | None = None,
-    outputs: str = "reuse",
+    cfg: ResolvedStage, base_dir: Path | None = None, server=None, console: str | None = None
 ) -> dict[str, Any]:
     """Run one stage under the storage protocol. Returns its summary (with `skipped` when its
     output was already committed). Metrics and `/progress` are served by `server` when given;
     `console` draws them on stderr: "bar" (redrawn on a terminal) or "lines".
 
-    `outputs` (runPolicy.outputs): "reuse" skips a stage whose output is committed (saying so);
-    "overwrite" trains it again from scratch, ignoring its committed checkpoints, and replaces
-    its output."""
+    `cfg.outputs` (runPolicy.outputs): "reuse" skips a stage whose output is committed (saying
+    so); "overwrite" skips it only when this run (`cfg.run`) committed it, and otherwise removes
+    the output and checkpoints an earlier run left and trains the stage again from scratch (a
+    retried pod of this run still resumes from this run's checkpoints)."""
     from .launcher import coordinator
     from .stages import stage_runner
     from .storage import find_committed_output, open_storage
@@ -130,27 +131,52 @@ def execute_stage(
     # endpoint is waited for (bounded), so a short outage does not cost one of the Job's retries
     if team.is_main:
         storage.wait_until_reachable(storage_wait_seconds())
-    done = find_committed_output(storage, "") if team.is_main and outputs == "reuse" else None
+    done = None
+    if team.is_main:
+        done = find_committed_output(storage, "")
+        if done is not None and cfg.outputs == "overwrite" and run_of(done.manifest) != cfg.run:
+            done = None
+        if cfg.outputs == "overwrite" and done is None:
+            remove_earlier_runs(storage, cfg)
     done_uri = team.broadcast(done.uri if done is not None else None)
     if done_uri is not None:
-        log.info("stage %s: output already committed at %s, reusing it (runPolicy.outputs: reuse)",
-                 cfg.name, done_uri)
+        log.info("stage %s: output already committed at %s, reusing it (runPolicy.outputs: %s)",
+                 cfg.name, done_uri, cfg.outputs)
         return {"stage": cfg.name, "skipped": True, "output": done_uri}
-    if outputs == "overwrite" and team.is_main:
-        log.warning("stage %s: runPolicy.outputs is overwrite: training from scratch, ignoring the committed "
-                    "checkpoints and output under %s (the output is replaced when the stage commits)",
-                    cfg.name, storage.url(""))
     runner = stage_runner(cfg.stage.type, f"spec.stages[{cfg.index}].type")
     if team.distributed and cfg.stage.type == "export":  # no trainer: rank 0 alone merges
-        summary = (_execute_single(cfg, base_dir, server, console, storage, runner, outputs)
+        summary = (_execute_single(cfg, base_dir, server, console, storage, runner)
                    if team.is_main else None)
         output = team.broadcast(summary["output"] if summary else None)  # the others wait here
         return summary or {"stage": cfg.name, "skipped": True, "output": output}
-    return _execute_single(cfg, base_dir, server, console, storage, runner, outputs)
+    return _execute_single(cfg, base_dir, server, console, storage, runner)
 
 
-def _execute_single(cfg: ResolvedStage, base_dir, server, console, storage, runner,
-                    outputs: str = "reuse") -> dict[str, Any]:
+def run_of(manifest) -> str | None:
+    """The run that committed a checkpoint or output (None: before runs were recorded)."""
+    return (manifest.extra or {}).get("run")
+
+
+def remove_earlier_runs(storage, cfg: ResolvedStage) -> None:
+    """runPolicy.outputs: overwrite. The output and checkpoints of other runs go (an earlier
+    run's higher-numbered checkpoints would otherwise outrank this run's when the newest are kept);
+    this run's own checkpoints stay, for a retried pod to resume from."""
+    from .storage.checkpoints import checkpoints_prefix, list_committed_checkpoints, output_prefix
+
+    removed = storage.delete_prefix(output_prefix(""))
+    others = [c for c in list_committed_checkpoints(storage, "") if run_of(c.manifest) != cfg.run]
+    mine = len(list_committed_checkpoints(storage, "")) - len(others)
+    if others and not mine:  # nothing of this run yet: the whole folder, torn uploads and LATEST too
+        removed += storage.delete_prefix(checkpoints_prefix(""))
+    else:
+        for c in others:
+            removed += storage.delete_prefix(c.prefix)
+    if removed:
+        log.warning("stage %s: runPolicy.outputs is overwrite: removed %d object(s) an earlier run left under %s; "
+                    "training again", cfg.name, removed, storage.url(""))
+
+
+def _execute_single(cfg: ResolvedStage, base_dir, server, console, storage, runner) -> dict[str, Any]:
     from transformers import TrainerCallback
 
     from .launcher import Coordinator, coordinator
@@ -181,7 +207,7 @@ def _execute_single(cfg: ResolvedStage, base_dir, server, console, storage, runn
         shutil.rmtree(work, ignore_errors=True)  # scratch only: everything durable is in storage
         work.mkdir(parents=True, exist_ok=True)
     restored = None
-    if team.is_main and outputs == "reuse":
+    if team.is_main:  # (with overwrite, only this run's checkpoints are left)
         try:
             restored = download_latest_checkpoint(storage, "", work / "restore")
         except StorageIntegrityError as err:  # every committed checkpoint is corrupt: never bad input
@@ -240,7 +266,7 @@ def _execute_single(cfg: ResolvedStage, base_dir, server, console, storage, runn
             if state.is_world_process_zero and uploader is not None:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if folder.is_dir():
-                    uploader.submit(folder, state.global_step)
+                    uploader.submit(folder, state.global_step, extra={"run": cfg.run})
                     if self.stopping:
                         result = uploader.flush()
                         committed = result.uri if result is not None else None
@@ -274,7 +300,7 @@ def _execute_single(cfg: ResolvedStage, base_dir, server, console, storage, runn
         if uploader is not None:
             # waits for the last checkpoint, then commits the output (retrying through S3 outages)
             committed = uploader.commit_output(result.output_dir, step=result.summary.get("steps"),
-                                               extra={"summary": result.summary})
+                                               extra={"summary": result.summary, "run": cfg.run})
             uploader.close()
             output_uri = committed.uri
         output_uri = team.broadcast(output_uri)  # the other ranks wait here for the commit
@@ -322,7 +348,7 @@ def run_job(
 
     setup_logging()
     job = load_job(file, overrides)
-    stages = plan(job, output_root)
+    stages = plan(job, output_root, run=uuid.uuid4().hex)  # each `kubetune run` is a run of its own
     if only_stage is not None:
         names = [s.name for s in stages]
         if only_stage not in names:
@@ -354,14 +380,13 @@ def run_job(
         print(f"kubetune: metrics at {server.url}/metrics, progress at {server.url}/progress{launcher.rank_suffix()}",
               file=sys.stderr)
     graceful_stop()
-    outputs = job.spec.run_policy.outputs
     for cfg in stages:
         if team.is_main:
             print(f"kubetune: stage {cfg.index + 1}/{cfg.count} {cfg.name} ({cfg.stage.type}/{cfg.stage.method})",
                   file=sys.stderr)
         console = ("bar" if progress else "lines") if team.is_main else None  # one progress display
         try:
-            summaries.append(execute_stage(cfg, base_dir, server, console, outputs=outputs))
+            summaries.append(execute_stage(cfg, base_dir, server, console))
         except UserError:
             raise
         except Exception as err:  # the table of failures decides the exit code (errors.classify)
@@ -569,8 +594,6 @@ def run_stage_config(config_path: str, metrics_port: int | None = None) -> int:
         if metrics_port:
             metrics_port += launcher.coordinator().local_rank
         server = start_metrics_server(port=metrics_port)
-        # runPolicy.outputs is not in the resolved stage config yet: a pod always reuses (see
-        # docs/failures.md); `kubetune run` honours both values
         summary = execute_stage(cfg, None, server, console="lines")
         log.info("stage %s finished: %s", cfg.name, summary)
         final = server.progress_snapshot()

@@ -71,6 +71,15 @@ class ResolvedStage(Spec):
     storage: StorageSpec = Field(description="Storage settings (no secrets).")
     checkpoint: CheckpointSpec = Field(description="Checkpoint policy.")
     resources: ResourcesSpec = Field(description="Resources (for the launcher).")
+    outputs: Literal["reuse", "overwrite"] = Field(
+        "reuse", description="runPolicy.outputs: what to do with an output committed by an earlier run."
+    )
+    run: str | None = Field(
+        None,
+        description="This run's identity, written into every commit marker: the FineTuneJob's uid in a "
+        "cluster (the same for all of a stage's pods and retries, new when the job is deleted and "
+        "applied again), a fresh one per `kubetune run`.",
+    )
 
     @property
     def name(self) -> str:
@@ -98,8 +107,8 @@ def storage_root(job: FineTuneJob, default_root: str | None = None) -> str:
     return job.spec.storage.uri or default_root or f"./saves/{job.metadata.name}"
 
 
-def plan(job: FineTuneJob, default_root: str | None = None) -> list[ResolvedStage]:
-    """Resolve every stage of `job`, in order."""
+def plan(job: FineTuneJob, default_root: str | None = None, run: str | None = None) -> list[ResolvedStage]:
+    """Resolve every stage of `job`, in order (`run`: this run's identity, see ResolvedStage.run)."""
     spec = job.spec
     root = storage_root(job, default_root)
     policy = ModelRef(model=spec.model.name)
@@ -145,6 +154,8 @@ def plan(job: FineTuneJob, default_root: str | None = None) -> list[ResolvedStag
                 storage=spec.storage,
                 checkpoint=spec.checkpoint,
                 resources=spec.resources,
+                outputs=spec.run_policy.outputs,
+                run=run,
             )
         )
         made = ModelRef(model=policy.model, adapter=output) if output_kind == "adapter" else ModelRef(model=output)

@@ -68,7 +68,7 @@ def _cm(body, config):
     from kubetune.runtime.spec import parse_job
 
     job = parse_job(job_document(body))
-    return m.build_configmap(job, plan(job)[body["status"]["stage"]["index"]], UID)
+    return m.build_configmap(job, plan(job, run=UID)[body["status"]["stage"]["index"]], UID)
 
 
 def test_running_with_progress_from_rank0(config):

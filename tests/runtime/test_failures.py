@@ -168,13 +168,47 @@ def test_a_corrupt_checkpoint_falls_back_then_from_scratch_and_outputs_reuse_or_
     assert json.loads(out_marker.read_text())["committedAt"] > committed_first
 
     # outputs: overwrite trains again from scratch though output and checkpoints are committed
+    # (each `kubetune run` is a run of its own)
     before = json.loads(out_marker.read_text())["committedAt"]
     job = _write_job(tmp_path, tiny_model, root, steps=10, run_policy={"outputs": "overwrite"})
     over = _run(job, env)
     assert over.returncode == 0, over.stderr[-3000:]
-    assert "runPolicy.outputs is overwrite: training from scratch" in over.stderr
+    assert "runPolicy.outputs is overwrite: removed" in over.stderr and "an earlier run left" in over.stderr
     assert "resuming from" not in over.stderr and _steps(over.stderr)[:1] == [1] and max(_steps(over.stderr)) == 10
     assert json.loads(out_marker.read_text())["committedAt"] > before
+
+
+def test_outputs_overwrite_replaces_an_earlier_run_but_a_retry_of_this_run_resumes(tiny_model, tmp_path):
+    """In a cluster the run is the FineTuneJob's uid: a retried pod of the same run resumes from
+    its own checkpoints and reuses its own output; a job deleted and applied again (a new uid)
+    starts over."""
+    from kubetune.runtime.local import execute_stage
+    from kubetune.runtime.plan import plan
+    from kubetune.runtime.spec import load_job
+
+    root = tmp_path / "storage"
+    job = load_job(str(_write_job(tmp_path, tiny_model, root, steps=10, run_policy={"outputs": "overwrite"})))
+    stage = root / "sft"
+    out_marker = stage / "output" / "COMMITTED.json"
+
+    def run(uid: str) -> dict:
+        (cfg,) = plan(job, run=uid)
+        return execute_stage(cfg, tmp_path)
+
+    def runs() -> set:
+        markers = [*stage.glob("checkpoints/checkpoint-*/COMMITTED.json"), out_marker]
+        return {json.loads(m.read_text())["extra"].get("run") for m in markers if m.exists()}
+
+    assert not run("uid-1").get("skipped") and runs() == {"uid-1"}
+    assert run("uid-1")["skipped"]  # this run's own output: reused
+    # the pod of this run died after checkpoint-10 was committed, before the output was
+    out_marker.unlink()
+    (stage / "checkpoints" / "LATEST").write_text("checkpoint-10")
+    resumed = run("uid-1")
+    assert resumed.get("resumed_from_step") == 10 and runs() == {"uid-1"}, resumed
+    # deleted and applied again: a new uid, nothing of the earlier run survives
+    again = run("uid-2")
+    assert not again.get("skipped") and again.get("resumed_from_step") is None and runs() == {"uid-2"}
 
 
 # ---- S3 unreachable at stage start ---------------------------------------------------------------
