@@ -219,6 +219,8 @@ def _reconcile_locked(namespace: str, name: str, *, poll: bool, config: Operator
     errors = []
     conflicts: dict[str, str] = {}
     for action in decision.actions:
+        if conflicts and action.verb == "create":
+            continue  # never a Job next to a ConfigMap (or Service) someone else put there
         try:
             result = kube.apply(namespace, action)
         except kube.NameConflict as e:

@@ -196,3 +196,23 @@ def test_the_state_tables_are_exported_as_a_metric():
     text = generate_latest(REGISTRY).decode()
     for table in ("locks", "own_writes", "ttl_cleaned", "progress", "progress_inflight", "progress_backoff", "phases"):
         assert f'kubetune_operator_object_state_entries{{table="{table}"}}' in text
+
+
+def test_a_name_conflict_stops_the_creates_and_is_the_status(fake_api, config, monkeypatch):
+    """The ConfigMap's name is taken by an object this FineTuneJob does not own: the Job (which
+    would mount that ConfigMap) is not created, and the status says NameConflict."""
+    calls, _, body = fake_api
+    tried = []
+
+    def apply(ns, action):
+        tried.append((action.verb, action.kind))
+        if action.kind == "ConfigMap":
+            raise kube.NameConflict("ConfigMap", action.name, f"ConfigMap {action.name} already exists and is not owned")
+        return "created"
+
+    monkeypatch.setattr(kube, "apply", apply)
+    d = handlers.reconcile_object("ml", "llama", poll=False, config=config)
+    assert tried == [("create", "ConfigMap")]
+    running = next(c for c in d.status["conditions"] if c["type"] == "Running")
+    assert running["reason"] == "NameConflict" and "ConfigMap llama-sft already exists" in running["message"]
+    assert body["status"]["phase"] == "Pending"
