@@ -173,6 +173,14 @@ def test_ten_misbehaving_progress_servers_hold_no_reconcile_and_others_finish(co
     for name in evil:
         st = ftj(kube, namespace, name)["status"]
         assert st["phase"] == "Running" and not st.get("progress"), (name, st)
+    # and the misbehaving jobs themselves are still reconciled: a suspend takes effect at once
+    t0 = time.monotonic()
+    for name in evil:
+        r = control_plane.kubectl("patch", "ftj", "-n", namespace, name, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+        assert r.returncode == 0, r.stderr
+    for name in evil:
+        wait_status(kube, namespace, name, lambda s: s.get("phase") == "Suspended", 30, f"{name} Suspended", op)
+    print(f"all 10 suspended {time.monotonic() - t0:.1f}s after the patches")
     assert op.healthy()
 
 
@@ -212,9 +220,11 @@ def test_pods_that_cannot_be_created_show_why_within_one_reconcile(control_plane
     quota = extra_namespace()
     kube.post(f"/api/v1/namespaces/{quota}/resourcequotas",
               {"metadata": {"name": "needs-limits"}, "spec": {"hard": {"limits.memory": "64Gi"}}})
-    # quota admission counts only once the quota controller has filled in status.hard
-    wait_for(lambda: (kube.get(f"/api/v1/namespaces/{quota}/resourcequotas/needs-limits").get("status") or {}).get("hard"),
-             30, "quota status")
+    # quota admission needs the quota's status (hard and used); this control plane runs no
+    # resourcequota controller, so the test writes what that controller would
+    q = kube.get(f"/api/v1/namespaces/{quota}/resourcequotas/needs-limits")
+    q["status"] = {"hard": {"limits.memory": "64Gi"}, "used": {"limits.memory": "0"}}
+    kube.put(f"/api/v1/namespaces/{quota}/resourcequotas/needs-limits/status", q)
     cases = []
     doc = quickstart(store, name="hostnet")
     doc["spec"]["resources"]["podOverrides"] = {"hostNetwork": True}
