@@ -39,6 +39,9 @@ class OperatorConfig:
     default_node_selector: tuple[tuple[str, str], ...] = ()
     default_tolerations: tuple[str, ...] = ()  # JSON of each toleration (hashable)
     policy: Policy | None = None  # what a FineTuneJob may ask of its pods (operator/policy.py); None: anything
+    # a NetworkPolicy per stage (manifests.build_network_policy): JSON of the chart's
+    # trainingNetworkPolicy values; empty: none
+    network_policy: str = ""
 
 
 def _env(name: str, default: str) -> str:
@@ -98,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(images, hostNetwork, placement, annotations, labels, Secrets); a job that asks for "
                         "more fails with reason PolicyViolation before anything is created; empty: no policy "
                         "(env KUBETUNE_OPERATOR_POLICY)")
+    p.add_argument("--training-network-policy", default=_env("TRAINING_NETWORK_POLICY", ""),
+                   help="JSON {operatorNamespace, operatorPodLabels, monitoringNamespaces, egress}: give every "
+                        "stage a NetworkPolicy (its pods reach each other, the operator and the monitoring "
+                        "namespaces reach /metrics and /progress, nothing else gets in; egress as given, or "
+                        "open when egress is null); empty: none (env KUBETUNE_OPERATOR_TRAINING_NETWORK_POLICY)")
     p.add_argument("--log-format", choices=["json", "plain"], default=_env("LOG_FORMAT", "json"),
                    help="structured JSON logs (default) or plain text (env KUBETUNE_OPERATOR_LOG_FORMAT)")
     p.add_argument("--print-peering-manifests", action="store_true",
@@ -139,8 +147,26 @@ def parse_config(argv: list[str] | None = None) -> tuple[OperatorConfig, argpars
         default_node_selector=tuple(sorted((str(k), str(v)) for k, v in selector.items())),
         default_tolerations=tuple(json.dumps(t, sort_keys=True) for t in tolerations),
         policy=policy,
+        network_policy=_network_policy_arg(args.training_network_policy),
     )
     return cfg, args
+
+
+def _network_policy_arg(text: str) -> str:
+    """Checked here (a typo fails at start, not at the first stage); kept as JSON (hashable)."""
+    if not text.strip():
+        return ""
+    doc = _json_arg(text, dict, "--training-network-policy")
+    known = {"operatorNamespace", "operatorPodLabels", "monitoringNamespaces", "egress", "enabled"}
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        raise SystemExit(f"kubetune operator: --training-network-policy: unknown key(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(known))}")
+    if not doc.get("operatorNamespace"):
+        raise SystemExit("kubetune operator: --training-network-policy: operatorNamespace is required")
+    if doc.get("enabled") is False:
+        return ""
+    return json.dumps(doc, sort_keys=True)
 
 
 def _json_arg(text: str, kind: type, flag: str):

@@ -202,7 +202,7 @@ def _reconcile_locked(namespace: str, name: str, *, poll: bool, config: Operator
     if body is None or body["metadata"].get("deletionTimestamp"):
         forget(namespace, name, (body or {}).get("metadata", {}).get("uid"))
         return None
-    observed = kube.observe(namespace, name)
+    observed = kube.observe(namespace, name, network_policies=bool(config.network_policy))
     stage = ((body.get("status") or {}).get("stage") or {}).get("name")
     if stage and not _terminal(body.get("status") or {}):
         # the last report of the rank-0 pod (polled off this thread); a timer tick asks for a new one

@@ -47,6 +47,10 @@ def _batch() -> kubernetes.client.BatchV1Api:
     return kubernetes.client.BatchV1Api(api_client())
 
 
+def _networking() -> kubernetes.client.NetworkingV1Api:
+    return kubernetes.client.NetworkingV1Api(api_client())
+
+
 def _custom() -> kubernetes.client.CustomObjectsApi:
     return kubernetes.client.CustomObjectsApi(api_client())
 
@@ -72,8 +76,9 @@ def get_finetunejob(namespace: str, name: str) -> dict[str, Any] | None:
         raise
 
 
-def observe(namespace: str, job_name: str) -> Observed:
-    """The children labelled kubetune.io/job=<name>, and their pods grouped by Job."""
+def observe(namespace: str, job_name: str, network_policies: bool = False) -> Observed:
+    """The children labelled kubetune.io/job=<name>, and their pods grouped by Job (NetworkPolicies
+    only when the operator makes them)."""
     sel = f"{m.LABEL_JOB}={job_name}"
     jobs = _json(_batch().list_namespaced_job, namespace, label_selector=sel)["items"]
     cms = _json(_core().list_namespaced_config_map, namespace, label_selector=sel)["items"]
@@ -102,6 +107,9 @@ def observe(namespace: str, job_name: str) -> Observed:
         jobs={j["metadata"]["name"]: j for j in jobs},
         configmaps={c["metadata"]["name"]: c for c in cms},
         services={v["metadata"]["name"]: v for v in svcs},
+        network_policies={n["metadata"]["name"]: n for n in (_json(
+            _networking().list_namespaced_network_policy, namespace, label_selector=sel)["items"]
+            if network_policies else [])},
         pods=by_job,
         job_events=events,
     )
@@ -251,7 +259,8 @@ class NameConflict(Exception):
 
 def _existing(namespace: str, kind: str, name: str) -> dict[str, Any] | None:
     fn = {"Job": _batch().read_namespaced_job, "ConfigMap": _core().read_namespaced_config_map,
-          "Service": _core().read_namespaced_service}[kind]
+          "Service": _core().read_namespaced_service,
+          "NetworkPolicy": _networking().read_namespaced_network_policy}[kind]
     try:
         return _json(fn, name, namespace)
     except ApiException as e:
@@ -283,17 +292,20 @@ def apply(namespace: str, action: Action) -> str:
     try:
         if action.verb == "create":
             fn = {"Job": batch.create_namespaced_job, "ConfigMap": core.create_namespaced_config_map,
-                  "Service": core.create_namespaced_service}[action.kind]
+                  "Service": core.create_namespaced_service,
+                  "NetworkPolicy": _networking().create_namespaced_network_policy}[action.kind]
             fn(namespace, action.body, _request_timeout=TIMEOUT)
             return "created"
         if action.verb == "patch":
             fn = {"Job": batch.patch_namespaced_job, "ConfigMap": core.patch_namespaced_config_map,
-                  "Service": core.patch_namespaced_service}[action.kind]
+                  "Service": core.patch_namespaced_service,
+                  "NetworkPolicy": _networking().patch_namespaced_network_policy}[action.kind]
             fn(action.name, namespace, action.body, _content_type="application/merge-patch+json",
                _request_timeout=TIMEOUT)
             return "patched"
         fn = {"Job": batch.delete_namespaced_job, "ConfigMap": core.delete_namespaced_config_map,
-              "Service": core.delete_namespaced_service}[action.kind]
+              "Service": core.delete_namespaced_service,
+              "NetworkPolicy": _networking().delete_namespaced_network_policy}[action.kind]
         # Background (default): the Job goes now, the garbage collector removes its pods.
         # Foreground (a gang restart): the Job stays until its pods are gone, so no new pod
         # meets an old one at the rendezvous.

@@ -372,11 +372,43 @@ def build_job(
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 
+def build_network_policy(job: FineTuneJob, stage: ResolvedStage, uid: str, config: OperatorConfig) -> dict[str, Any] | None:
+    """The stage's pods take traffic only from each other (the rendezvous, NCCL/gloo on any port)
+    and, on the metrics port (/metrics, /progress), from the operator and the monitoring
+    namespaces; egress as configured (open when not). None when the operator makes none.
+    (A hostNetwork pod is outside every NetworkPolicy.)"""
+    if not config.network_policy:
+        return None
+    np = json.loads(config.network_policy)
+    gang = {"podSelector": {"matchLabels": {LABEL_JOB: job.metadata.name, LABEL_STAGE: stage.name}}}
+    ns_label = "kubernetes.io/metadata.name"
+    metrics_from = [{"namespaceSelector": {"matchLabels": {ns_label: np["operatorNamespace"]}},
+                     "podSelector": {"matchLabels": dict(np.get("operatorPodLabels") or {})}}]
+    metrics_from += [{"namespaceSelector": {"matchLabels": {ns_label: n}}} for n in np.get("monitoringNamespaces") or []]
+    spec: dict[str, Any] = {
+        "podSelector": gang["podSelector"],
+        "policyTypes": ["Ingress"],
+        "ingress": [
+            {"from": [gang]},
+            {"from": metrics_from, "ports": [{"port": config.runtime_metrics_port, "protocol": "TCP"}]},
+        ],
+    }
+    if np.get("egress") is not None:
+        dns = {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+        spec["policyTypes"].append("Egress")
+        spec["egress"] = [{"to": [gang]}, dns, *np["egress"]]
+    meta = _metadata(job, stage, uid, child_name(job.metadata.name, stage.name))
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta, "spec": spec}
+
+
 def build_children(
     job: FineTuneJob, stage: ResolvedStage, uid: str, config: OperatorConfig, suspend: bool = False
 ) -> list[dict[str, Any]]:
     """ConfigMap, Service (multi-node only) and Job of a stage, in creation order."""
     out = [build_configmap(job, stage, uid)]
+    netpol = build_network_policy(job, stage, uid, config)
+    if netpol is not None:
+        out.append(netpol)
     svc = build_service(job, stage, uid)
     if svc is not None:
         out.append(svc)

@@ -64,6 +64,7 @@ class Observed:
     jobs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     configmaps: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     services: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    network_policies: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # (when the operator makes them)
     pods: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
     progress: dict[str, Any] | None = None  # the rank-0 /progress report, when polled
     # FailedCreate events of the Job controller by Job name (only read for Jobs without pods)
@@ -75,7 +76,7 @@ class Observed:
 @dataclasses.dataclass(frozen=True)
 class Action:
     verb: Verb
-    kind: Literal["Job", "ConfigMap", "Service"]
+    kind: Literal["Job", "ConfigMap", "Service", "NetworkPolicy"]
     name: str
     body: dict[str, Any] | None = None  # the manifest (create), a merge patch (patch), or {"propagationPolicy": ...} (delete)
     why: str = ""
@@ -265,7 +266,8 @@ def reconcile(
     wanted = {n for n, _ in names}
     wanted_svc = {v for _, v in names}
     for kind, objs, keep in (("Job", observed.jobs, wanted), ("ConfigMap", observed.configmaps, wanted),
-                             ("Service", observed.services, wanted_svc)):
+                             ("Service", observed.services, wanted_svc),
+                             ("NetworkPolicy", observed.network_policies, wanted)):
         for name, obj in objs.items():
             if name not in keep and uid in owner_uids(obj):
                 d.actions.append(Action("delete", kind, name, why="its stage is no longer in the spec"))
@@ -374,6 +376,10 @@ def _current_stage(
             "metadata": {"annotations": desired_cm["metadata"]["annotations"],
                          "ownerReferences": desired_cm["metadata"]["ownerReferences"]},
             "data": desired_cm["data"]}, why="stage config drifted from the spec"))
+    netpol = m.build_network_policy(job, st, uid, config)
+    if netpol is not None and jname not in observed.network_policies:
+        netpol["metadata"]["name"] = jname
+        d.actions.append(Action("create", "NetworkPolicy", jname, netpol, why="who may reach the stage's pods"))
     svc = m.build_service(job, st, uid)
     if svc is not None and sname not in observed.services:
         svc["metadata"]["name"] = sname
@@ -615,6 +621,7 @@ def _finished(body, prev, observed: Observed, d: Decision, gen, now) -> None:
     doomed = [("Job", n) for n, o in observed.jobs.items() if uid in owner_uids(o)]
     doomed += [("ConfigMap", n) for n, o in observed.configmaps.items() if uid in owner_uids(o)]
     doomed += [("Service", n) for n, o in observed.services.items() if uid in owner_uids(o)]
+    doomed += [("NetworkPolicy", n) for n, o in observed.network_policies.items() if uid in owner_uids(o)]
     for kind, name in doomed:
         d.actions.append(Action("delete", kind, name, why="ttlSecondsAfterFinished elapsed"))
     if doomed:

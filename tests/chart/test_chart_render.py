@@ -18,7 +18,10 @@ NAMESPACED = {  # operator/README.md, per namespace
     *{("", r, v) for r in ("configmaps", "services") for v in ("create", "get", "list", "watch", "patch", "delete")},
     *{("", "pods", v) for v in ("get", "list", "watch")},
     ("", "events", "create"),
+    ("", "events", "list"),  # a Job's FailedCreate events
 }
+NETWORK_POLICIES = {("networking.k8s.io", "networkpolicies", v)
+                    for v in ("create", "get", "list", "watch", "patch", "delete")}
 CRDS = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}
 
 FULL = {  # every optional part on
@@ -167,3 +170,19 @@ def test_crds_are_shipped(helm):
 def test_schema_rejects_bad_values(helm, values, complaint):
     r = template(helm, values, check=False)
     assert r.returncode != 0 and complaint in r.stderr, r.stderr
+
+
+def test_training_network_policies_add_their_rights_and_the_operators_settings(helm):
+    objs = render(helm, {"trainingNetworkPolicy": {"enabled": True, "monitoringNamespaces": ["prom"]}})
+    (role,) = [o for o in objs if o["kind"] == "ClusterRole" and NETWORK_POLICIES <= rule_set(o["rules"])]
+    assert rule_set(role["rules"]) >= NAMESPACED
+    env = {e["name"]: e.get("value") for e in one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    np = json.loads(env["KUBETUNE_OPERATOR_TRAINING_NETWORK_POLICY"])
+    assert np["monitoringNamespaces"] == ["prom"] and np["egress"] is None
+    assert np["operatorPodLabels"]["app.kubernetes.io/component"] == "operator"
+    off = render(helm, {})
+    assert not any(NETWORK_POLICIES & rule_set(o["rules"]) for o in off if o["kind"] in ("ClusterRole", "Role"))
+    assert "KUBETUNE_OPERATOR_TRAINING_NETWORK_POLICY" not in json.dumps(one(off, "Deployment"))
+    policy = json.loads({e["name"]: e.get("value") for e in one(off, "Deployment")["spec"]["template"]["spec"][
+        "containers"][0]["env"]}["KUBETUNE_OPERATOR_POLICY"])
+    assert policy["hostNetwork"] is False and policy["admission"] is True

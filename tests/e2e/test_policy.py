@@ -116,3 +116,24 @@ def test_without_the_admission_policy_the_operator_refuses_and_creates_nothing(
         assert kube.get(f"/api/v1/namespaces/{namespace}/pods")["items"] == []
         events = kube.get(f"/api/v1/namespaces/{namespace}/events")["items"]
         assert any(e["reason"] == "PolicyViolation" for e in events)
+
+
+def test_the_operator_gives_each_stage_a_network_policy(control_plane, kube, crd, namespace, tmp_path):
+    """The NetworkPolicy is accepted by the real apiserver and owned by the FineTuneJob. (Whether
+    traffic obeys it is the CNI's business: this cluster's bridge plugin does not enforce
+    NetworkPolicy, so only the object is checked here.)"""
+    np_config = {"operatorNamespace": "kubetune-system", "operatorPodLabels": {"app.kubernetes.io/name": "kubetune"},
+                 "monitoringNamespaces": ["monitoring"], "egress": None}
+    op = OperatorProcess(control_plane, tmp_path / "operator", runtime_image=f"{RUNTIME_REPOSITORY}:0.1.0",
+                         extra_args=("--training-network-policy", json.dumps(np_config)))
+    for _ in serving(op):
+        doc = {**BASE, "metadata": {"name": "fenced"}, "spec": {**BASE["spec"], "resources": {"gpusPerNode": 0}}}
+        assert apply_doc(control_plane, namespace, doc).returncode == 0
+        path = f"/apis/networking.k8s.io/v1/namespaces/{namespace}/networkpolicies"
+        (np,) = wait_for(lambda: kube.get(path)["items"], 60, "the stage's NetworkPolicy")
+        uid = ftj(kube, namespace, "fenced")["metadata"]["uid"]
+        assert [r["uid"] for r in np["metadata"]["ownerReferences"]] == [uid]
+        assert np["spec"]["podSelector"]["matchLabels"] == {"kubetune.io/job": "fenced", "kubetune.io/stage": "sft"}
+        assert np["spec"]["policyTypes"] == ["Ingress"] and len(np["spec"]["ingress"]) == 2
+        job = wait_for(lambda: kube.get(f"/apis/batch/v1/namespaces/{namespace}/jobs")["items"], 60, "the Job")[0]
+        assert job["spec"]["template"]["metadata"]["labels"]["kubetune.io/stage"] == "sft"  # the pods it selects

@@ -36,7 +36,7 @@ def fake_api(monkeypatch):
         return {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"]}}
 
     monkeypatch.setattr(kube, "get_finetunejob", get)
-    monkeypatch.setattr(kube, "observe", lambda ns, name: calls.__setitem__("observe", calls["observe"] + 1) or Observed())
+    monkeypatch.setattr(kube, "observe", lambda ns, name, **_: calls.__setitem__("observe", calls["observe"] + 1) or Observed())
     monkeypatch.setattr(kube, "apply", lambda ns, action: calls["apply"].append(action.verb) or "created")
     monkeypatch.setattr(kube, "patch_status", patch)
     monkeypatch.setattr(kube, "poll_progress", lambda *a: calls.__setitem__("poll", calls["poll"] + 1))
@@ -113,7 +113,7 @@ def test_a_dripping_progress_server_never_holds_a_reconcile(real_poll, config, m
 
     calls, _, body = real_poll
     obs = _running(body)
-    monkeypatch.setattr(kube, "observe", lambda ns, name: obs)
+    monkeypatch.setattr(kube, "observe", lambda ns, name, **_: obs)
     cfg = dataclasses.replace(config, progress_timeout=1.5)
     slow = Server(drip)
     try:
@@ -157,7 +157,7 @@ def test_per_object_state_is_released_when_objects_are_deleted(real_poll, config
     on_event = next(h.fn for h in registry._watching.get_all_handlers() if h.fn.__name__ == "finetunejob_event")
     monkeypatch.setattr(kube, "get_finetunejob", lambda ns, name: body)
     obs = _running(body)
-    monkeypatch.setattr(kube, "observe", lambda ns, name: Observed(
+    monkeypatch.setattr(kube, "observe", lambda ns, name, **_: Observed(
         jobs={f"{name}-sft": obs.jobs["llama-sft"]}, pods={f"{name}-sft": obs.pods["llama-sft"]}))
     try:
         for i in range(n):

@@ -7,6 +7,7 @@ import re
 import json
 from pathlib import Path
 
+import pytest
 from operator_builders import UID, ftj
 
 from kubetune.operator import manifests as m
@@ -278,3 +279,38 @@ def test_pod_override_env_from_a_secret_and_the_grace_period(config):
     assert pod["terminationGracePeriodSeconds"] == 900
     _, _, (_, default) = build(ftj(), config)
     assert default["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 300
+
+
+def test_a_stage_network_policy_lets_in_its_gang_the_operator_and_monitoring_only(config):
+    from dataclasses import replace
+
+    from kubetune.operator.config import parse_config
+
+    cfg, _ = parse_config(["--training-network-policy", json.dumps({
+        "operatorNamespace": "kubetune-system", "operatorPodLabels": {"app.kubernetes.io/name": "kubetune"},
+        "monitoringNamespaces": ["monitoring"],
+        "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 9000}]}]})])
+    job, stage, children = build(ftj({"resources": {"nodes": 2, "gpusPerNode": 1}}), replace(config, network_policy=cfg.network_policy))
+    (np,) = [c for c in children if c["kind"] == "NetworkPolicy"]
+    gang = {"matchLabels": {"kubetune.io/job": "llama", "kubetune.io/stage": stage.name}}
+    spec = np["spec"]
+    assert spec["podSelector"] == gang and spec["policyTypes"] == ["Ingress", "Egress"]
+    peers, metrics = spec["ingress"]
+    assert peers == {"from": [{"podSelector": gang}]}  # every port: the rendezvous and NCCL/gloo
+    assert metrics["ports"] == [{"port": 9400, "protocol": "TCP"}]
+    assert metrics["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubetune-system"}},
+         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kubetune"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    assert spec["egress"][0] == {"to": [{"podSelector": gang}]} and spec["egress"][-1]["ports"] == [{"port": 9000}]
+    assert np["metadata"]["ownerReferences"][0]["uid"] == UID
+    # off by default; open egress when none is given
+    assert not [c for c in build(ftj(), config)[2] if c["kind"] == "NetworkPolicy"]
+    open_cfg, _ = parse_config(["--training-network-policy", '{"operatorNamespace": "k", "egress": null}'])
+    (np,) = [c for c in build(ftj(), replace(config, network_policy=open_cfg.network_policy))[2]
+             if c["kind"] == "NetworkPolicy"]
+    assert np["spec"]["policyTypes"] == ["Ingress"] and "egress" not in np["spec"]
+    with pytest.raises(SystemExit, match="unknown key"):
+        parse_config(["--training-network-policy", '{"operatorNamespace": "k", "egres": []}'])
+    with pytest.raises(SystemExit, match="operatorNamespace is required"):
+        parse_config(["--training-network-policy", '{"egress": null}'])

@@ -65,4 +65,9 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "list"]  # list: a Job's FailedCreate events (pods that cannot be created)
+{{- if .Values.trainingNetworkPolicy.enabled }}
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["create", "get", "list", "watch", "patch", "delete"]
+{{- end }}
 {{- end }}
