@@ -25,7 +25,7 @@ from kubetune.runtime.contract import (
     SCRATCH_DIR,
     TERMINATION_MESSAGE_PATH,
 )
-from kubetune.runtime.errors import EXIT_KILLED, PERMANENT_EXIT_CODES
+from kubetune.runtime.errors import PERMANENT_EXIT_CODES
 from kubetune.runtime.plan import ResolvedStage
 from kubetune.runtime.spec import API_GROUP, API_VERSION, KIND, FineTuneJob
 
@@ -263,23 +263,20 @@ POD_SECURITY_CONTEXT = {
 
 def pod_failure_policy(gang: bool = False) -> dict[str, Any]:
     """The runtime's permanent failures fail the stage at once: bad input (42) and out of memory
-    (43, and 137: the kernel's OOM killer, which leaves no chance to report); evictions and
-    preemptions cost no retry. Every other exit is retried (kubetune.runtime.errors.FAILURES).
+    (43); evictions and preemptions cost no retry. Every other exit is retried
+    (kubetune.runtime.errors.FAILURES), SIGKILL (137) included: exit codes cannot tell the
+    kernel's OOM killer from a crash, so the operator stops the Job itself when a container's
+    status says OOMKilled (reconcile), and any other kill resumes from the checkpoint.
 
     One pod: a disrupted pod is replaced (Ignore). A gang (several nodes): a disrupted pod fails
     the Job at once, so the operator restarts all pods now instead of the others waiting for
-    their collective to time out; the operator does not count that restart. The disruption rule
-    comes before the 137 rule: a pod SIGKILLed at the end of a drain's grace period is disrupted,
-    not out of memory.
+    their collective to time out; the operator does not count that restart.
     """
-    permanent = [code for code in PERMANENT_EXIT_CODES if code != EXIT_KILLED]
     return {
         "rules": [
             {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                 "values": permanent}},
+                                                 "values": list(PERMANENT_EXIT_CODES)}},
             {"action": "FailJob" if gang else "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                 "values": [EXIT_KILLED]}},
         ]
     }
 

@@ -426,6 +426,14 @@ def _current_stage(
             d.actions.append(Action("patch", "Job", jname, {"metadata": {
                 "ownerReferences": [m.owner_reference(job, uid)]}}, why="adopt"))
             d.info("Adopted", f"Adopted Job {jname}")
+        if not s.job_failed(child) and s.oom_killed(pods):
+            # the kernel's OOM killer (exit 137, OOMKilled): the same settings hit the same wall,
+            # so the Job is stopped (suspended: no new pod, the failed one kept to look at) instead
+            # of retried; a SIGKILL for any other reason (a crash, a liveness kill) stays a retry
+            # that resumes from the checkpoint
+            d.actions.append(Action("patch", "Job", jname, {"spec": {"suspend": True}}, why="out of memory: not retried"))
+            _failed(job, st, rec, child, pods, d, gen, now, validated, reason="OutOfMemory")
+            return
         if st.resources.nodes <= 1:  # one pod: the Job controller retries it (a gang: see below)
             failed_pods = int((child.get("status") or {}).get("failed") or 0)
             if s.job_failed(child):
@@ -561,9 +569,9 @@ def _gang_restart(job, st, rec, child, pods, d: Decision) -> bool:
     return True
 
 
-def _failed(job, st, rec, child, pods, d: Decision, gen, now, validated) -> None:
+def _failed(job, st, rec, child, pods, d: Decision, gen, now, validated, reason: str | None = None) -> None:
     status = d.status
-    reason = s.job_failure_reason(child, pods)
+    reason = reason or s.job_failure_reason(child, pods)
     msg = s.job_failure_message(child, pods)
     rec["phase"] = "Failed"
     rec["message"] = msg[: s.MAX_MESSAGE]

@@ -179,7 +179,7 @@ def job_failed(job: dict[str, Any]) -> bool:
 _EXIT_CODE_RE = re.compile(r"exit code (\d+)")
 
 
-def _oom_killed(pods: list[dict[str, Any]]) -> bool:
+def oom_killed(pods: list[dict[str, Any]]) -> bool:
     return any(_terminated(cs).get("reason") == "OOMKilled"
                for pod in pods for cs in (pod.get("status") or {}).get("containerStatuses") or [])
 
@@ -201,11 +201,11 @@ def job_failure_reason(job: dict[str, Any], pods: list[dict[str, Any]] | None = 
         m = _EXIT_CODE_RE.search(message)
         code = int(m.group(1)) if m else None
         if code == EXIT_KILLED:
-            return "OutOfMemory" if pods is None or _oom_killed(pods) else "Killed"
+            return "OutOfMemory" if pods is None or oom_killed(pods) else "Killed"
         if code in BY_EXIT_CODE:
             return BY_EXIT_CODE[code].reason
         return "BadInput"
-    if c.get("reason") == "BackoffLimitExceeded" and pods and _oom_killed(pods):
+    if c.get("reason") == "BackoffLimitExceeded" and pods and oom_killed(pods):
         return "OutOfMemory"
     return _JOB_FAILURE_REASONS.get(c.get("reason", ""), c.get("reason") or "StageFailed")
 

@@ -54,9 +54,10 @@ FAILURES: dict[str, Failure] = {f.reason: f for f in (
     Failure("Interrupted", EXIT_INTERRUPTED, True,
             "SIGTERM (node drain, preemption, suspend, delete): a checkpoint was committed first when "
             "training was under way; the next run resumes from it"),
-    Failure("Killed", EXIT_KILLED, False,
-            "SIGKILL: the kernel's OOM killer (the container status says OOMKilled: shown as OutOfMemory) "
-            "or the grace period ran out; the runtime never exits with it itself"),
+    Failure("Killed", EXIT_KILLED, True,
+            "SIGKILL (a crash, a kill, the grace period ran out): retried, resuming from the last committed "
+            "checkpoint. When the container status says OOMKilled (the kernel's OOM killer) the operator "
+            "ends the stage as OutOfMemory instead; the runtime never exits with 137 itself"),
     Failure("StageFailed", EXIT_FAILED, True,
             "anything else (a bug, a lost peer, a driver error): retried up to runPolicy.backoffLimit, "
             "each retry from the last committed checkpoint"),

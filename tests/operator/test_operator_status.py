@@ -188,6 +188,26 @@ def test_retries_are_counted_and_reported(config):
     assert "after 3 retries" in cond(d3.status, "Failed")["message"] and d3.status["restartCount"] == 3
 
 
+def test_a_sigkill_is_retried_but_the_kernels_oom_kill_ends_the_stage_at_once(config):
+    """Exit 137 is a retry (a crash resumes from the checkpoint) unless the container status says
+    OOMKilled: then the operator suspends the Job before the Job controller retries it."""
+    body, _ = step(ftj(), Observed(), config)
+    killed = pod("llama-sft", "Failed", exit_code=137)
+    obs = Observed(jobs={"llama-sft": k8s_job("llama-sft", failed=1, active=1)},
+                   configmaps={"llama-sft": _cm(body, config)},
+                   pods={"llama-sft": [killed, pod("llama-sft", "Running", ip="10.0.0.6")]})
+    _, d = step(body, obs, config, now=LATER)
+    assert d.status["phase"] != "Failed" and [e for e in d.events if e.reason == "PodRetried"]
+    assert not [a for a in d.actions if a.verb == "delete"]
+    killed["status"]["containerStatuses"][0]["state"]["terminated"]["reason"] = "OOMKilled"
+    _, d = step(body, obs, config, now=LATER)
+    assert d.status["phase"] == "Failed" and cond(d.status, "Failed")["reason"] == "OutOfMemory"
+    assert "OOMKilled" in cond(d.status, "Failed")["message"] and "kubetune estimate" in cond(d.status, "Failed")["message"]
+    assert [(a.verb, a.kind, a.name, a.body) for a in d.actions] == [("patch", "Job", "llama-sft",
+                                                                       {"spec": {"suspend": True}})]
+    assert not [e for e in d.events if e.reason == "PodRetried"]
+
+
 def _gang(body, config, job, pods):
     return Observed(jobs={"llama-sft": job}, configmaps={"llama-sft": _cm(body, config)},
                     services={"llama-sft": {"metadata": {"name": "llama-sft"}}}, pods={"llama-sft": pods})

@@ -81,7 +81,8 @@ def test_stage_failed_row():
 
 
 def test_killed_row_is_the_kernels_not_the_runtimes():
-    assert e.FAILURES["Killed"].exit_code == 137 and not e.FAILURES["Killed"].retryable
+    # retried: a crash resumes from the checkpoint (the operator ends an OOMKilled one itself)
+    assert e.FAILURES["Killed"].exit_code == 137 and e.FAILURES["Killed"].retryable
     assert 137 not in {e.exit_code_for(x) for x in (MemoryError(), ValueError(), e.Interrupted("x"))}
 
 
@@ -109,10 +110,10 @@ def test_torchrun_ranks_combine_by_the_table():
 def test_pod_failure_policy_fails_at_once_on_exactly_the_permanent_rows():
     rules = pod_failure_policy()["rules"]
     failjob = {c for r in rules if r["action"] == "FailJob" for c in r.get("onExitCodes", {}).get("values", [])}
-    assert failjob == {f.exit_code for f in e.FAILURES.values() if not f.retryable} == {42, 43, 137}
-    # a pod SIGKILLed at the end of a drain's grace period is disrupted (Ignore), not out of memory
+    assert failjob == {f.exit_code for f in e.FAILURES.values() if not f.retryable} == {42, 43}
+    # SIGKILL (137) is retried: a crash resumes; the operator itself ends an OOMKilled container
     order = [r.get("onPodConditions", [{}])[0].get("type") or r["onExitCodes"]["values"] for r in rules]
-    assert order == [[42, 43], "DisruptionTarget", [137]]
+    assert order == [[42, 43], "DisruptionTarget"]
 
 
 def _failed_job(rule_message: str, reason: str = "PodFailurePolicy") -> dict:
