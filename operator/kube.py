@@ -98,8 +98,17 @@ def observe(namespace: str, job_name: str, network_policies: bool = False) -> Ob
                and not (j.get("spec") or {}).get("suspend")}
     events: dict[str, list[dict[str, Any]]] = {}
     if podless:
-        for e in _json(_core().list_namespaced_event, namespace,
-                       field_selector="involvedObject.kind=Job,reason=FailedCreate")["items"]:
+        try:
+            listed = _json(_core().list_namespaced_event, namespace,
+                           field_selector="involvedObject.kind=Job,reason=FailedCreate")["items"]
+        except ApiException as e:
+            if e.status != 403:
+                raise
+            # a chart from before the `list events` rule: the reason stays unknown, nothing breaks
+            log.warning("cannot list events in %s (403): grant the operator `list` on events to see why pods "
+                        "cannot be created", namespace)
+            listed = []
+        for e in listed:
             name = podless.get((e.get("involvedObject") or {}).get("uid"))
             if name:
                 events.setdefault(name, []).append(e)

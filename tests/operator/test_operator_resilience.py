@@ -80,3 +80,26 @@ def test_a_stage_job_named_by_the_old_scheme_is_kept_across_the_upgrade(config):
                     configmaps={old: cm})
     d = reconcile(body, done, config, now=NOW)
     assert ("create", "Job", "llama-dpo") in verbs(d) and not [v for v in verbs(d) if v[0] == "delete"]
+
+
+def test_observe_reads_failed_create_events_and_survives_a_chart_without_list_events(monkeypatch):
+    """kube.observe with the API calls replaced (a mock: the e2e test reads the real events)."""
+    from kubernetes.client.rest import ApiException
+
+    from kubetune.operator import kube
+
+    job = k8s_job("llama-sft")
+    ev = failed_create("llama-sft")
+    answers = {"list_namespaced_job": [job], "list_namespaced_config_map": [], "list_namespaced_service": [],
+               "list_namespaced_pod": [], "list_namespaced_network_policy": [], "list_namespaced_event": [ev]}
+    monkeypatch.setattr(kube, "_json", lambda call, *a, **kw: {"items": answers[call.__name__]})
+    monkeypatch.setattr(kube, "api_client", lambda: None)
+    assert kube.observe("ml", "llama").job_events == {"llama-sft": [ev]}
+
+    def forbidden(call, *a, **kw):
+        if call.__name__ == "list_namespaced_event":
+            raise ApiException(status=403, reason="Forbidden")
+        return {"items": answers[call.__name__]}
+
+    monkeypatch.setattr(kube, "_json", forbidden)
+    assert kube.observe("ml", "llama").job_events == {}
