@@ -1,6 +1,6 @@
 """One adversarial table of FineTuneJobs for the cluster policy (values `policy`, docs/security.md),
 checked by both layers that enforce it: the operator's own check (operator/policy.py,
-tests/operator/test_policy.py) and the chart's ValidatingAdmissionPolicy on the real apiserver
+tests/operator/test_operator_policy.py) and the chart's ValidatingAdmissionPolicy on the real apiserver
 (tests/e2e/test_policy.py).
 
 STRICT is the chart's default policy plus the setting docs/security.md recommends for shared

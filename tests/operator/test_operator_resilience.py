@@ -1,7 +1,7 @@
 """Reconcile decisions for what a tenant (or the cluster) can do to a FineTuneJob's children:
 names taken by objects it does not own, pods the Job controller cannot create, and Jobs named
 by an operator from before the collision-free names (upgrade). No API server here; the e2e
-twin is tests/e2e/test_operator_resilience.py."""
+twin is tests/e2e/test_tenant_resilience.py."""
 
 from __future__ import annotations
 
