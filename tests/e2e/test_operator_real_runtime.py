@@ -197,6 +197,37 @@ def test_a_killed_training_container_resumes_from_the_last_checkpoint(control_pl
     assert killed["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
 
 
+def test_a_suspended_stage_commits_a_checkpoint_at_the_signal_and_resumes_from_it(control_plane, kube, kubelet,
+                                                                                  real_operator, namespace, s3,
+                                                                                  tmp_path):
+    """spec.suspend: the Job is suspended, the kubelet sends the trainer SIGTERM, and it saves and
+    commits a checkpoint at the step it reached (no periodic checkpoint would come for 1000
+    steps) within the grace period; resumed, the stage continues from exactly that step."""
+    bucket, doc = _prepare(control_plane, namespace, s3, tmp_path, "pause", max_steps=400)
+    doc["spec"]["checkpoint"] = {"everySteps": 1000, "keep": 2}
+    apply(control_plane, doc, namespace)
+    wait_status(kube, namespace, "pause", lambda s: ((s.get("progress") or {}).get("step") or 0) >= 3, 300,
+                "training under way", real_operator)
+    r = control_plane.kubectl("patch", "ftj", "-n", namespace, "pause", "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    assert r.returncode == 0, r.stderr
+    latest = "runs/pause/sft/checkpoints/LATEST"
+    saved = wait_for(lambda: s3_client(s3).list_objects_v2(Bucket=bucket, Prefix=latest).get("KeyCount") and
+                     s3_client(s3).get_object(Bucket=bucket, Key=latest)["Body"].read().decode().strip(), 120,
+                     "the checkpoint committed on SIGTERM")
+    step = int(saved.removeprefix("checkpoint-"))
+    assert 3 <= step < 400
+    wait_status(kube, namespace, "pause", lambda s: s.get("phase") == "Suspended", 120, "suspended", real_operator)
+    assert not s3_client(s3).list_objects_v2(Bucket=bucket, Prefix="runs/pause/sft/output/").get("KeyCount")
+
+    r = control_plane.kubectl("patch", "ftj", "-n", namespace, "pause", "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    assert r.returncode == 0, r.stderr
+    done = wait_status(kube, namespace, "pause", lambda s: s.get("phase") in ("Succeeded", "Failed"), 600,
+                       "finished after the resume", real_operator)
+    assert done["status"]["phase"] == "Succeeded", json.dumps(done["status"], indent=1)
+    summary = json.loads(s3_client(s3).get_object(Bucket=bucket, Key="runs/pause/sft/output/run.json")["Body"].read())
+    assert summary["steps"] == 400 and summary["resumed_from_step"] == step  # nothing lost but the step in flight
+
+
 @pytest.mark.parametrize("credentials", ["wrong-key", "no-secret"])
 def test_storage_credentials_reach_the_pod_only_through_the_secret(control_plane, kube, real_operator, namespace, s3,
                                                                    tmp_path, credentials):

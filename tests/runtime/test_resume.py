@@ -36,13 +36,13 @@ def _env(tmp_path, **extra) -> dict[str, str]:
     return env
 
 
-def _job(tmp_path, tiny_model, s3, bucket, steps=STEPS) -> Path:
+def _job(tmp_path, tiny_model, s3, bucket, steps=STEPS, every=EVERY, **hp) -> Path:
     data = write_alpaca(tmp_path / "d.json", repeat=2)
     stage = {"name": "sft", "type": "sft", "method": "full",
              "hyperparameters": {"maxSteps": steps, "batchSize": 2, "gradientAccumulation": 1, "learningRate": 1e-3,
-                                 "loggingSteps": 1, "cutoffLen": 64, "gradientCheckpointing": False}}
+                                 "loggingSteps": 1, "cutoffLen": 64, "gradientCheckpointing": False, **hp}}
     doc = job_doc("crash", tiny_model, [{"name": "d", "source": str(data)}], [stage], f"s3://{bucket}/runs/crash",
-                  checkpoint={"everySteps": EVERY, "keep": 3})
+                  checkpoint={"everySteps": every, "keep": 3})
     doc["spec"]["storage"]["endpoint"] = s3.endpoint
     f = tmp_path / "job.yaml"
     f.write_text(yaml.safe_dump(doc))
@@ -54,9 +54,9 @@ def _run(job: Path, env, **kw) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=600, **kw)
 
 
-def _latest(s3, bucket) -> str | None:
+def _latest(s3, bucket, client=None) -> str | None:
     try:
-        obj = boto_client(s3.endpoint).get_object(Bucket=bucket, Key="runs/crash/sft/checkpoints/LATEST")
+        obj = (client or boto_client(s3.endpoint)).get_object(Bucket=bucket, Key="runs/crash/sft/checkpoints/LATEST")
     except Exception:
         return None
     return obj["Body"].read().decode().strip()
@@ -123,25 +123,33 @@ def test_sigkill_then_resume_from_latest_ignoring_a_torn_checkpoint(tiny_model, 
 
 def test_training_survives_an_s3_outage(tiny_model, tmp_path, s3):
     bucket = make_bucket(s3.endpoint)
-    job = _job(tmp_path, tiny_model, s3, bucket, steps=20)
+    # a step of 8 micro-batches takes longer than a checkpoint's commit, so LATEST moves well
+    # before the next save (with steps of one micro-batch, training ran a whole interval ahead)
+    every = 10
+    job = _job(tmp_path, tiny_model, s3, bucket, steps=4 * every, every=every, gradientAccumulation=8)
+    client = boto_client(s3.endpoint)  # one client: the poll below must see LATEST move at once
     log_path = tmp_path / "run.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "kubetune.runtime", "run", str(job), "--no-progress"],
                                 env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
-        while _latest(s3, bucket) != f"checkpoint-{EVERY}":
+        while _latest(s3, bucket, client) != f"checkpoint-{every}":
             assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.05)
+            time.sleep(0.02)
         s3.pause()  # the S3 server hangs: no answers at all
         try:
             at_pause = _last_step(log_path.read_text())
-            # training goes on through the next checkpoint (its upload hangs in the background)
-            # up to the one after it, which waits for that upload: a run holds at most one
-            # checkpoint more than storage has
-            next_checkpoint = (at_pause // EVERY + 1) * EVERY
-            deadline = time.time() + 60
-            while _last_step(log_path.read_text()) < next_checkpoint + EVERY:
+            # Storage has checkpoint-10. Training goes on while the next upload (checkpoint-20)
+            # hangs in the background, up to the save after it (checkpoint-30), which waits for
+            # that upload: a run holds at most one checkpoint more than storage has. (If S3
+            # stopped during the last requests of checkpoint-10's upload, that one is the upload
+            # in flight, and training holds at checkpoint-20, waiting for it.)
+            deadline, last, since = time.time() + 60, -1, time.time()
+            while (step := _last_step(log_path.read_text())) < 3 * every:
                 assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+                last, since = (step, time.time()) if step != last else (last, since)
+                if step >= 2 * every and time.time() - since > 10:
+                    break  # held at checkpoint-20: checked below
                 time.sleep(0.1)
             time.sleep(2)
             during = log_path.read_text()
@@ -150,16 +158,17 @@ def test_training_survives_an_s3_outage(tiny_model, tmp_path, s3):
             s3.resume()
         assert proc.wait(timeout=300) == 0, log_path.read_text()[-3000:]
     at_end = _last_step(during)
-    print(f"outage: step {at_pause} when S3 stopped answering, step {at_end} while it was away")
-    assert at_end >= next_checkpoint + EVERY and next_checkpoint > at_pause, (at_pause, at_end)
-    # every checkpoint saved during the outage was committed after it, none before
-    made_during = range(next_checkpoint, at_end + 1, EVERY)
     after = log_path.read_text()[len(during):]
-    for step in made_during:
+    print(f"outage: step {at_pause} when S3 stopped answering, step {at_end} while it was away")
+    assert at_end in (2 * every, 3 * every) and at_end > at_pause, (at_pause, at_end)  # training went on
+    if at_end == 2 * every:  # held at checkpoint-20: by the upload still in flight, not by its own
+        assert f"checkpoint-{2 * every} waited" in after, (at_pause, at_end, after[-3000:])
+    # every checkpoint saved during the outage was committed after it, none before
+    for step in range(2 * every, at_end + 1, every):
         assert f"committed checkpoint-{step} " not in during
         assert f"committed checkpoint-{step} " in after, (step, after[-3000:])
-    assert _latest(s3, bucket) == "checkpoint-20"
-    assert _output_summary(s3, bucket)["steps"] == 20
+    assert _latest(s3, bucket) == f"checkpoint-{4 * every}"
+    assert _output_summary(s3, bucket)["steps"] == 4 * every
 
 
 def _last_step(log: str) -> int:
