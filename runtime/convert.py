@@ -9,6 +9,8 @@ Sources understood:
   (+ dataset_dir/dataset_info.json), LoRA/QLoRA/freeze knobs, hyperparameters, pref_* keys.
 - LLaMA-Factory export YAML (`llamafactory-cli export`: adapter_name_or_path + export_dir), given
   after the training YAML it merges → one job with the training stage(s) and an `export` stage.
+- LLaMA-Factory v1 config (`llamafactory-cli sft|dpo|rm`: model, peft_config, dist_config, train_dataset
+  → a dataset YAML …): see convert_v1.py; its merge YAML may follow it like an export YAML.
 - NeMo AutoModel fine-tuning recipe (model.pretrained_model_name_or_path, step_scheduler, peft,
   optimizer, lr_scheduler, dataset, checkpoint, quantization …).
 """
@@ -148,14 +150,18 @@ def _find_dataset_dir(k: _Keys, source_dir: Path, dataset_dir: str | None) -> tu
 
 
 def _dataset_entries(names: list[str], k: _Keys, source_dir: Path, dataset_dir: str | None, stage: str,
-                     warnings: list[str], key: str) -> list[dict[str, Any]]:
-    dd_text, dd = _find_dataset_dir(k, source_dir, dataset_dir)
-    info: dict[str, Any] = {}
-    if dd is not None:
-        try:
-            info = json.loads((dd / "dataset_info.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise UserError(f"cannot read {dd / 'dataset_info.json'}: {err}", "dataset_dir") from None
+                     warnings: list[str], key: str, info: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """`info`: the dataset_info entries themselves (then their paths are used as written)."""
+    if info is None:
+        dd_text, dd = _find_dataset_dir(k, source_dir, dataset_dir)
+        info = {}
+        if dd is not None:
+            try:
+                info = json.loads((dd / "dataset_info.json").read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as err:
+                raise UserError(f"cannot read {dd / 'dataset_info.json'}: {err}", "dataset_dir") from None
+    else:
+        dd_text, dd = "", source_dir
     max_samples = _num(k.get("max_samples"))
     out, seen = [], set()
     for name in names:
@@ -721,6 +727,15 @@ def _relocate(doc: dict[str, Any], out_dir: Path) -> None:
     spec["model"]["name"] = fix(spec["model"]["name"])
 
 
+def _unknown_format(cfg: dict[str, Any]) -> str:
+    keys = ", ".join(list(cfg)[:8]) + (", …" if len(cfg) > 8 else "")
+    return ("not a config `kubetune convert` knows (its keys: " + (keys or "none") + "). Tried: "
+            "LLaMA-Factory training YAML (no model_name_or_path); "
+            "LLaMA-Factory v1 config (no `model: <name>` string, nor any of model_class, peft_config, train_dataset, "
+            "micro_batch_size …); "
+            "NeMo AutoModel recipe (no model.pretrained_model_name_or_path, nor step_scheduler)")
+
+
 def convert_files(paths: list[str | Path], dataset_dir: str | None = None, name: str | None = None,
                   out_dir: str | Path | None = None) -> tuple[dict[str, Any], list[str]]:
     """Convert one source file (or a LLaMA-Factory training YAML followed by its export YAML).
@@ -728,12 +743,22 @@ def convert_files(paths: list[str | Path], dataset_dir: str | None = None, name:
     Returns the FineTuneJob document and the warnings. Raises UserError."""
     if not paths:
         raise UserError("no file given")
+    from .convert_v1 import convert_v1, is_v1, is_v1_export, v1_export_as_v0
+
     warnings: list[str] = []
     first = _read(paths[0])
+    v1 = is_v1(first)
     if _is_nemo(first):
         if len(paths) > 1:
             raise UserError("a NeMo AutoModel recipe is converted on its own", str(paths[1]))
         doc = convert_nemo(first, warnings, name)
+    elif is_v1_export(first):
+        raise UserError("a LLaMA-Factory v1 merge YAML alone cannot become a FineTuneJob (its first stage must "
+                        f"train): give the training config first (`kubetune convert train.yaml {paths[0]}`)", str(paths[0]))
+    elif v1:
+        doc = convert_v1(first, Path(paths[0]).resolve().parent, warnings, name)
+    elif "model_name_or_path" not in first and not _is_export(first):
+        raise UserError(_unknown_format(first), str(paths[0]))
     elif _is_export(first):
         raise UserError(
             "an export YAML alone cannot become a FineTuneJob (its first stage must train): give the training "
@@ -746,6 +771,8 @@ def convert_files(paths: list[str | Path], dataset_dir: str | None = None, name:
         doc = convert_llamafactory(first, Path(paths[0]).resolve().parent, dataset_dir, warnings, name)
     for extra in paths[1:]:
         cfg = _read(extra)
+        if v1 and is_v1_export(cfg):
+            cfg = v1_export_as_v0(cfg)
         if not _is_export(cfg):
             raise UserError("only a LLaMA-Factory export YAML (with export_dir) may follow the training YAML", str(extra))
         add_export_stage(doc, cfg, warnings)
