@@ -20,7 +20,7 @@ EPILOG = """examples:
   kubetune chat --model saves/quickstart/sft/output --prompt "Who are you?"
   kubetune export --model BASE --adapter saves/job/sft/output --out merged/
   kubetune crd | kubectl apply -f -
-  kubetune convert llama3_lora_sft.yaml -o job.yaml   # from LLaMA-Factory / NeMo AutoModel
+  kubetune convert llama3_lora_sft.yaml -o job.yaml   # from LLaMA-Factory (v0 or v1) / NeMo AutoModel
   kubetune estimate job.yaml --gpu-memory 24GB
   kubectl kubetune get; kubectl kubetune logs -f JOB  # cluster views
 """
@@ -104,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("operator_args", nargs=argparse.REMAINDER)
 
-    p = sub.add_parser("convert", help="turn a LLaMA-Factory or NeMo AutoModel config into a FineTuneJob")
+    p = sub.add_parser("convert", help="turn a LLaMA-Factory (v0 or v1) or NeMo AutoModel config into a FineTuneJob")
     p.add_argument("files", nargs="+", metavar="FILE",
-                   help="LLaMA-Factory training YAML (optionally followed by its export YAML), or a NeMo AutoModel recipe")
+                   help="LLaMA-Factory training YAML (optionally followed by its export YAML), a LLaMA-Factory v1 config "
+                        "(model/peft_config/train_dataset; optionally followed by its merge YAML), or a NeMo AutoModel recipe")
     p.add_argument("-o", "--output", help="write the FineTuneJob here (default: stdout)")
     p.add_argument("--dataset-dir", help="folder with dataset_info.json (default: the file's dataset_dir)")
     p.add_argument("--name", help="metadata.name of the job (default: from output_dir or the model)")
