@@ -85,7 +85,6 @@ def test_v1_config_converts_and_validates(case, lfv1, capsys):
     for key in ("sample_backend", "max_new_tokens"):  # every unused key: stderr and a comment
         assert f"warning: {key}: not carried over" in err and f"#   - {key}: not carried over" in text
     assert "stage: converted as" in err and "llamafactory-cli sft|dpo|rm" in err
-    assert "null" not in err and "dcp_path: not carried over — None" not in err  # null means default: no warning
     assert job.spec.storage.uri == CASES[case]["output_dir"]
     assert job.spec.model.name == CASES[case]["model"]
     hp = st.hyperparameters
@@ -99,6 +98,7 @@ def _lora_sft(job, st, err):
     hp = st.hyperparameters
     assert hp.gradient_accumulation == 1 and hp.lr_scheduler == "constant"  # v1: no accumulation, constant LR
     assert job.spec.resources.strategy == "fsdp" and "set resources.gpusPerNode" in err
+    assert "dcp_path" not in err  # `dcp_path: null` is v1's default: nothing to warn about
     assert "kernel_config.name: not carried over — 'auto': kernels are chosen by the runtime" in err
     d = {x.name: x for x in job.spec.data}
     assert [x.name for x in job.spec.data] == ["identity", "chat", "hub"]
@@ -215,3 +215,16 @@ def test_a_config_of_no_known_format_names_what_each_format_lacks(tmp_path):
     for fmt, lacks in (("LLaMA-Factory training YAML", "model_name_or_path"), ("LLaMA-Factory v1", "model: <name>"),
                        ("NeMo AutoModel", "model.pretrained_model_name_or_path")):
         assert fmt in msg and lacks in msg
+
+
+def test_quant_config_defaults_follow_v1(lfv1):
+    """bnb without quantization_bit quantises to 4 bits (its plugin's default); auto without it does not."""
+    base = {**COMMON, "model": "m", "peft_config": {"name": "lora"}}
+    doc, _ = convert_files([_write(lfv1, "bnb", {**base, "quant_config": {"name": "bnb"}})])
+    st = doc["spec"]["stages"][0]
+    assert st["method"] == "qlora" and st["quantization"] == {"bits": 4}
+    doc, _ = convert_files([_write(lfv1, "auto", {**base, "quant_config": {"name": "auto"}})])
+    assert doc["spec"]["stages"][0]["method"] == "lora" and "quantization" not in doc["spec"]["stages"][0]
+    doc, warnings = convert_files([_write(lfv1, "full", {**COMMON, "model": "m", "quant_config": {"name": "bnb", "quantization_bit": 8}})])
+    assert doc["spec"]["stages"][0]["method"] == "full"
+    assert "quant_config.quantization_bit: ignored for peft_config.name full" in "\n".join(warnings)
