@@ -42,7 +42,7 @@ from .spec import API_GROUP, API_VERSION, KIND, TEMPLATE_NAMES
 
 # Keys only the v1 schema has (a v0 training YAML names its model with model_name_or_path).
 V1_KEYS = ("model_class", "peft_config", "quant_config", "kernel_config", "dist_config", "init_config", "optim_config",
-           "lr_scheduler_config", "train_dataset", "eval_dataset", "micro_batch_size", "global_batch_size")
+           "lr_scheduler_config", "train_dataset", "micro_batch_size", "global_batch_size")  # not eval_dataset: v0 has it too
 V1_DEFAULT_MODEL = "Qwen/Qwen3-4B-Instruct-2507"  # ModelArguments.model's default
 
 # v1 key (dotted) → the v0 key `_method` reads. The same table turns the v0 names in its warnings back.
