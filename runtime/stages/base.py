@@ -96,6 +96,12 @@ def common_args(ctx: StageContext, *, eval_enabled: bool = False) -> dict[str, A
         dataloader_pin_memory=cuda,
         remove_unused_columns=True,
     )
+    if hp.min_lr is not None:  # cosine_with_min_lr (the spec pairs the two)
+        args["lr_scheduler_kwargs"] = {"min_lr": hp.min_lr}
+    if hp.torch_compile:
+        args["torch_compile"] = True
+        if hp.torch_compile_mode:
+            args["torch_compile_mode"] = hp.torch_compile_mode
     if gradient_checkpointing_kwargs := ({"use_reentrant": False} if checkpointing else None):
         args["gradient_checkpointing_kwargs"] = gradient_checkpointing_kwargs
     from ..launcher import distributed_args  # DDP / FSDP when several processes train (torchrun)
@@ -148,7 +154,20 @@ def train(trainer, ctx: StageContext) -> tuple[Any, float]:
     started = time.time()
     resume = str(ctx.resume_from) if ctx.resume_from else None
     result = trainer.train(resume_from_checkpoint=resume)
+    _final_eval(trainer)
     return result, time.time() - started
+
+
+def _final_eval(trainer) -> None:
+    """Evaluate once more at the last step unless the schedule just did: the eval loss of the
+    trained model is always in trainer_log.jsonl and run.json (evalSteps rarely divides maxSteps,
+    and with maxSteps an epoch-end evaluation may never come)."""
+    if getattr(trainer, "eval_dataset", None) is None or getattr(trainer.args, "eval_strategy", "no") == "no":
+        return
+    step = trainer.state.global_step
+    if any("eval_loss" in r and r.get("step") == step for r in trainer.state.log_history):
+        return
+    trainer.evaluate()
 
 
 def summarize(trainer, result, duration: float, ctx: StageContext, log_records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -169,6 +188,7 @@ def summarize(trainer, result, duration: float, ctx: StageContext, log_records: 
         "final_loss": losses[-1] if losses else None,
         "train_loss": result.training_loss if result is not None else None,
         "eval_loss": evals[-1] if evals else None,
+        "eval_examples": _size(getattr(trainer, "eval_dataset", None)),
         "duration_seconds": round(duration, 3),
         "tokens": tokens,
         "tokens_this_run": trained,
@@ -176,6 +196,13 @@ def summarize(trainer, result, duration: float, ctx: StageContext, log_records: 
         "resumed_from_step": _step_of(ctx.resume_from),
         "output_kind": ctx.cfg.io.output_kind,
     }
+
+
+def _size(dataset) -> int | None:
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:
+        return None
 
 
 def tokens_at(checkpoint: Path | None) -> int:
