@@ -27,6 +27,7 @@ class StageContext:
     resume_from: Path | None = None  # a committed checkpoint, downloaded
     base_dir: Path | None = None  # where relative data paths are looked up too (the job file's folder)
     fetch: Callable[[str], Path] | None = None  # s3:// data → local cache path
+    eval_examples: int | None = None  # examples of the eval set before packing (else the trainer's eval rows)
 
     @property
     def trainer_dir(self) -> Path:
@@ -188,7 +189,7 @@ def summarize(trainer, result, duration: float, ctx: StageContext, log_records: 
         "final_loss": losses[-1] if losses else None,
         "train_loss": result.training_loss if result is not None else None,
         "eval_loss": evals[-1] if evals else None,
-        "eval_examples": _size(getattr(trainer, "eval_dataset", None)),
+        "eval_examples": ctx.eval_examples if ctx.eval_examples is not None else _size(getattr(trainer, "eval_dataset", None)),
         "duration_seconds": round(duration, 3),
         "tokens": tokens,
         "tokens_this_run": trained,

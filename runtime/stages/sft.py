@@ -68,6 +68,7 @@ def run(ctx: StageContext) -> StageResult:
     # A previous stage's output folder carries the tokenizer it trained with.
     tokenizer = load_tokenizer(adapter or model_path, cfg.model, cfg.template)
     train_ds, eval_ds = build_datasets(ctx, tokenizer)
+    ctx.eval_examples = len(eval_ds) if eval_ds is not None else None  # SFTTrainer may pack them into fewer rows
     model, peft_config = load_policy(model_path, adapter, cfg.io.merge_adapter, cfg.model, stage, dtype)
 
     args = SFTConfig(
