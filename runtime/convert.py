@@ -44,10 +44,10 @@ _LF_NOTES = {
     "deepspeed": "DeepSpeed is not used; set resources.strategy: fsdp (and resources.gpusPerNode) to shard",
     "fsdp": "set resources.strategy: fsdp",
     "per_device_eval_batch_size": "evaluation uses the training batch size",
-    "eval_strategy": "evaluation runs every hyperparameters.evalSteps (or each epoch) and at the end, when there is "
-                     "evalData or valSize > 0",
-    "evaluation_strategy": "evaluation runs every hyperparameters.evalSteps (or each epoch) and at the end, when there "
-                           "is evalData or valSize > 0",
+    "eval_strategy": "evaluation runs every hyperparameters.evalSteps (or each epoch) when there is evalData or "
+                     "valSize > 0",
+    "evaluation_strategy": "evaluation runs every hyperparameters.evalSteps (or each epoch) when there is evalData or "
+                           "valSize > 0",
     "save_strategy": "checkpoints are saved every checkpoint.everySteps",
     "resume_from_checkpoint": "kubetune resumes from its own LATEST checkpoint automatically",
     "hf_hub_token": "never put tokens in a spec: create a Secret and set spec.model.tokenSecretRef",

@@ -427,7 +427,7 @@ class StageSpec(Spec):
     eval_data: list[DatasetSpec] | None = _field(
         "Evaluation datasets of this stage (LLaMA-Factory eval_dataset, NeMo AutoModel "
         "validation_dataset): the eval loss is computed on them every hyperparameters.evalSteps "
-        "(else each epoch) and at the end of training. Default: the job's `evalData` when the stage "
+        "and at the last step (without evalSteps: at the end of each epoch). Default: the job's `evalData` when the stage "
         "uses the job's `data`. Exclusive with hyperparameters.valSize. Not for ppo or export stages.",
         None,
         max_length=32,

@@ -155,20 +155,7 @@ def train(trainer, ctx: StageContext) -> tuple[Any, float]:
     started = time.time()
     resume = str(ctx.resume_from) if ctx.resume_from else None
     result = trainer.train(resume_from_checkpoint=resume)
-    _final_eval(trainer)
     return result, time.time() - started
-
-
-def _final_eval(trainer) -> None:
-    """Evaluate once more at the last step unless the schedule just did: the eval loss of the
-    trained model is always in trainer_log.jsonl and run.json (evalSteps rarely divides maxSteps,
-    and with maxSteps an epoch-end evaluation may never come)."""
-    if getattr(trainer, "eval_dataset", None) is None or getattr(trainer.args, "eval_strategy", "no") == "no":
-        return
-    step = trainer.state.global_step
-    if any("eval_loss" in r and r.get("step") == step for r in trainer.state.log_history):
-        return
-    trainer.evaluate()
 
 
 def summarize(trainer, result, duration: float, ctx: StageContext, log_records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -80,7 +80,7 @@ def _recipe(kind: str, model, data) -> dict:
         r["quantization"] = {"load_in_4bit": True, "load_in_8bit": False, "bnb_4bit_compute_dtype": "bfloat16",
                              "bnb_4bit_use_double_quant": True, "bnb_4bit_quant_type": "nf4",
                              "bnb_4bit_quant_storage": "bfloat16"}
-        r["step_scheduler"]["val_every_steps"] = 3  # 4 steps: evaluated at 3, and once more at the end
+        r["step_scheduler"]["val_every_steps"] = 3  # 4 steps: evaluated at 3, and by the Trainer at the last step
         r["optimizer"]["_target_"] = "torch.optim.AdamW"
     else:  # qwen3_8b_squad_spark.yaml: full SFT, packed sequences, compile block (off), min_lr
         r["recipe"] = "TrainFinetuneRecipeForNextTokenPrediction"
