@@ -31,7 +31,7 @@ from .spec import API_GROUP, API_VERSION, KIND, TEMPLATE_NAMES, parse_job
 # LLaMA-Factory keys with no kubetune counterpart, and why (anything else unknown gets a generic line).
 _LF_NOTES = {
     "do_train": "kubetune always trains a training stage",
-    "do_eval": "evaluation runs when hyperparameters.valSize > 0",
+    "do_eval": "evaluation runs when the job has evalData (eval_dataset) or hyperparameters.valSize > 0",
     "do_predict": "no predict mode; use `kubetune chat`",
     "overwrite_output_dir": "kubetune resumes from the last committed checkpoint instead of overwriting",
     "overwrite_cache": "kubetune has no preprocessing cache to overwrite",
@@ -46,8 +46,10 @@ _LF_NOTES = {
     "deepspeed": "DeepSpeed is not used; set resources.strategy: fsdp (and resources.gpusPerNode) to shard",
     "fsdp": "set resources.strategy: fsdp",
     "per_device_eval_batch_size": "evaluation uses the training batch size",
-    "eval_strategy": "evaluation runs every hyperparameters.evalSteps (or each epoch) when valSize > 0",
-    "evaluation_strategy": "evaluation runs every hyperparameters.evalSteps (or each epoch) when valSize > 0",
+    "eval_strategy": "evaluation runs every hyperparameters.evalSteps (or each epoch) when there is evalData or "
+                     "valSize > 0",
+    "evaluation_strategy": "evaluation runs every hyperparameters.evalSteps (or each epoch) when there is evalData or "
+                           "valSize > 0",
     "save_strategy": "checkpoints are saved every checkpoint.everySteps",
     "resume_from_checkpoint": "kubetune resumes from its own LATEST checkpoint automatically",
     "hf_hub_token": "never put tokens in a spec: create a Secret and set spec.model.tokenSecretRef",
@@ -440,11 +442,14 @@ def convert_llamafactory(cfg: dict[str, Any], source_dir: Path, dataset_dir: str
     if not data_names:
         raise UserError("dataset is required for a training stage", "dataset")
     data = _dataset_entries(data_names, k, source_dir, dataset_dir, stage, warnings, "dataset")
-    if k.has("eval_dataset"):
-        warnings.append(f"eval_dataset: {k.get('eval_dataset')!r} not carried over — kubetune evaluates on a held-out "
-                        "share of the training data (hyperparameters.valSize)")
-    template = k.get("template")
     spec: dict[str, Any] = {"model": model, "data": data}
+    eval_names = _split_list(k.get("eval_dataset", ""))
+    if eval_names:  # LLaMA-Factory ignores val_size when it has an eval_dataset; kubetune forbids both
+        spec["evalData"] = _dataset_entries(eval_names, k, source_dir, dataset_dir, stage, warnings, "eval_dataset")
+        if hp.pop("valSize", 0):
+            warnings.append("val_size: not carried over — eval_dataset is given (LLaMA-Factory then ignores "
+                            "val_size); the stage evaluates on spec.evalData")
+    template = k.get("template")
     if template is not None:
         t = _LF_TEMPLATES.get(str(template))
         if t in TEMPLATE_NAMES:
@@ -529,7 +534,109 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # Dataset builders of NeMo AutoModel's recipes we can map to columns: name → (HF id, alpaca columns).
-_NEMO_DATASETS = {"squad": ("rajpurkar/squad", {"prompt": "question", "query": "context", "response": "answers"})}
+# SQuAD: NeMo's make_squad_dataset writes one user turn "Context: {context} Question: {question}
+# Answer: " and answers `answers.text[0]`; alpaca's user turn is "{prompt}\n{query}", so the context
+# comes first here too.
+_NEMO_DATASETS = {"squad": ("rajpurkar/squad", {"prompt": "context", "query": "question", "response": "answers.text[0]"})}
+_NEMO_COLUMN_ROLES = {"context": "prompt", "question": "query", "answer": "response"}
+_NEMO_STRATEGIES = {"fsdp2": "fsdp", "fsdp": "fsdp", "ddp": "ddp"}
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _nemo_dataset(prefix: str, name: str, get, flat: dict[str, Any], used: set[str], warnings: list[str]) -> dict[str, Any] | None:
+    """NeMo's `dataset` / `validation_dataset` block → a DatasetSpec mapping (None when absent)."""
+    target = str(get(f"{prefix}._target_", ""))
+    ds_name = get(f"{prefix}.dataset_name") or get(f"{prefix}.path_or_dataset") or get(f"{prefix}.path_or_dataset_id")
+    if not ds_name and not target:
+        return None
+    data: dict[str, Any] = {"name": name}
+    known = next((v for key, v in _NEMO_DATASETS.items() if key in target or key in str(ds_name)), None)
+    if known:
+        data["source"] = str(ds_name or known[0])
+        data["columns"] = dict(known[1])
+        warnings.append(f"{prefix}._target_: {target!r}: SQuAD carried over as alpaca columns (context → prompt, "
+                        "question → query, answers.text[0] → response): the user turn is the context, a newline and "
+                        "the question, where NeMo writes 'Context: … Question: … Answer: '")
+    elif ds_name:
+        data["source"] = str(ds_name)
+        data["format"] = "messages" if "chat" in target.lower() else "alpaca"
+        if target:
+            warnings.append(f"{prefix}._target_: {target!r} not carried over — check the format and columns of {name!r}")
+    else:
+        raise UserError(f"{prefix}.dataset_name (or path_or_dataset) is required", prefix)
+    if get(f"{prefix}.split"):
+        data["split"] = str(flat[f"{prefix}.split"])
+    if get(f"{prefix}.limit_dataset_samples"):
+        data["maxSamples"] = int(get(f"{prefix}.limit_dataset_samples"))
+    for key in flat:
+        if key.startswith(f"{prefix}.column_mapping."):
+            used.add(key)
+            role = key.rsplit(".", 1)[1]
+            data.setdefault("columns", {})[_NEMO_COLUMN_ROLES.get(role, role)] = flat[key]
+    return data
+
+
+def _nemo_distributed(get, warnings: list[str]) -> dict[str, Any]:
+    """`distributed` (+ `distributed_config`) → spec.resources: FSDP2 is resources.strategy fsdp."""
+    resources: dict[str, Any] = {}
+    strategy = get("distributed.strategy")
+    targets = " ".join(str(get(k, "")) for k in ("distributed._target_", "distributed_config._target_"))
+    if strategy is None and "FSDP2" in targets:
+        strategy = "fsdp2"
+    if strategy is not None:
+        mapped = _NEMO_STRATEGIES.get(str(strategy).lower())
+        if mapped:
+            resources["strategy"] = mapped
+            if mapped == "fsdp":
+                warnings.append(f"distributed.strategy: {strategy} carried over as resources.strategy: fsdp (FSDP2 "
+                                "through accelerate); it shards only across several GPU processes — set "
+                                "resources.gpusPerNode (and nodes); on CPU or one GPU it trains unsharded")
+        else:
+            warnings.append(f"distributed.strategy: {strategy!r} not carried over — kubetune trains data-parallel only: "
+                            "resources.strategy fsdp (FSDP2) or ddp")
+    for key, what in (("tp_size", "tensor"), ("cp_size", "context"), ("pp_size", "pipeline"), ("ep_size", "expert")):
+        v = get(f"distributed.{key}")
+        if v not in (None, 1, "1", "none", "None"):
+            warnings.append(f"distributed.{key}: {v} not carried over — {what} parallelism is not supported; kubetune "
+                            "trains data-parallel (resources.strategy fsdp or ddp)")
+    dp = get("distributed.dp_size")
+    if dp not in (None, "none", "None"):
+        warnings.append(f"distributed.dp_size: {dp} not carried over — the data-parallel size is resources.nodes × "
+                        "resources.gpusPerNode")
+    for key in ("distributed.sequence_parallel", "distributed_config.sequence_parallel"):
+        if get(key):
+            warnings.append(f"{key}: not carried over — sequence parallelism is not supported")
+    return resources
+
+
+def _nemo_compile(get, flat: dict[str, Any], warnings: list[str]) -> dict[str, Any]:
+    """`compile` → hyperparameters.torchCompile (+ torchCompileMode): transformers' torch_compile."""
+    hp: dict[str, Any] = {}
+    if not any(key.startswith("compile.") for key in flat):
+        return hp
+    enabled = bool(get("compile.enabled"))
+    rest = [key for key in flat if key.startswith("compile.") and key != "compile.enabled"]
+    if not enabled:
+        for key in rest:
+            get(key)
+            _warn(warnings, key, "compile.enabled is false (hyperparameters.torchCompile stays false)")
+        return hp
+    hp["torchCompile"] = True
+    mode = get("compile.mode")
+    if mode in _COMPILE_MODES:
+        if mode != "default":
+            hp["torchCompileMode"] = mode
+    elif mode is not None:
+        warnings.append(f"compile.mode: {mode!r} not carried over ({', '.join(_COMPILE_MODES)})")
+    backend = get("compile.backend")
+    if backend not in (None, "inductor"):
+        warnings.append(f"compile.backend: {backend!r} not carried over — transformers compiles with Inductor")
+    if get("compile.fullgraph"):
+        warnings.append("compile.fullgraph: not carried over — transformers compiles allowing graph breaks")
+    if get("compile.dynamic") is not None:
+        warnings.append(f"compile.dynamic: {flat['compile.dynamic']} not carried over — torch.compile detects dynamic "
+                        "shapes itself")
+    return hp
 
 
 def convert_nemo(cfg: dict[str, Any], warnings: list[str] | None = None, name: str | None = None) -> dict[str, Any]:
@@ -627,6 +734,14 @@ def convert_nemo(cfg: dict[str, Any], warnings: list[str] | None = None, name: s
             warnings.append(f"lr_scheduler.lr_decay_style: {s!r} not carried over; using cosine")
     if get("lr_scheduler.lr_warmup_steps"):
         hp["warmupSteps"] = int(get("lr_scheduler.lr_warmup_steps"))
+    if get("lr_scheduler.min_lr") is not None:
+        min_lr = float(_num(get("lr_scheduler.min_lr")))
+        if hp.get("lrScheduler", "cosine") == "cosine":
+            hp["lrScheduler"], hp["minLr"] = "cosine_with_min_lr", min_lr
+        else:
+            warnings.append(f"lr_scheduler.min_lr: not carried over — transformers decays to a floor only in its "
+                            f"cosine_with_min_lr schedule, and lr_decay_style is {hp['lrScheduler']}")
+    hp.update(_nemo_compile(get, flat, warnings))
     if get("rng.seed") is not None:
         hp["seed"] = int(get("rng.seed"))
     get("rng._target_")
@@ -637,32 +752,16 @@ def convert_nemo(cfg: dict[str, Any], warnings: list[str] | None = None, name: s
         hp["packing"] = True
     if hp:
         st["hyperparameters"] = hp
-    ds_target = str(get("dataset._target_", ""))
-    ds_name = get("dataset.dataset_name") or get("dataset.path_or_dataset") or get("dataset.path_or_dataset_id")
-    data: dict[str, Any] = {"name": "train"}
-    known = next((v for key, v in _NEMO_DATASETS.items() if key in ds_target or key in str(ds_name)), None)
-    if known:
-        data["source"] = str(ds_name or known[0])
-        data["columns"] = dict(known[1])
-        warnings.append(f"dataset._target_: {ds_target!r}: SQuAD carried over as alpaca columns "
-                        "(question → prompt, context → input, answers → output); its `answers` column is a "
-                        "dict ({text: [...]}) — flatten it to a string first")
-    elif ds_name:
-        data["source"] = str(ds_name)
-        data["format"] = "messages" if "chat" in ds_target.lower() else "alpaca"
-        if ds_target:
-            warnings.append(f"dataset._target_: {ds_target!r} not carried over — check spec.data[0].format and columns")
-    else:
+    data = _nemo_dataset("dataset", "train", get, flat, used, warnings)
+    if data is None:
         raise UserError("dataset.dataset_name (or path_or_dataset) is required", "dataset")
-    if get("dataset.split"):
-        data["split"] = str(flat["dataset.split"])
-    for key in flat:
-        if key.startswith("dataset.column_mapping."):
-            used.add(key)
-            role = key.rsplit(".", 1)[1]
-            role = {"context": "query", "question": "prompt", "answer": "response"}.get(role, role)
-            data.setdefault("columns", {})[role] = flat[key]
+    eval_data = _nemo_dataset("validation_dataset", "validation", get, flat, used, warnings)
+    resources = _nemo_distributed(get, warnings)
     spec: dict[str, Any] = {"model": model, "data": [data], "stages": [st]}
+    if eval_data is not None:
+        spec["evalData"] = [eval_data]
+    if resources:
+        spec["resources"] = resources
     ck: dict[str, Any] = {}
     if get("step_scheduler.ckpt_every_steps"):
         ck["everySteps"] = int(get("step_scheduler.ckpt_every_steps"))
@@ -674,8 +773,10 @@ def convert_nemo(cfg: dict[str, Any], warnings: list[str] | None = None, name: s
     not_carried(("checkpoint.model_save_format", "checkpoint.save_consolidated"),
                 "kubetune saves Hugging Face safetensors (adapters in peft format)")
     notes = {"distributed": "set resources.nodes/gpusPerNode and resources.strategy (ddp or fsdp)",
+             "distributed_config": "set resources.fsdp (sharding, cpuOffload)",
+             "compile": "no transformers equivalent",
              "loss_fn": "the trainer's own loss is used", "dataloader": "not configurable",
-             "validation_dataset": "kubetune holds out hyperparameters.valSize of the training data",
+             "validation_dataset": "not supported",
              "validation_dataloader": "not configurable", "step_scheduler": "not supported",
              "wandb": "metrics go to Prometheus and trainer_log.jsonl", "mlflow": "metrics go to Prometheus and trainer_log.jsonl",
              "packed_sequence": "not supported", "model": "not supported", "peft": "not supported",
@@ -722,7 +823,7 @@ def _relocate(doc: dict[str, Any], out_dir: Path) -> None:
         return os.path.relpath(cwd / value, out_dir)
 
     spec = doc["spec"]
-    for d in spec.get("data", []):
+    for d in spec.get("data", []) + spec.get("evalData", []):
         d["source"] = fix(d["source"])
     spec["model"]["name"] = fix(spec["model"]["name"])
 

@@ -67,6 +67,9 @@ class ResolvedStage(Spec):
     model: ModelSpec = Field(description="The job's base model (loading options apply to every stage).")
     template: str | None = Field(None, description="Named chat template, if any.")
     data: list[DatasetSpec] = Field(default_factory=list, description="The stage's datasets.")
+    eval_data: list[DatasetSpec] = Field(
+        default_factory=list, description="The stage's evaluation datasets (empty: valSize, or no eval)."
+    )
     io: StageIO = Field(description="What the stage reads and writes.")
     storage: StorageSpec = Field(description="Storage settings (no secrets).")
     checkpoint: CheckpointSpec = Field(description="Checkpoint policy.")
@@ -100,6 +103,17 @@ def resolve_stage_defaults(stage: StageSpec) -> StageSpec:
         updates["packing"] = stage.type == "pt"
     lora = stage.lora.model_copy(update={"alpha": stage.lora.resolved_alpha})
     return stage.model_copy(update={"hyperparameters": hp.model_copy(update=updates), "lora": lora})
+
+
+def eval_data_of(stage: StageSpec, job_eval_data: list[DatasetSpec]) -> list[DatasetSpec]:
+    """A stage's evaluation data: its own `evalData`, else the job's when it trains on the job's
+    `data` (evaluation data belongs with the training data it measures). ppo and export stages have
+    no evaluation pass."""
+    if stage.type in ("ppo", "export"):
+        return []
+    if stage.eval_data is not None:
+        return stage.eval_data
+    return [] if stage.data else job_eval_data
 
 
 def storage_root(job: FineTuneJob, default_root: str | None = None) -> str:
@@ -150,6 +164,7 @@ def plan(job: FineTuneJob, default_root: str | None = None, run: str | None = No
                 model=spec.model,
                 template=spec.template,
                 data=list(stage.data if stage.data else spec.data),
+                eval_data=list(eval_data_of(stage, spec.eval_data)),
                 io=io,
                 storage=spec.storage,
                 checkpoint=spec.checkpoint,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from .errors import SpecError
@@ -41,6 +41,11 @@ TemplateName = Literal["chatml", "llama3", "alpaca", "qwen", "gemma", "mistral",
 TEMPLATE_NAMES: tuple[str, ...] = TemplateName.__args__  # type: ignore[attr-defined]
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# A column path of `DatasetSpec.columns`: a column name, then `.key` into a mapping or `[index]`
+# into a list (negative counts from the end), e.g. `answers.text[0]` (SQuAD). Keys cannot hold
+# `.`, `[` or `]`; a column whose whole name is the value is used as it is. runtime/data/columns.py
+# walks it; RE2 and Python `re` alike.
+COLUMN_PATH = r"^[^.\[\]]+(\.[^.\[\]]+|\[-?[0-9]+\])*$"
 
 
 @dataclass(frozen=True)
@@ -152,16 +157,44 @@ class DatasetSpec(Spec):
         "record carries `chosen` and `rejected` answers.",
         False,
     )
-    columns: dict[str, str] = _field(
+    columns: dict[str, Annotated[str, Field(min_length=1, max_length=256)]] = _field(
         "Column mapping as in LLaMA-Factory's dataset_info.json: our role name → the column in "
         "the file. Roles: prompt, query, response, system, history, messages, text, chosen, "
-        "rejected, completion, kto_tag, tools.",
+        "rejected, completion, kto_tag, tools. A value may be a path into a nested column: "
+        "`.key` enters a mapping, `[i]` a list (negative from the end), e.g. "
+        "`response: answers.text[0]` takes the first answer of SQuAD's "
+        "`answers: {text: [...], answer_start: [...]}`. A column whose whole name is the value "
+        "(dots and all) is used as it is.",
         default_factory=dict,
         max_length=32,
     )
     tags: DatasetTags = _field("ShareGPT role tags.", default_factory=DatasetTags)
     split: str = _field("Split to read for Hugging Face datasets. Default train.", "train", max_length=64)
     max_samples: int | None = _field("Use at most this many records (after loading).", None, ge=1)
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="!has(self.columns) || self.columns.all(k, self.columns[k].matches('"
+            + COLUMN_PATH.replace("\\", "\\\\") + "'))",
+            message="columns: each value is a column name or a path into one: name(.key|[index])*, e.g. "
+            "answers.text[0]; keys hold no '.', '[' or ']', indexes are integers",
+            check=lambda s: all(re.match(COLUMN_PATH, v) for v in s.columns.values()),
+            field_path=".columns",
+        ),
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _column_paths(cls, columns: dict[str, str]) -> dict[str, str]:
+        """The offline twin of the CEL rule, naming the role and the bad value."""
+        for role, value in columns.items():
+            if not re.match(COLUMN_PATH, value):
+                raise ValueError(
+                    f"columns.{role}: {value!r} is not a column path: write a column name, then "
+                    "`.key` to enter a mapping or `[index]` to enter a list, e.g. answers.text[0] "
+                    "(keys hold no '.', '[' or ']'; indexes are integers)"
+                )
+        return columns
 
 
 class LoraSpec(Spec):
@@ -237,8 +270,20 @@ class Hyperparameters(Spec):
         None,
     )
     lr_scheduler: Literal[
-        "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
-    ] = _field("Learning-rate schedule. Default cosine.", "cosine")
+        "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt",
+        "cosine_with_min_lr",
+    ] = _field(
+        "Learning-rate schedule. Default cosine. cosine_with_min_lr decays to `minLr` instead of 0 "
+        "(NeMo AutoModel's lr_scheduler.min_lr).",
+        "cosine",
+    )
+    min_lr: float | None = _field(
+        "The learning rate a cosine_with_min_lr schedule ends at (required by that schedule, used by "
+        "no other).",
+        None,
+        ge=0,
+        le=1,
+    )
     warmup_ratio: float = _field("Share of steps used for linear warm-up. Default 0.", 0.0, ge=0, le=1)
     warmup_steps: int = _field("Warm-up steps (wins over warmupRatio when > 0).", 0, ge=0)
     weight_decay: float = _field("Weight decay. Default 0.", 0.0, ge=0)
@@ -263,6 +308,23 @@ class Hyperparameters(Spec):
     )
     eval_steps: int | None = _field("Evaluate every N steps (default: at the end of each epoch).", None, ge=1)
     neftune_alpha: float | None = _field("NEFTune noise alpha for SFT embeddings.", None, gt=0)
+    torch_compile: bool = _field(
+        "Compile the model with torch.compile (transformers' torch_compile, Inductor backend). The "
+        "first steps pay the compilation; on CPU it needs a C++ compiler in the image. Default false.",
+        False,
+    )
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = _field(
+        "torch.compile mode when torchCompile is true. Default: torch's own (default).", None
+    )
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="(has(self.lrScheduler) && self.lrScheduler == 'cosine_with_min_lr') == has(self.minLr)",
+            message="lrScheduler cosine_with_min_lr and minLr go together: set both or neither",
+            check=lambda s: (s.lr_scheduler == "cosine_with_min_lr") == (s.min_lr is not None),
+            field_path=".minLr",
+        ),
+    )
 
 
 # The loss variants DPOTrainer accepts in TRL 1.16 (DPOConfig.loss_type / DPOTrainer._compute_loss);
@@ -362,6 +424,14 @@ class StageSpec(Spec):
     data: list[DatasetSpec] | None = _field(
         "Datasets of this stage; default: the job's `data`.", None, max_length=32
     )
+    eval_data: list[DatasetSpec] | None = _field(
+        "Evaluation datasets of this stage (LLaMA-Factory eval_dataset, NeMo AutoModel "
+        "validation_dataset): the eval loss is computed on them every hyperparameters.evalSteps "
+        "and at the last step (without evalSteps: at the end of each epoch). Default: the job's `evalData` when the stage "
+        "uses the job's `data`. Exclusive with hyperparameters.valSize. Not for ppo or export stages.",
+        None,
+        max_length=32,
+    )
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule(
@@ -396,6 +466,12 @@ class StageSpec(Spec):
             check=lambda s: s.type not in ("grpo", "rloo", "ppo")
             or (s.reward is not None and (s.reward.model_stage is not None or len(s.reward.functions) > 0)),
             field_path=".reward",
+        ),
+        CelRule(
+            rule="!has(self.evalData) || size(self.evalData) == 0 || !(self.type in ['ppo', 'export'])",
+            message="evalData: ppo and export stages have no evaluation pass",
+            check=lambda s: not s.eval_data or s.type not in ("ppo", "export"),
+            field_path=".evalData",
         ),
     )
 
@@ -578,6 +654,12 @@ class FineTuneJobSpec(Spec):
     data: list[DatasetSpec] = _field(
         "Datasets used by every stage that has no `data` of its own.", default_factory=list, max_length=32
     )
+    eval_data: list[DatasetSpec] = _field(
+        "Evaluation datasets of every stage that uses the job's `data` and has no `evalData` of its "
+        "own (see stages[].evalData).",
+        default_factory=list,
+        max_length=32,
+    )
     template: TemplateName | None = _field(
         "Chat template: default the tokenizer's own; or a named one for base models without "
         f"one: {', '.join(TEMPLATE_NAMES)}.",
@@ -621,6 +703,18 @@ class FineTuneJobSpec(Spec):
                 st.reward is None
                 or st.reward.model_stage is None
                 or any(t.name == st.reward.model_stage and t.type == "rm" for t in s.stages)
+                for st in s.stages
+            ),
+            field_path=".stages",
+        ),
+        CelRule(
+            rule="self.stages.all(s, !has(s.hyperparameters) || !has(s.hyperparameters.valSize) || "
+            "s.hyperparameters.valSize <= 0.0 || ((!has(s.evalData) || size(s.evalData) == 0) && "
+            "((has(s.data) && size(s.data) > 0) || !has(self.evalData) || size(self.evalData) == 0)))",
+            message="a stage evaluates either on evalData or on a held-out hyperparameters.valSize of its "
+            "training data, not both: unset one",
+            check=lambda s: all(
+                st.hyperparameters.val_size <= 0 or not (st.eval_data or (not st.data and s.eval_data))
                 for st in s.stages
             ),
             field_path=".stages",

@@ -10,6 +10,9 @@ turned into one of these shapes:
 - ``kto``: ``{"prompt": [msgs], "completion": [assistant msg], "label": bool}``
 - ``prompt``: ``{"prompt": [msgs], **other columns}`` (online RL; extra columns reach rewards)
 
+A column may be a path into a nested column (`answers.text[0]`, see columns.py): every role is
+read through `_Ctx.get`, which walks it.
+
 Errors name the dataset, the record (0-based index) and the column.
 """
 
@@ -19,6 +22,7 @@ from typing import Any
 
 from ..errors import DataError
 from ..spec import DatasetSpec
+from .columns import MISSING, PathError, column_of, resolve
 
 Kind = str  # "conversation" | "text" | "preference" | "kto" | "prompt"
 
@@ -70,7 +74,7 @@ class _Ctx:
         present = set().union(*(r.keys() for r in records[:100]))
         for role in roles:
             name = self.col(role)
-            if name not in present:
+            if name not in present and column_of(name) not in present:
                 raise self.fail(
                     None,
                     f"column {name!r} (the {role!r} column of format {self.ds.format}) is missing; "
@@ -80,11 +84,15 @@ class _Ctx:
 
     def get(self, record: dict[str, Any], index: int, role: str, required: bool = True) -> Any:
         name = self.col(role)
-        if name not in record or record[name] is None:
+        try:
+            value = resolve(record, name)
+        except PathError as err:
+            raise self.fail(index, f"column path {name!r} ({role}): {err}") from None
+        if value is MISSING:
             if required:
                 raise self.fail(index, f"column {name!r} ({role}) is missing")
             return None
-        return record[name]
+        return value
 
     def text(self, record: dict[str, Any], index: int, role: str, required: bool = True, allow_empty: bool = False) -> str | None:
         value = self.get(record, index, role, required)
@@ -237,7 +245,7 @@ def _prompt_messages(ctx: _Ctx, r: dict[str, Any], i: int) -> list[dict[str, str
 def _implicit_prompt(ctx: _Ctx, r: dict[str, Any], i: int) -> list[dict[str, str]] | None:
     """TRL's implicit-prompt pairs: chosen and rejected are whole conversations that share every
     turn but the last; the shared turns are the prompt. None when the record is not laid out so."""
-    chosen, rejected = r.get(ctx.col("chosen")), r.get(ctx.col("rejected"))
+    chosen, rejected = ctx.get(r, i, "chosen", required=False), ctx.get(r, i, "rejected", required=False)
     if not (isinstance(chosen, list) and isinstance(rejected, list) and len(chosen) > 1):
         return None
     if not all(isinstance(m, dict) and "role" in m and "content" in m for m in chosen + rejected):
@@ -288,7 +296,7 @@ def to_examples(records: list[dict[str, Any]], ds: DatasetSpec, kind: Kind, sour
             raise ctx.fail(None, "preference stages need pairs: set `ranking: true` (chosen/rejected columns) or format preference")
         ctx.require(records, ["chosen", "rejected"])
         for i, r in enumerate(records):
-            prompt = _implicit_prompt(ctx, r, i) if ds.format == "preference" and ctx.col("prompt") not in r else None
+            prompt = _implicit_prompt(ctx, r, i) if ds.format == "preference" and column_of(ctx.col("prompt")) not in r else None
             prompt = prompt if prompt is not None else _prompt_messages(ctx, r, i)
             out.append({"prompt": prompt, "chosen": _answer(ctx, r, i, "chosen"), "rejected": _answer(ctx, r, i, "rejected")})
         return out
@@ -305,7 +313,8 @@ def to_examples(records: list[dict[str, Any]], ds: DatasetSpec, kind: Kind, sour
             out.append({"prompt": prompt, "completion": completion, "label": _label(ctx, r, i)})
         return out
     if kind == "prompt":
-        used = {ctx.col(role) for role in ("prompt", "query", "system", "history", "messages", "response")}
+        roles = ("prompt", "query", "system", "history", "messages", "response")
+        used = {ctx.col(role) for role in roles} | {column_of(ctx.col(role)) for role in roles}
         for i, r in enumerate(records):
             prompt = _prompt_messages(ctx, r, i)
             if not prompt or prompt[-1]["role"] != "user":

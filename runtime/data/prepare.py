@@ -49,6 +49,19 @@ def load_examples(
     return examples
 
 
+def train_eval_examples(cfg, kind: Kind, base_dir: Path | None = None, fetch: Callable[[str], Path] | None = None,
+                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A resolved stage's training and evaluation examples: the eval part is its `evalData` when it
+    has any (the training data is then used whole), else a held-out `valSize` of the training data
+    (empty when valSize is 0). The spec does not allow both."""
+    examples = load_examples(cfg.data, kind, base_dir, fetch)
+    if cfg.eval_data:
+        return examples, load_examples(cfg.eval_data, kind, base_dir, fetch)
+    hp = cfg.stage.hyperparameters
+    train_idx, eval_idx = split_eval(len(examples), hp.val_size, hp.seed)
+    return [examples[i] for i in train_idx], [examples[i] for i in eval_idx]
+
+
 def tokenize_text(examples: list[dict[str, Any]], tokenizer, batch_size: int = 1000) -> dict[str, list]:
     """Plain text → input_ids, each document closed with EOS (pre-training)."""
     eos = tokenizer.eos_token or ""

@@ -27,6 +27,7 @@ class StageContext:
     resume_from: Path | None = None  # a committed checkpoint, downloaded
     base_dir: Path | None = None  # where relative data paths are looked up too (the job file's folder)
     fetch: Callable[[str], Path] | None = None  # s3:// data → local cache path
+    eval_examples: int | None = None  # examples of the eval set before packing (else the trainer's eval rows)
 
     @property
     def trainer_dir(self) -> Path:
@@ -96,6 +97,12 @@ def common_args(ctx: StageContext, *, eval_enabled: bool = False) -> dict[str, A
         dataloader_pin_memory=cuda,
         remove_unused_columns=True,
     )
+    if hp.min_lr is not None:  # cosine_with_min_lr (the spec pairs the two)
+        args["lr_scheduler_kwargs"] = {"min_lr": hp.min_lr}
+    if hp.torch_compile:
+        args["torch_compile"] = True
+        if hp.torch_compile_mode:
+            args["torch_compile_mode"] = hp.torch_compile_mode
     if gradient_checkpointing_kwargs := ({"use_reentrant": False} if checkpointing else None):
         args["gradient_checkpointing_kwargs"] = gradient_checkpointing_kwargs
     from ..launcher import distributed_args  # DDP / FSDP when several processes train (torchrun)
@@ -169,6 +176,7 @@ def summarize(trainer, result, duration: float, ctx: StageContext, log_records: 
         "final_loss": losses[-1] if losses else None,
         "train_loss": result.training_loss if result is not None else None,
         "eval_loss": evals[-1] if evals else None,
+        "eval_examples": ctx.eval_examples if ctx.eval_examples is not None else _size(getattr(trainer, "eval_dataset", None)),
         "duration_seconds": round(duration, 3),
         "tokens": tokens,
         "tokens_this_run": trained,
@@ -176,6 +184,13 @@ def summarize(trainer, result, duration: float, ctx: StageContext, log_records: 
         "resumed_from_step": _step_of(ctx.resume_from),
         "output_kind": ctx.cfg.io.output_kind,
     }
+
+
+def _size(dataset) -> int | None:
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:
+        return None
 
 
 def tokens_at(checkpoint: Path | None) -> int:

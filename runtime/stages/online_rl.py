@@ -21,7 +21,7 @@ import logging
 import shutil
 from typing import Any
 
-from ..data.prepare import load_examples, split_eval
+from ..data.prepare import train_eval_examples
 from ..errors import UserError
 from ..models import compute_dtype, load_policy, load_tokenizer
 from ..outputs import TrainerLogCallback
@@ -39,15 +39,13 @@ def prompt_datasets(ctx: StageContext):
     from datasets import Dataset
 
     cfg = ctx.cfg
-    examples = load_examples(cfg.data, "prompt", ctx.base_dir, ctx.fetch)
-    if not examples:
+    train, evals = train_eval_examples(cfg, "prompt", ctx.base_dir, ctx.fetch)
+    if not train:
         raise UserError("the stage's data has no prompts", ctx.where("data"))
-    keys = set().union(*(e.keys() for e in examples))
-    rows = [{k: e.get(k) for k in keys} for e in examples]  # datasets wants the same columns in every row
-    hp = cfg.stage.hyperparameters
-    train_idx, eval_idx = split_eval(len(rows), hp.val_size, hp.seed)
-    train_ds = Dataset.from_list([rows[i] for i in train_idx])
-    eval_ds = Dataset.from_list([rows[i] for i in eval_idx]) if eval_idx else None
+    keys = set().union(*(e.keys() for e in train + evals))
+    # datasets wants the same columns in every row
+    train_ds = Dataset.from_list([{k: e.get(k) for k in keys} for e in train])
+    eval_ds = Dataset.from_list([{k: e.get(k) for k in keys} for e in evals]) if evals else None
     return train_ds, eval_ds
 
 

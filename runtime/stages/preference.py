@@ -85,16 +85,15 @@ def check_loss_options(ctx: StageContext) -> None:
 
 
 def load_datasets(ctx: StageContext):
-    """The stage's data as TRL's conversational preference (or KTO) examples, split for eval."""
+    """The stage's data as TRL's conversational preference (or KTO) examples, and its eval part
+    (evalData, or a held-out valSize)."""
     from datasets import Dataset
 
-    from ..data.prepare import KIND_OF_STAGE, load_examples, split_eval
+    from ..data.prepare import KIND_OF_STAGE, train_eval_examples
 
     cfg = ctx.cfg
-    examples = load_examples(cfg.data, KIND_OF_STAGE[cfg.stage.type], ctx.base_dir, ctx.fetch)
-    train_idx, eval_idx = split_eval(len(examples), cfg.stage.hyperparameters.val_size, cfg.stage.hyperparameters.seed)
-    full = Dataset.from_list(examples)
-    return full.select(train_idx), (full.select(eval_idx) if eval_idx else None)
+    train, evals = train_eval_examples(cfg, KIND_OF_STAGE[cfg.stage.type], ctx.base_dir, ctx.fetch)
+    return Dataset.from_list(train), (Dataset.from_list(evals) if evals else None)
 
 
 def load_tokenizer_for(ctx: StageContext):

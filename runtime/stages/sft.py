@@ -12,6 +12,7 @@ import logging
 
 from datasets import Dataset
 
+from ..errors import DataError
 from ..data.prepare import KIND_OF_STAGE, load_examples, split_eval, tokenize_conversations, tokenize_text
 from ..models import compute_dtype, load_policy, load_tokenizer
 from ..outputs import TrainerLogCallback
@@ -20,22 +21,33 @@ from .base import StageContext, StageResult, check_method, common_args, finish, 
 log = logging.getLogger(__name__)
 
 
-def build_datasets(ctx: StageContext, tokenizer) -> tuple[Dataset, Dataset | None]:
-    cfg = ctx.cfg
-    kind = KIND_OF_STAGE[cfg.stage.type]
-    examples = load_examples(cfg.data, kind, ctx.base_dir, ctx.fetch)
-    where = ", ".join(d.name for d in cfg.data)
+def _tokenized(examples, kind, tokenizer, hp, where: str) -> dict[str, list]:
     columns = (
         tokenize_text(examples, tokenizer)
         if kind == "text"
-        else tokenize_conversations(examples, tokenizer, where=f"stage {cfg.name} data ({where})")
+        else tokenize_conversations(examples, tokenizer, where=where)
     )
-    hp = cfg.stage.hyperparameters
     if not hp.packing:  # padding-free batches without packing: truncate here (keep the start)
         columns = {k: [v[: hp.cutoff_len] for v in vals] for k, vals in columns.items()}
         if "assistant_masks" in columns:
             keep = [i for i, m in enumerate(columns["assistant_masks"]) if any(m)]
             columns = {k: [vals[i] for i in keep] for k, vals in columns.items()}
+    return columns
+
+
+def build_datasets(ctx: StageContext, tokenizer) -> tuple[Dataset, Dataset | None]:
+    cfg = ctx.cfg
+    kind = KIND_OF_STAGE[cfg.stage.type]
+    hp = cfg.stage.hyperparameters
+    examples = load_examples(cfg.data, kind, ctx.base_dir, ctx.fetch)
+    where = ", ".join(d.name for d in cfg.data)
+    columns = _tokenized(examples, kind, tokenizer, hp, f"stage {cfg.name} data ({where})")
+    if cfg.eval_data:  # a separate evaluation set: the training data is used whole
+        where = f"stage {cfg.name} evalData ({', '.join(d.name for d in cfg.eval_data)})"
+        eval_columns = _tokenized(load_examples(cfg.eval_data, kind, ctx.base_dir, ctx.fetch), kind, tokenizer, hp, where)
+        if not eval_columns["input_ids"]:
+            raise DataError(f"no evaluation example keeps an answer within cutoffLen {hp.cutoff_len}", where)
+        return Dataset.from_dict(columns), Dataset.from_dict(eval_columns)
     train_idx, eval_idx = split_eval(len(columns["input_ids"]), hp.val_size, hp.seed)
     full = Dataset.from_dict(columns)
     train_ds = full.select(train_idx)
@@ -56,6 +68,7 @@ def run(ctx: StageContext) -> StageResult:
     # A previous stage's output folder carries the tokenizer it trained with.
     tokenizer = load_tokenizer(adapter or model_path, cfg.model, cfg.template)
     train_ds, eval_ds = build_datasets(ctx, tokenizer)
+    ctx.eval_examples = len(eval_ds) if eval_ds is not None else None  # SFTTrainer may pack them into fewer rows
     model, peft_config = load_policy(model_path, adapter, cfg.io.merge_adapter, cfg.model, stage, dtype)
 
     args = SFTConfig(

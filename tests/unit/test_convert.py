@@ -256,6 +256,70 @@ def test_nemo_automodel_recipe_converts(tmp_path, capsys):
     assert st.hyperparameters.max_steps == 500 and st.hyperparameters.learning_rate == 1e-5 and st.hyperparameters.seed == 1111
     assert job.spec.checkpoint.every_steps == 200 and job.spec.storage.uri == "checkpoints/"
     assert job.spec.data[0].source == "rajpurkar/squad"
-    for key in ("dist_env.backend", "distributed._target_", "loss_fn._target_", "peft.use_triton", "dataloader.shuffle",
+    assert job.spec.data[0].columns == {"prompt": "context", "query": "question", "response": "answers.text[0]"}
+    assert job.spec.resources.strategy == "fsdp"  # distributed._target_: FSDP2Manager
+    for key in ("dist_env.backend", "loss_fn._target_", "peft.use_triton", "dataloader.shuffle",
                 "optimizer.betas", "checkpoint.model_save_format"):
         assert f"warning: {key}: not carried over" in err, key
+
+
+QWEN_SPARK = """
+recipe: TrainFinetuneRecipeForNextTokenPrediction
+step_scheduler: {global_batch_size: 64, local_batch_size: 2, ckpt_every_steps: 1000, val_every_steps: 10, num_epochs: 1}
+model: {_target_: nemo_automodel.NeMoAutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path: Qwen/Qwen3-8B}
+compile: {enabled: true, mode: max-autotune, fullgraph: false, dynamic: false, backend: null}
+distributed: {strategy: fsdp2, dp_size: none, tp_size: 2, cp_size: 1, sequence_parallel: false}
+dataset: {_target_: nemo_automodel.components.datasets.llm.squad.make_squad_dataset, dataset_name: rajpurkar/squad, split: train}
+validation_dataset:
+  _target_: nemo_automodel.components.datasets.llm.squad.make_squad_dataset
+  dataset_name: rajpurkar/squad
+  split: validation
+  limit_dataset_samples: 64
+optimizer: {_target_: torch.optim.Adam, lr: 1.0e-5, weight_decay: 0, fused: true}
+lr_scheduler: {lr_decay_style: cosine, min_lr: 1.0e-6}
+"""
+
+
+def test_nemo_validation_dataset_fsdp2_min_lr_and_compile_are_carried_over(tmp_path, capsys):
+    src = tmp_path / "qwen3_8b_squad_spark.yaml"
+    src.write_text(QWEN_SPARK)
+    out = tmp_path / "job.yaml"
+    assert main(["convert", str(src), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    job = load_job(out)
+    st, hp = job.spec.stages[0], job.spec.stages[0].hyperparameters
+    [val] = job.spec.eval_data
+    assert (val.source, val.split, val.max_samples) == ("rajpurkar/squad", "validation", 64)
+    assert val.columns["response"] == "answers.text[0]"
+    assert job.spec.resources.strategy == "fsdp" and st.method == "full"
+    assert hp.lr_scheduler == "cosine_with_min_lr" and hp.min_lr == 1e-6
+    assert hp.torch_compile and hp.torch_compile_mode == "max-autotune" and hp.eval_steps == 10
+    assert "distributed.tp_size: 2 not carried over — tensor parallelism is not supported" in err
+    assert "compile.dynamic: False not carried over" in err
+    for key in ("validation_dataset", "lr_scheduler.min_lr", "compile.enabled", "compile.mode", "distributed.strategy: fsdp2 not"):
+        assert f"{key}: not carried over" not in err, key
+    # with compile off, its knobs are reported, not applied
+    src.write_text(QWEN_SPARK.replace("enabled: true", "enabled: false"))
+    assert main(["convert", str(src), "-o", str(out)]) == 0
+    assert "compile.mode: not carried over — compile.enabled is false" in capsys.readouterr().err
+    assert not load_job(out).spec.stages[0].hyperparameters.torch_compile
+
+
+def test_llamafactory_eval_dataset_becomes_eval_data(tmp_path, capsys):
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "dataset_info.json").write_text(json.dumps({
+        "squad_train": {"file_name": "train.jsonl", "columns": {"prompt": "context", "query": "question", "response": "answers.text[0]"}},
+        "squad_val": {"file_name": "validation.jsonl", "columns": {"prompt": "context", "query": "question", "response": "answers.text[0]"}},
+    }))
+    cfg = {"model_name_or_path": "m", "stage": "sft", "finetuning_type": "lora", "dataset": "squad_train",
+           "eval_dataset": "squad_val", "dataset_dir": str(d), "val_size": 0.1, "eval_steps": 5}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "job.yaml"
+    assert main(["convert", str(tmp_path / "train.yaml"), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    job = load_job(out)
+    [val] = job.spec.eval_data
+    assert val.source.endswith("validation.jsonl") and val.columns["response"] == "answers.text[0]"
+    assert job.spec.stages[0].hyperparameters.val_size == 0 and job.spec.stages[0].hyperparameters.eval_steps == 5
+    assert "val_size: not carried over — eval_dataset is given" in err and "eval_dataset: " not in err

@@ -191,3 +191,59 @@ def test_prefix_fallback_for_templates_without_generation_markers(tiny_tokenizer
 def test_text_tokenization_closes_documents_with_eos(tiny_tokenizer):
     out = tokenize_text([{"text": "Packing puts samples together."}], tiny_tokenizer)
     assert out["input_ids"][0][-1] == tiny_tokenizer.eos_token_id
+
+
+# ------------------------------------------------------------------ column paths (SQuAD nesting)
+
+SQUAD_RECORD = {"id": "q1", "title": "Rivers", "context": "The Nile flows north.", "question": "Which way does the Nile flow?",
+                "answers": {"text": ["north", "northwards"], "answer_start": [16, 16]}}
+SQUAD_COLUMNS = {"prompt": "context", "query": "question", "response": "answers.text[0]"}
+
+
+def test_a_column_path_takes_the_first_squad_answer(tmp_path):
+    spec = ds(tmp_path, [SQUAD_RECORD], suffix=".jsonl", columns=SQUAD_COLUMNS)
+    [ex] = to_examples(load_records(spec), spec, "conversation")
+    assert ex["messages"] == [
+        {"role": "user", "content": "The Nile flows north.\nWhich way does the Nile flow?"},
+        {"role": "assistant", "content": "north"},
+    ]
+    last = ds(tmp_path, [SQUAD_RECORD], name="e", columns={**SQUAD_COLUMNS, "response": "answers.text[-1]"})
+    assert to_examples(load_records(last), last, "conversation")[0]["messages"][-1]["content"] == "northwards"
+
+
+@pytest.mark.parametrize("path,message", [
+    ("answers.txt[0]", "column path 'answers.txt[0]' (response): 'answers' has no key 'txt' (its keys: text, answer_start)"),
+    ("answers.text[5]", "column path 'answers.text[5]' (response): 'answers.text' has 2 item(s): no [5]"),
+    ("answers[0]", "column path 'answers[0]' (response): 'answers' is a mapping, not a list: cannot take [0]"),
+    ("answers.text", "column 'answers.text' (response) must be text, got list"),
+    ("title.text", "column path 'title.text' (response): 'title' is text, not a mapping: cannot take .text"),
+])
+def test_a_column_path_that_does_not_fit_the_record_names_where_it_stopped(tmp_path, path, message):
+    spec = ds(tmp_path, [SQUAD_RECORD], columns={**SQUAD_COLUMNS, "response": path})
+    with pytest.raises(DataError) as err:
+        to_examples(load_records(spec), spec, "conversation")
+    assert message in str(err.value) and "record 0" in str(err.value)
+
+
+def test_a_column_named_like_a_path_is_used_as_it_is(tmp_path):
+    """Mappings written before paths existed keep their meaning: a flat `a.b` column wins."""
+    spec = ds(tmp_path, [{"q": "Hi", "answer.text": "flat", "answer": {"text": "nested"}}],
+              columns={"prompt": "q", "response": "answer.text"})
+    assert to_examples(load_records(spec), spec, "conversation")[0]["messages"][-1]["content"] == "flat"
+
+
+def test_a_missing_nested_column_is_reported_with_the_columns_there(tmp_path):
+    spec = ds(tmp_path, [{"question": "Q", "context": "C"}], columns=SQUAD_COLUMNS)
+    with pytest.raises(DataError, match="column 'answers.text\\[0\\]' .*the records have: context, question"):
+        to_examples(load_records(spec), spec, "conversation")
+
+
+def test_column_paths_reach_preference_and_prompt_data(tmp_path):
+    rec = {"q": {"text": "Best colour?"}, "pair": {"good": ["Blue."], "bad": ["Mud."]}, "gold": "Blue."}
+    pref = ds(tmp_path, [rec], name="p", format="preference",
+              columns={"prompt": "q.text", "chosen": "pair.good[0]", "rejected": "pair.bad[0]"})
+    [ex] = to_examples(load_records(pref), pref, "preference")
+    assert ex["prompt"][-1]["content"] == "Best colour?" and ex["chosen"][0]["content"] == "Blue."
+    prompt = ds(tmp_path, [rec], name="r", format="prompt", columns={"prompt": "q.text"})
+    [ex] = to_examples(load_records(prompt), prompt, "prompt")
+    assert ex["prompt"] == [{"role": "user", "content": "Best colour?"}] and ex["gold"] == "Blue." and "q" not in ex

@@ -204,3 +204,28 @@ def test_credentials_in_an_endpoint_are_refused_without_echoing_them():
         assert "minio123" not in str(err.value) and "AKIA" not in str(err.value)
     for url in ("http://minio.storage:9000", "https://s3.example.com/path@v2", "http://[::1]:9000"):
         parse_job(patched({"storage": {"endpoint": url}}, "fine"))
+
+
+def test_eval_data_goes_with_the_training_data_it_measures():
+    """Job-level evalData reaches the stages that train on the job's data; a stage's own evalData
+    wins; a stage with data of its own gets none from the job."""
+    v, w, p = ({"name": n, "source": f"{n}.json"} for n in ("v", "w", "p"))
+    job = parse_job(doc(evalData=[v], stages=[
+        {"name": "sft", "type": "sft"},
+        {"name": "own", "type": "sft", "evalData": [w]},
+        {"name": "dpo", "type": "dpo", "data": [{**p, "format": "preference"}]},
+        {"name": "merge", "type": "export"},
+    ]))
+    stages = plan(job)
+    assert [[d.name for d in s.eval_data] for s in stages] == [["v"], ["w"], [], []]
+    # a stage with its own data and valSize is fine beside job-level evalData
+    parse_job(doc(evalData=[v], stages=[{"name": "sft", "type": "sft"},
+                                        {"name": "b", "type": "sft", "data": [p], "hyperparameters": {"valSize": 0.1}}]))
+
+
+def test_min_lr_schedule_and_torch_compile_validate():
+    hp = {"lrScheduler": "cosine_with_min_lr", "minLr": 1e-6, "torchCompile": True, "torchCompileMode": "max-autotune"}
+    stage = parse_job(doc(stages=[{"name": "a", "type": "sft", "hyperparameters": hp}])).spec.stages[0]
+    assert stage.hyperparameters.min_lr == 1e-6 and stage.hyperparameters.torch_compile
+    with pytest.raises(SpecError, match="lrScheduler cosine_with_min_lr and minLr go together"):
+        parse_job(doc(stages=[{"name": "a", "type": "sft", "hyperparameters": {"lrScheduler": "cosine_with_min_lr"}}]))
