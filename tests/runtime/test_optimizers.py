@@ -1,0 +1,103 @@
+"""The optimizers LLaMA-Factory users reach for — GaLore, APOLLO, BAdam, Adam-mini, Muon — and custom
+Adam betas/epsilon: each trains the tiny model through `kubetune run` (full fine-tuning, CPU) with
+the loss going down, and the optimizer that trained is the one the spec names, with its settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import job_doc, run_doc, write_alpaca
+from tests.runtime.test_training import FAST, assert_loss_went_down
+
+
+@pytest.fixture
+def built_optimizers(monkeypatch) -> list:
+    """Every optimizer a Trainer creates during the test (accelerate's wrapper removed)."""
+    from transformers import Trainer
+
+    built: list = []
+    create = Trainer.create_optimizer
+
+    def recording(self, *args, **kwargs):
+        opt = create(self, *args, **kwargs)
+        built.append(getattr(opt, "optimizer", opt))
+        return opt
+
+    monkeypatch.setattr(Trainer, "create_optimizer", recording)
+    return built
+
+
+def _train(tiny_model, tmp_path, hp: dict, method: str = "full", steps: int = 16):
+    data = write_alpaca(tmp_path / "data" / "identity.json")
+    stage = {"name": "sft", "type": "sft", "method": method,
+             "hyperparameters": {**FAST, "maxSteps": steps, **hp}}
+    doc = job_doc("t", tiny_model, [{"name": "identity", "source": str(data)}], [stage], tmp_path / "saves")
+    assert run_doc(doc, tmp_path) == 0
+    out = tmp_path / "saves" / "sft" / "output"
+    return out, json.loads((out / "run.json").read_text())
+
+
+def _name(opt) -> str:
+    return f"{type(opt).__module__}.{type(opt).__qualname__}"
+
+
+def _low_rank_groups(opt) -> list[dict]:
+    return [g for g in opt.param_groups if "rank" in g]
+
+
+# label → (hyperparameters, the optimizer class that must train, a check of the optimizer built)
+CASES = {
+    "galore": ({"optimizer": "galore_adamw", "learningRate": 3e-3,
+                "galore": {"rank": 4, "updateInterval": 5, "scale": 1.0, "target": ["q_proj", "v_proj", "mlp"]}},
+               "galore_torch.adamw.AdamW",
+               lambda opt: [(g["rank"], g["update_proj_gap"], g["scale"], len(g["params"]))
+                            for g in _low_rank_groups(opt)] == [(4, 5, 1.0, 2 * 2 + 2 * 3)]),
+    "galore-layerwise": ({"optimizer": "galore_adamw", "learningRate": 3e-3,
+                          "galore": {"rank": 4, "updateInterval": 5, "layerwise": True}},
+                         "transformers.trainer_pt_utils.LayerWiseDummyOptimizer",
+                         lambda opt: {_name(o) for o in opt.optimizer_dict.values()} == {"galore_torch.adamw.AdamW"}
+                         and sum(g.get("rank") == 4 for o in opt.optimizer_dict.values() for g in o.param_groups) > 0),
+    "apollo": ({"optimizer": "apollo_adamw", "learningRate": 3e-3, "adamBeta2": 0.98,
+                "apollo": {"rank": 4, "updateInterval": 5, "scale": 8.0, "proj": "random"}},
+               "apollo_torch.apollo.AdamW",
+               lambda opt: {(g["rank"], g["scale"], g["proj"], g["betas"]) for g in _low_rank_groups(opt)}
+               == {(4, 8.0, "random", (0.9, 0.98))}),
+    "adam-mini": ({"optimizer": "adam_mini", "learningRate": 3e-3, "adamBeta1": 0.85, "adamEpsilon": 1e-7},
+                  "adam_mini.adam_mini.Adam_mini",
+                  lambda opt: {(g["beta1"], g["beta2"], g["eps"]) for g in opt.param_groups} == {(0.85, 0.999, 1e-7)}),
+    "muon": ({"optimizer": "muon", "learningRate": 3e-3, "adamBeta1": 0.8},
+             "kubetune.runtime.optimizers.MuonWithAdamW",
+             lambda opt: _name(opt.muon) == "torch.optim.Muon" and _name(opt.adamw) == "torch.optim.adamw.AdamW"
+             and all(p.ndim == 2 for g in opt.muon.param_groups for p in g["params"])
+             and {g["betas"] for g in opt.adamw.param_groups} == {(0.8, 0.999)}),
+    "badam": ({"optimizer": "badam", "learningRate": 5e-3, "badam": {"switchInterval": 8, "switchMode": "ascending"}},
+              "badam.block_optim.BlockOptimizer",
+              lambda opt: _name(opt.base_optimizer) == "torch.optim.adamw.AdamW" and opt.switch_block_every == 8
+              and opt.block_num == 2),
+    "adamw-betas": ({"optimizer": "adamw_torch", "learningRate": 2e-3, "adamBeta1": 0.8, "adamBeta2": 0.95,
+                     "adamEpsilon": 1e-6},
+                    "torch.optim.adamw.AdamW",
+                    lambda opt: {(g["betas"], g["eps"]) for g in opt.param_groups} == {((0.8, 0.95), 1e-6)}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", list(CASES))
+def test_optimizer_trains_and_is_the_one_named(label, tiny_model, tmp_path, built_optimizers):
+    hp, cls, check = CASES[label]
+    out, summary = _train(tiny_model, tmp_path, hp)
+    # BAdam trains one decoder layer at a time and never the embeddings or the head: slower on a 64-wide model
+    assert_loss_went_down(out, factor=0.95 if label == "badam" else 0.9)
+    assert summary["optimizer"] == cls, summary["optimizer"]
+    assert [_name(o) for o in built_optimizers] == [cls]
+    assert check(built_optimizers[0]), built_optimizers[0].param_groups
+    if label == "badam":  # both decoder layers took their turn (8 steps each); embeddings and head stayed as they were
+        from safetensors.torch import load_file
+
+        before, after = load_file(tiny_model / "model.safetensors"), load_file(out / "model.safetensors")
+        changed = {n for n in before if not (before[n] == after[n]).all()}
+        assert {n.split(".")[2] for n in changed if n.startswith("model.layers.")} == {"0", "1"}, sorted(changed)
+        assert all(n.startswith("model.layers.") for n in changed), sorted(changed)
+
