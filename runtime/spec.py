@@ -239,6 +239,8 @@ BETA_OPTIMIZERS: tuple[str, ...] = (
     "adam_mini", "muon", "badam",
 )
 EPSILON_OPTIMIZERS: tuple[str, ...] = tuple(o for o in BETA_OPTIMIZERS if o != "lion_8bit")
+# Optimizers that project or orthogonalise whole weight matrices: not on FSDP's shards.
+WHOLE_MATRIX_OPTIMIZERS: tuple[str, ...] = GALORE_OPTIMIZERS + ("apollo_adamw", "muon")
 # What a ppo stage's own training loop can run (torch AdamW).
 PPO_OPTIMIZERS: tuple[str, ...] = OPTIMIZERS[:7]
 
@@ -804,6 +806,18 @@ class FineTuneJobSpec(Spec):
             check=lambda s: all(not _single_process_optimizer(st.hyperparameters) for st in s.stages)
             or (s.resources.nodes == 1 and s.resources.gpus_per_node <= 1),
             field_path=".resources",
+        ),
+        CelRule(
+            rule="!has(self.resources) || !has(self.resources.strategy) || self.resources.strategy != 'fsdp' || "
+            "((!has(self.resources.nodes) || self.resources.nodes == 1) && "
+            "(!has(self.resources.gpusPerNode) || self.resources.gpusPerNode <= 1)) || "
+            f"self.stages.all(s, !has(s.hyperparameters) || !has(s.hyperparameters.optimizer) || "
+            f"!(s.hyperparameters.optimizer in {_cel_list(WHOLE_MATRIX_OPTIMIZERS)}))",
+            message="GaLore, APOLLO and Muon transform whole weight matrices, which FSDP shards across processes: "
+            "set resources.strategy: ddp, or pick another optimizer",
+            check=lambda s: s.resources.strategy != "fsdp" or (s.resources.nodes == 1 and s.resources.gpus_per_node <= 1)
+            or all(st.hyperparameters.optimizer not in WHOLE_MATRIX_OPTIMIZERS for st in s.stages),
+            field_path=".resources.strategy",
         ),
         CelRule(
             rule="self.stages.all(s, !has(s.reward) || !has(s.reward.modelStage) || "
