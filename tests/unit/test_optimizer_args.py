@@ -69,3 +69,15 @@ def test_a_missing_package_names_the_field_and_the_extra(monkeypatch):
 ])
 def test_valid_optimizer_settings(stage):
     parse_job(patched({"stages": [{"name": "a", "type": "sft", **stage}]}))
+
+
+def test_the_docs_list_every_optimizer_and_setting():
+    from pathlib import Path
+
+    from kubetune.runtime.spec import OPTIMIZERS, ApolloSpec, BadamSpec, GaloreSpec
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "optimizers.md").read_text()
+    missing = [f"`{o}`" for o in OPTIMIZERS if f"`{o}`" not in doc]
+    for block in (GaloreSpec, ApolloSpec, BadamSpec):
+        missing += [f"| `{f.alias}` |" for f in block.model_fields.values() if f"| `{f.alias}` |" not in doc]
+    assert not missing, missing
