@@ -101,3 +101,41 @@ def test_optimizer_trains_and_is_the_one_named(label, tiny_model, tmp_path, buil
         assert {n.split(".")[2] for n in changed if n.startswith("model.layers.")} == {"0", "1"}, sorted(changed)
         assert all(n.startswith("model.layers.") for n in changed), sorted(changed)
 
+
+
+def test_muon_with_adamw_saves_and_loads_like_one_optimizer():
+    """The Trainer checkpoints `optimizer.state_dict()` and resumes with `load_state_dict`: after a load,
+    Muon and AdamW step from the loaded state, and the groups a scheduler sets are the ones they read."""
+    import copy
+
+    import torch
+
+    from kubetune.runtime.optimizers import _muon
+
+    def model_and_optimizer():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+        m.get_input_embeddings = lambda: m[0]
+        m.get_output_embeddings = lambda: None
+        opt = _muon(m, lr=1e-2, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.0, hp=None, decay=lambda _: [])
+        return m, opt
+
+    def step(m, opt):
+        m(torch.tensor([[1, 2, 3]])).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    m1, o1 = model_and_optimizer()
+    step(m1, o1)
+    weights, saved = copy.deepcopy(m1.state_dict()), copy.deepcopy(o1.state_dict())  # a checkpoint after step 1
+    step(m1, o1)
+
+    m2, o2 = model_and_optimizer()  # a resumed run: fresh objects, then the checkpoint loaded
+    m2.load_state_dict(weights)
+    o2.load_state_dict(saved)
+    assert o2.param_groups == [*o2.muon.param_groups, *o2.adamw.param_groups]
+    assert all(a is b for a, b in zip(o2.param_groups, [*o2.muon.param_groups, *o2.adamw.param_groups]))
+    assert len(o2.state) == 5 and "momentum_buffer" in o2.state[m2[1].weight] and "exp_avg" in o2.state[m2[0].weight]
+    step(m2, o2)
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2)
