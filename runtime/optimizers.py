@@ -124,8 +124,9 @@ def _muon(model, *, lr, betas, eps, weight_decay, hp, decay):
     names = set(decay(model))
     groups = [{"params": [p for n, p in rest.items() if n in names], "weight_decay": weight_decay},
               {"params": [p for n, p in rest.items() if n not in names], "weight_decay": 0.0}]
-    muon = torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
-    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+    groups = [g for g in groups if g["params"]]  # LoRA: every trainable weight is 2-D, nothing for AdamW
+    muon = torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw") if hidden else None
+    adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps) if groups else None
     return _muon_with_adamw()(muon, adamw)
 
 
@@ -153,15 +154,18 @@ def _muon_with_adamw():
         the learning-rate scheduler moves both) and its state is theirs, so the Trainer saves, loads
         and schedules it like any optimizer."""
 
-        def __init__(self, muon, adamw):
+        def __init__(self, muon, adamw):  # either may be None (no parameter of its kind)
             self.muon, self.adamw = muon, adamw
-            super().__init__([*muon.param_groups, *adamw.param_groups], {})
+            self.parts = [o for o in (muon, adamw) if o is not None]
+            super().__init__([g for o in self.parts for g in o.param_groups], {})
             self._link()
 
         def _link(self):
-            n = len(self.muon.param_groups)
-            self.muon.param_groups, self.adamw.param_groups = self.param_groups[:n], self.param_groups[n:]
-            self.muon.state = self.adamw.state = self.state
+            start = 0
+            for o in self.parts:
+                o.param_groups = self.param_groups[start:start + len(o.param_groups)]
+                o.state = self.state
+                start += len(o.param_groups)
 
         def load_state_dict(self, state_dict):
             super().load_state_dict(state_dict)
@@ -173,8 +177,8 @@ def _muon_with_adamw():
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            self.muon.step()
-            self.adamw.step()
+            for o in self.parts:
+                o.step()
             return loss
 
     MuonWithAdamW.__qualname__ = MuonWithAdamW.__name__

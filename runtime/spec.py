@@ -230,8 +230,9 @@ OPTIMIZERS: tuple[str, ...] = (
     "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "apollo_adamw", "adam_mini", "muon", "badam",
 )
 GALORE_OPTIMIZERS: tuple[str, ...] = ("galore_adamw", "galore_adamw_8bit", "galore_adafactor")
-# Full-parameter optimizers (LLaMA-Factory: "Cannot use LoRA with GaLore, APOLLO or BAdam together").
-NO_ADAPTER_OPTIMIZERS: tuple[str, ...] = GALORE_OPTIMIZERS + ("apollo_adamw", "badam")
+# Full-parameter optimizers (LLaMA-Factory: "Cannot use LoRA with GaLore, APOLLO or BAdam together"); Adam-mini
+# partitions the weights by the model's own module names (q_proj, ...), which adapter weights break.
+NO_ADAPTER_OPTIMIZERS: tuple[str, ...] = GALORE_OPTIMIZERS + ("apollo_adamw", "badam", "adam_mini")
 # Optimizers that take adamBeta1/adamBeta2 (lion's betas too) and adamEpsilon. transformers hands GaLore only
 # the learning rate; Adafactor and SGD have no Adam moments.
 BETA_OPTIMIZERS: tuple[str, ...] = (
@@ -331,8 +332,8 @@ class Hyperparameters(Spec):
         "paged_adamw_8bit, adafactor, sgd, lion_8bit; galore_adamw, galore_adamw_8bit, "
         "galore_adafactor (GaLore, settings in `galore`), apollo_adamw (APOLLO, settings in "
         "`apollo`), badam (BAdam, settings in `badam`), adam_mini (Adam-mini), muon (Muon for the "
-        "hidden 2-D weights, AdamW for the rest). GaLore, APOLLO and BAdam train all weights: not "
-        "with lora or qlora (BAdam: method full only).",
+        "hidden 2-D weights, AdamW for the rest). GaLore, APOLLO, BAdam and Adam-mini work on the "
+        "model's own weights: not with lora or qlora (BAdam: method full only).",
         None,
     )
     adam_beta1: float | None = _field("Adam beta1 (lion's beta1). Default 0.9.", None, ge=0, lt=1)
@@ -536,8 +537,8 @@ class StageSpec(Spec):
             f"!(self.hyperparameters.optimizer in {_cel_list(NO_ADAPTER_OPTIMIZERS)}) || "
             "(has(self.method) && (self.method == 'full' || (self.method == 'freeze' && "
             "self.hyperparameters.optimizer != 'badam')))",
-            message="GaLore, APOLLO and BAdam optimizers train the weights themselves, not adapters: set "
-            "method: full (or freeze, except for badam), or pick another hyperparameters.optimizer",
+            message="GaLore, APOLLO, BAdam and Adam-mini optimizers work on the model's own weights, not on "
+            "adapters: set method: full (or freeze, except for badam), or pick another hyperparameters.optimizer",
             check=lambda s: s.hyperparameters.optimizer not in NO_ADAPTER_OPTIMIZERS
             or s.method == "full" or (s.method == "freeze" and s.hyperparameters.optimizer != "badam"),
             field_path=".method",
@@ -553,9 +554,9 @@ class StageSpec(Spec):
         ),
         CelRule(
             rule="!has(self.lora) || !has(self.lora.loraplusLrRatio) || !has(self.hyperparameters) || "
-            "!has(self.hyperparameters.optimizer) || !(self.hyperparameters.optimizer in ['adam_mini', 'muon'])",
-            message="lora.loraplusLrRatio builds its own AdamW: it does not combine with optimizer adam_mini or muon",
-            check=lambda s: s.lora.loraplus_lr_ratio is None or s.hyperparameters.optimizer not in ("adam_mini", "muon"),
+            "!has(self.hyperparameters.optimizer) || self.hyperparameters.optimizer != 'muon'",
+            message="lora.loraplusLrRatio builds its own AdamW: it does not combine with optimizer muon",
+            check=lambda s: s.lora.loraplus_lr_ratio is None or s.hyperparameters.optimizer != "muon",
             field_path=".lora.loraplusLrRatio",
         ),
         CelRule(

@@ -139,3 +139,33 @@ def test_muon_with_adamw_saves_and_loads_like_one_optimizer():
     step(m2, o2)
     for p1, p2 in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(p1, p2)
+
+
+# Other stage types reach the optimizer through the same place: TRL configs carry the TrainingArguments
+# (GaLore), and every Trainer stage passes through stages.base.train (Muon's factory, here on a LoRA model).
+STAGE_CASES = {
+    "dpo-galore": ({"type": "dpo", "method": "full", "preference": {"beta": 0.5},
+                    "hyperparameters": {"optimizer": "galore_adamw", "learningRate": 1e-3, "galore": {"rank": 4}}},
+                   "preference", "galore_torch.adamw.AdamW", "rewards/margins"),
+    "kto-lora-muon": ({"type": "kto", "method": "lora", "lora": {"rank": 16}, "preference": {"beta": 0.5},
+                       "hyperparameters": {"optimizer": "muon", "learningRate": 1e-2}},
+                      "kto", "kubetune.runtime.optimizers.MuonWithAdamW", "loss"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", list(STAGE_CASES))
+def test_preference_stages_train_with_the_named_optimizer(label, tiny_model, tmp_path, built_optimizers):
+    from tests.runtime.test_preference import FAST as PREF_FAST
+    from tests.runtime.test_preference import assert_went_down, assert_went_up, run_stages, series, write_kto, write_pairs
+
+    stage, fmt, cls, signal = STAGE_CASES[label]
+    stage = {"name": stage["type"], **stage, "hyperparameters": {**PREF_FAST, **stage["hyperparameters"]}}
+    data = write_kto(tmp_path / "kto.json") if fmt == "kto" else write_pairs(tmp_path / "prefs.json")
+    out = run_stages(tmp_path, tiny_model, [stage], data, fmt=fmt) / stage["name"] / "output"
+    if signal == "loss":
+        assert_went_down(series(out, "loss"), factor=0.9)
+    else:
+        assert_went_up(series(out, signal), by=0.2)
+    assert [_name(o) for o in built_optimizers] == [cls]
+    assert json.loads((out / "run.json").read_text())["optimizer"] == cls

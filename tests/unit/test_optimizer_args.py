@@ -63,7 +63,7 @@ def test_a_missing_package_names_the_field_and_the_extra(monkeypatch):
     {"method": "full", "hyperparameters": {"optimizer": "badam", "badam": {"switchInterval": 10}, "adamBeta2": 0.95}},
     {"method": "full", "hyperparameters": {"optimizer": "galore_adamw", "gradientAccumulation": 1,
                                            "galore": {"layerwise": True}}},
-    {"hyperparameters": {"optimizer": "adam_mini", "adamEpsilon": 1e-6}},
+    {"method": "freeze", "hyperparameters": {"optimizer": "adam_mini", "adamEpsilon": 1e-6}},
     {"method": "lora", "hyperparameters": {"optimizer": "muon", "adamBeta1": 0.8}},
     {"method": "full", "hyperparameters": {"optimizer": "galore_adamw", "weightDecay": 0}},
 ])
