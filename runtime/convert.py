@@ -360,7 +360,99 @@ def _hyperparameters(k: _Keys, warnings: list[str]) -> dict[str, Any]:
         hp["gradientCheckpointing"] = not bool(k.get("disable_gradient_checkpointing"))
     if k.has("gradient_checkpointing"):
         hp["gradientCheckpointing"] = bool(k.get("gradient_checkpointing"))
+    _optimizer(k, hp, warnings)
     return hp
+
+
+# LLaMA-Factory's GaLore picks its class from `optim` (LLaMA-Factory trainer_utils): AdamW, 8-bit AdamW, Adafactor.
+_GALORE_BY_OPTIM = {"adamw_torch": "galore_adamw", "adamw_torch_fused": "galore_adamw", "adamw_8bit": "galore_adamw_8bit",
+                    "paged_adamw_8bit": "galore_adamw_8bit", "adafactor": "galore_adafactor"}
+# use_* switch → what it becomes, and its LLaMA-Factory sub-keys → (our field, cast)
+_LF_GALORE = {"galore_rank": ("rank", int), "galore_update_interval": ("updateInterval", int),
+              "galore_scale": ("scale", float), "galore_proj_type": ("projType", str), "galore_target": ("target", list),
+              "galore_layerwise": ("layerwise", bool)}
+_LF_APOLLO = {"apollo_rank": ("rank", int), "apollo_update_interval": ("updateInterval", int),
+              "apollo_scale": ("scale", float), "apollo_proj": ("proj", str), "apollo_proj_type": ("projType", str),
+              "apollo_scale_type": ("scaleType", str), "apollo_target": ("target", list),
+              "apollo_layerwise": ("layerwise", bool)}
+_LF_BADAM = {"badam_start_block": ("startBlock", int), "badam_switch_mode": ("switchMode", str),
+             "badam_switch_interval": ("switchInterval", int)}
+
+
+def _sub_keys(k: _Keys, table: dict[str, tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, (field, cast) in table.items():
+        if k.has(key):
+            v = k.get(key)
+            out[field] = _split_list(v) if cast is list else bool(v) if cast is bool else cast(_num(v))
+    return out
+
+
+def _optimizer(k: _Keys, hp: dict[str, Any], warnings: list[str]) -> None:
+    """Adam betas/epsilon and LLaMA-Factory's use_galore / use_apollo / use_badam / use_adam_mini / use_muon."""
+    for key, field in (("adam_beta1", "adamBeta1"), ("adam_beta2", "adamBeta2"), ("adam_epsilon", "adamEpsilon")):
+        if k.has(key):
+            hp[field] = float(_num(k.get(key)))
+    chosen = [key for key in ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon") if k.get(key)]
+    for key in chosen[1:]:
+        warnings.append(f"{key}: not carried over — {chosen[0]} is set too, and a stage has one optimizer")
+    use = chosen[0] if chosen else None
+    base = hp.get("optimizer")
+    if use == "use_galore":
+        hp["optimizer"] = _GALORE_BY_OPTIM.get(base or "adamw_torch", "galore_adamw")
+        if base and base not in _GALORE_BY_OPTIM:
+            warnings.append(f"optim: {base!r} has no GaLore variant; using galore_adamw")
+        if galore := _sub_keys(k, _LF_GALORE):
+            hp["galore"] = galore
+    elif use == "use_apollo":
+        hp["optimizer"] = "apollo_adamw"
+        if base and base not in ("adamw_torch", "adamw_torch_fused"):
+            warnings.append(f"optim: {base!r} not carried over — APOLLO is an AdamW")
+        if apollo := _sub_keys(k, _LF_APOLLO):
+            hp["apollo"] = apollo
+    elif use == "use_badam":
+        hp["optimizer"] = "badam"
+        if base and base not in ("adamw_torch", "adamw_torch_fused"):
+            warnings.append(f"optim: {base!r} not carried over — kubetune's BAdam runs AdamW on each block")
+        badam = _sub_keys(k, _LF_BADAM)
+        if badam.get("switchInterval", 1) < 1:  # LLaMA-Factory: -1 never switches blocks
+            del badam["switchInterval"]
+            badam["switchMode"] = "fixed"
+        mode = str(k.get("badam_mode", "layer"))
+        if mode != "layer":
+            warnings.append(f"badam_mode: {mode!r} not carried over — kubetune runs layer-wise BAdam")
+        _not_carried(k, ("badam_update_ratio", "badam_mask_mode"), "ratio-wise BAdam is not supported", warnings)
+        if badam:
+            hp["badam"] = badam
+    elif use == "use_adam_mini":
+        hp["optimizer"] = "adam_mini"
+    elif use == "use_muon":
+        hp["optimizer"] = "muon"
+    if use and base and use in ("use_adam_mini", "use_muon"):
+        warnings.append(f"optim: {base!r} not carried over — {use} replaces it")
+    unused = {"use_galore": _LF_GALORE, "use_apollo": _LF_APOLLO, "use_badam": {**_LF_BADAM, "badam_mode": 0,
+              "badam_update_ratio": 0, "badam_mask_mode": 0}}
+    for switch, table in unused.items():
+        if switch != use:
+            _not_carried(k, table, f"{switch} is not set", warnings)
+    _not_carried(k, ("apollo_scale_front",), "transformers' APOLLO has no norm-growth limiter option", warnings)
+    _not_carried(k, ("badam_verbose",), "BAdam runs quietly", warnings)
+    for key in ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon"):
+        k.take(key)
+    opt = hp.get("optimizer")
+    if opt in ("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "apollo_adamw") and hp.get("weightDecay"):
+        warnings.append(f"weight_decay: {hp.pop('weightDecay')} not carried over — transformers' GaLore and APOLLO "
+                        "apply no weight decay")
+    if opt in ("galore_adamw", "galore_adamw_8bit", "galore_adafactor"):
+        for field, key in (("adamBeta1", "adam_beta1"), ("adamBeta2", "adam_beta2"), ("adamEpsilon", "adam_epsilon")):
+            if field in hp:
+                del hp[field]
+                warnings.append(f"{key}: not carried over — transformers hands GaLore only the learning rate")
+    if (hp.get("galore", {}).get("layerwise") or hp.get("apollo", {}).get("layerwise")) and hp.get("gradientAccumulation") != 1:
+        if "gradientAccumulation" in hp:  # absent: LLaMA-Factory's default is 1 (kubetune's 8)
+            warnings.append(f"gradient_accumulation_steps: {hp['gradientAccumulation']} set to 1 — a layerwise "
+                            "optimizer steps inside the backward pass")
+        hp["gradientAccumulation"] = 1
 
 
 def _model(k: _Keys, warnings: list[str], name_key: str = "model_name_or_path") -> dict[str, Any]:
@@ -712,7 +804,12 @@ def convert_nemo(cfg: dict[str, Any], warnings: list[str] | None = None, name: s
     opt = str(get("optimizer._target_", ""))
     if opt and not opt.endswith(("AdamW", "Adam")):
         warnings.append(f"optimizer._target_: {opt!r} not carried over — using AdamW")
-    not_carried(("optimizer.betas", "optimizer.eps", "optimizer.foreach", "optimizer.fused"), "AdamW defaults are used")
+    betas = get("optimizer.betas")
+    if betas is not None:
+        hp["adamBeta1"], hp["adamBeta2"] = (float(_num(b)) for b in betas)
+    if get("optimizer.eps") is not None:
+        hp["adamEpsilon"] = float(_num(get("optimizer.eps")))
+    not_carried(("optimizer.foreach", "optimizer.fused"), "the runtime picks the AdamW kernel")
     gbs, lbs = get("step_scheduler.global_batch_size"), get("step_scheduler.local_batch_size")
     if lbs:
         hp["batchSize"] = int(lbs)

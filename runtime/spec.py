@@ -251,6 +251,90 @@ class FreezeSpec(Spec):
     )
 
 
+def _cel_list(items) -> str:
+    return "[" + ", ".join(f"'{i}'" for i in items) + "]"
+
+
+# Optimizers (hyperparameters.optimizer). The GaLore and APOLLO ones are transformers' own
+# integrations; adam_mini, muon and badam are built by runtime/optimizers.py. The packages they need
+# come with the `optimizers` extra (runtime/optimizers.py names them).
+OPTIMIZERS: tuple[str, ...] = (
+    "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd", "lion_8bit",
+    "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "apollo_adamw", "adam_mini", "muon", "badam",
+)
+GALORE_OPTIMIZERS: tuple[str, ...] = ("galore_adamw", "galore_adamw_8bit", "galore_adafactor")
+# Full-parameter optimizers (LLaMA-Factory: "Cannot use LoRA with GaLore, APOLLO or BAdam together"); Adam-mini
+# partitions the weights by the model's own module names (q_proj, ...), which adapter weights break.
+NO_ADAPTER_OPTIMIZERS: tuple[str, ...] = GALORE_OPTIMIZERS + ("apollo_adamw", "badam", "adam_mini")
+# Optimizers that take adamBeta1/adamBeta2 (lion's betas too) and adamEpsilon. transformers hands GaLore only
+# the learning rate; Adafactor and SGD have no Adam moments.
+BETA_OPTIMIZERS: tuple[str, ...] = (
+    "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "lion_8bit", "apollo_adamw",
+    "adam_mini", "muon", "badam",
+)
+EPSILON_OPTIMIZERS: tuple[str, ...] = tuple(o for o in BETA_OPTIMIZERS if o != "lion_8bit")
+# Optimizers that project or orthogonalise whole weight matrices: not on FSDP's shards.
+WHOLE_MATRIX_OPTIMIZERS: tuple[str, ...] = GALORE_OPTIMIZERS + ("apollo_adamw", "muon")
+# What a ppo stage's own training loop can run (torch AdamW).
+PPO_OPTIMIZERS: tuple[str, ...] = OPTIMIZERS[:7]
+
+
+class GaloreSpec(Spec):
+    """GaLore: gradient low-rank projection of the linear layers' weights (LLaMA-Factory galore_* keys)."""
+
+    rank: int = _field("Rank of the projected gradients. Default 16.", 16, ge=1, le=65536)
+    update_interval: int = _field("Recompute the projection every N optimizer steps. Default 200.", 200, ge=1)
+    scale: float = _field("Scale of the projected update. Default 2.", 2.0, gt=0)
+    proj_type: Literal["std", "reverse_std", "right", "left", "full"] = _field(
+        "Which side to project: std (the smaller one, default), reverse_std, right, left, full.", "std"
+    )
+    target: list[Annotated[str, Field(max_length=200)]] = _field(
+        "Linear layers to project: `all` (every linear layer, transformers' all-linear) or module "
+        "names such as q_proj, v_proj, mlp. Default all.",
+        default_factory=lambda: ["all"],
+        min_length=1,
+        max_length=64,
+    )
+    layerwise: bool = _field(
+        "Step each layer's optimizer right after its gradient is ready, to save the gradient memory "
+        "(needs gradientAccumulation 1 and a single training process).",
+        False,
+    )
+
+
+class ApolloSpec(Spec):
+    """APOLLO: AdamW with a low-rank auxiliary space for the learning-rate scaling (LLaMA-Factory apollo_* keys)."""
+
+    rank: int = _field("Rank of the auxiliary space. Default 16.", 16, ge=1, le=65536)
+    update_interval: int = _field("Recompute the projection every N optimizer steps. Default 200.", 200, ge=1)
+    scale: float = _field("Scale of the update. Default 32.", 32.0, gt=0)
+    proj: Literal["random", "svd"] = _field("Projection: random (default) or svd.", "random")
+    proj_type: Literal["std", "right", "left"] = _field("Which side to project: std (default), right, left.", "std")
+    scale_type: Literal["channel", "tensor"] = _field("Scaling per channel (default) or per tensor.", "channel")
+    target: list[Annotated[str, Field(max_length=200)]] = _field(
+        "Linear layers to project: `all` (every linear layer, transformers' all-linear) or module "
+        "names such as q_proj, v_proj, mlp. Default all.",
+        default_factory=lambda: ["all"],
+        min_length=1,
+        max_length=64,
+    )
+    layerwise: bool = _field(
+        "Step each layer's optimizer right after its gradient is ready (needs gradientAccumulation 1 "
+        "and a single training process).",
+        False,
+    )
+
+
+class BadamSpec(Spec):
+    """BAdam: block coordinate descent, Adam on one decoder layer at a time (LLaMA-Factory badam_* keys, layer mode)."""
+
+    switch_mode: Literal["ascending", "descending", "random", "fixed"] = _field(
+        "Order in which the layers take turns: ascending (default), descending, random, fixed.", "ascending"
+    )
+    switch_interval: int = _field("Optimizer steps on a layer before the next one takes over. Default 50.", 50, ge=1)
+    start_block: int | None = _field("Index of the layer to start with (default: by switchMode).", None, ge=0)
+
+
 class Hyperparameters(Spec):
     learning_rate: float | None = _field(
         "Peak learning rate. Default 1e-4 for lora/qlora and 1e-5 for full/freeze; 5e-5 and 5e-6 "
@@ -288,11 +372,21 @@ class Hyperparameters(Spec):
     warmup_steps: int = _field("Warm-up steps (wins over warmupRatio when > 0).", 0, ge=0)
     weight_decay: float = _field("Weight decay. Default 0.", 0.0, ge=0)
     max_grad_norm: float = _field("Gradient clipping norm. Default 1.", 1.0, ge=0)
-    optimizer: Literal[
-        "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd", "lion_8bit"
-    ] | None = _field(
-        "Optimizer. Default adamw_torch_fused on GPUs, adamw_torch on CPU.", None
+    optimizer: Literal[OPTIMIZERS] | None = _field(  # type: ignore[valid-type]
+        "Optimizer. Default adamw_torch_fused on GPUs, adamw_torch on CPU. Also: adamw_8bit, "
+        "paged_adamw_8bit, adafactor, sgd, lion_8bit; galore_adamw, galore_adamw_8bit, "
+        "galore_adafactor (GaLore, settings in `galore`), apollo_adamw (APOLLO, settings in "
+        "`apollo`), badam (BAdam, settings in `badam`), adam_mini (Adam-mini), muon (Muon for the "
+        "hidden 2-D weights, AdamW for the rest). GaLore, APOLLO, BAdam and Adam-mini work on the "
+        "model's own weights: not with lora or qlora (BAdam: method full only).",
+        None,
     )
+    adam_beta1: float | None = _field("Adam beta1 (lion's beta1). Default 0.9.", None, ge=0, lt=1)
+    adam_beta2: float | None = _field("Adam beta2 (lion's beta2). Default 0.999.", None, ge=0, lt=1)
+    adam_epsilon: float | None = _field("Adam epsilon. Default 1e-8.", None, gt=0, le=1)
+    galore: GaloreSpec | None = _field("GaLore settings (optimizer galore_*).", None)
+    apollo: ApolloSpec | None = _field("APOLLO settings (optimizer apollo_adamw).", None)
+    badam: BadamSpec | None = _field("BAdam settings (optimizer badam).", None)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = _field(
         "Mixed precision: auto (bf16 where the GPU supports it, fp32 on CPU), bf16, fp16, fp32.", "auto"
     )
@@ -326,6 +420,65 @@ class Hyperparameters(Spec):
         ),
     )
 
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule=f"!has(self.galore) || (has(self.optimizer) && self.optimizer in {_cel_list(GALORE_OPTIMIZERS)})",
+            message=f"hyperparameters.galore applies to the GaLore optimizers only: set hyperparameters.optimizer to "
+            f"{', '.join(GALORE_OPTIMIZERS)}, or remove galore",
+            check=lambda s: s.galore is None or s.optimizer in GALORE_OPTIMIZERS,
+            field_path=".galore",
+        ),
+        CelRule(
+            rule="!has(self.apollo) || (has(self.optimizer) && self.optimizer == 'apollo_adamw')",
+            message="hyperparameters.apollo applies to optimizer apollo_adamw only: set hyperparameters.optimizer: "
+            "apollo_adamw, or remove apollo",
+            check=lambda s: s.apollo is None or s.optimizer == "apollo_adamw",
+            field_path=".apollo",
+        ),
+        CelRule(
+            rule="!has(self.badam) || (has(self.optimizer) && self.optimizer == 'badam')",
+            message="hyperparameters.badam applies to optimizer badam only: set hyperparameters.optimizer: badam, "
+            "or remove badam",
+            check=lambda s: s.badam is None or s.optimizer == "badam",
+            field_path=".badam",
+        ),
+        CelRule(
+            rule="!((has(self.galore) && has(self.galore.layerwise) && self.galore.layerwise) || "
+            "(has(self.apollo) && has(self.apollo.layerwise) && self.apollo.layerwise)) || "
+            "(has(self.gradientAccumulation) && self.gradientAccumulation == 1)",
+            message="a layerwise GaLore or APOLLO optimizer steps inside the backward pass: set "
+            "hyperparameters.gradientAccumulation: 1 (the default is 8)",
+            check=lambda s: not ((s.galore and s.galore.layerwise) or (s.apollo and s.apollo.layerwise))
+            or s.gradient_accumulation == 1,
+            field_path=".gradientAccumulation",
+        ),
+        CelRule(
+            rule="(!has(self.adamBeta1) && !has(self.adamBeta2)) || !has(self.optimizer) || "
+            f"self.optimizer in {_cel_list(BETA_OPTIMIZERS)}",
+            message=f"hyperparameters.adamBeta1/adamBeta2 reach only {', '.join(BETA_OPTIMIZERS)} (transformers "
+            "hands GaLore only the learning rate; adafactor and sgd have no Adam moments): remove them or pick "
+            "one of these optimizers",
+            check=lambda s: (s.adam_beta1 is None and s.adam_beta2 is None) or s.optimizer is None
+            or s.optimizer in BETA_OPTIMIZERS,
+            field_path=".optimizer",
+        ),
+        CelRule(
+            rule=f"!has(self.adamEpsilon) || !has(self.optimizer) || self.optimizer in {_cel_list(EPSILON_OPTIMIZERS)}",
+            message=f"hyperparameters.adamEpsilon reaches only {', '.join(EPSILON_OPTIMIZERS)}: remove it or pick "
+            "one of these optimizers",
+            check=lambda s: s.adam_epsilon is None or s.optimizer is None or s.optimizer in EPSILON_OPTIMIZERS,
+            field_path=".adamEpsilon",
+        ),
+        CelRule(
+            rule=f"!has(self.optimizer) || !(self.optimizer in {_cel_list(GALORE_OPTIMIZERS + ('apollo_adamw',))}) || "
+            "!has(self.weightDecay) || self.weightDecay == 0.0",
+            message="transformers' GaLore and APOLLO optimizers apply no weight decay: leave "
+            "hyperparameters.weightDecay at 0 with these optimizers",
+            check=lambda s: s.optimizer not in GALORE_OPTIMIZERS + ("apollo_adamw",) or s.weight_decay == 0,
+            field_path=".weightDecay",
+        ),
+    )
+
 
 # The loss variants DPOTrainer accepts in TRL 1.16 (DPOConfig.loss_type / DPOTrainer._compute_loss);
 # tests/runtime/test_preference.py checks this tuple against the installed TRL's own list.
@@ -338,10 +491,6 @@ KTO_LOSS_TYPES: tuple[str, ...] = ("kto", "apo_zero_unpaired")
 # Built-in reward functions of the online RL stages, and the form of a custom one's import path.
 REWARD_BUILTINS: tuple[str, ...] = ("exact_match", "format", "length")
 REWARD_IMPORT_PATH = r"^[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"  # RE2 and re alike
-
-
-def _cel_list(items) -> str:
-    return "[" + ", ".join(f"'{i}'" for i in items) + "]"
 
 
 class PreferenceSpec(Spec):
@@ -452,6 +601,33 @@ class StageSpec(Spec):
             message="method qlora needs quantization.bits (4 or 8)",
             check=lambda s: s.method != "qlora" or s.quantization is not None,
             field_path=".method",
+        ),
+        CelRule(
+            rule="!has(self.hyperparameters) || !has(self.hyperparameters.optimizer) || "
+            f"!(self.hyperparameters.optimizer in {_cel_list(NO_ADAPTER_OPTIMIZERS)}) || "
+            "(has(self.method) && (self.method == 'full' || (self.method == 'freeze' && "
+            "self.hyperparameters.optimizer != 'badam')))",
+            message="GaLore, APOLLO, BAdam and Adam-mini optimizers work on the model's own weights, not on "
+            "adapters: set method: full (or freeze, except for badam), or pick another hyperparameters.optimizer",
+            check=lambda s: s.hyperparameters.optimizer not in NO_ADAPTER_OPTIMIZERS
+            or s.method == "full" or (s.method == "freeze" and s.hyperparameters.optimizer != "badam"),
+            field_path=".method",
+        ),
+        CelRule(
+            rule="self.type != 'ppo' || !has(self.hyperparameters) || !has(self.hyperparameters.optimizer) || "
+            f"self.hyperparameters.optimizer in {_cel_list(PPO_OPTIMIZERS)}",
+            message=f"a ppo stage trains with AdamW in its own loop: hyperparameters.optimizer must be one of "
+            f"{', '.join(PPO_OPTIMIZERS)} or unset",
+            check=lambda s: s.type != "ppo" or s.hyperparameters.optimizer is None
+            or s.hyperparameters.optimizer in PPO_OPTIMIZERS,
+            field_path=".hyperparameters.optimizer",
+        ),
+        CelRule(
+            rule="!has(self.lora) || !has(self.lora.loraplusLrRatio) || !has(self.hyperparameters) || "
+            "!has(self.hyperparameters.optimizer) || self.hyperparameters.optimizer != 'muon'",
+            message="lora.loraplusLrRatio builds its own AdamW: it does not combine with optimizer muon",
+            check=lambda s: s.lora.loraplus_lr_ratio is None or s.hyperparameters.optimizer != "muon",
+            field_path=".lora.loraplusLrRatio",
         ),
         CelRule(
             rule="self.type != 'distill' || has(self.teacher)",
@@ -649,6 +825,11 @@ class RunPolicy(Spec):
     )
 
 
+def _single_process_optimizer(hp: Hyperparameters) -> bool:
+    """BAdam and the layerwise GaLore/APOLLO optimizers: no DDP or FSDP (transformers and BAdam say so)."""
+    return hp.optimizer == "badam" or bool(hp.galore and hp.galore.layerwise) or bool(hp.apollo and hp.apollo.layerwise)
+
+
 class FineTuneJobSpec(Spec):
     model: ModelSpec = _field("The base model.")
     data: list[DatasetSpec] = _field(
@@ -694,6 +875,32 @@ class FineTuneJobSpec(Spec):
             message="every training stage needs data: set spec.data or the stage's data",
             check=lambda s: all(st.type == "export" or s.data or st.data for st in s.stages),
             field_path=".data",
+        ),
+        CelRule(
+            rule="self.stages.all(s, !has(s.hyperparameters) || !((has(s.hyperparameters.optimizer) && "
+            "s.hyperparameters.optimizer == 'badam') || (has(s.hyperparameters.galore) && "
+            "has(s.hyperparameters.galore.layerwise) && s.hyperparameters.galore.layerwise) || "
+            "(has(s.hyperparameters.apollo) && has(s.hyperparameters.apollo.layerwise) && "
+            "s.hyperparameters.apollo.layerwise))) || !has(self.resources) || "
+            "((!has(self.resources.nodes) || self.resources.nodes == 1) && "
+            "(!has(self.resources.gpusPerNode) || self.resources.gpusPerNode <= 1))",
+            message="optimizer badam and layerwise GaLore/APOLLO train in a single process: set resources.nodes: 1 "
+            "and resources.gpusPerNode to 1 (or 0), or pick another optimizer",
+            check=lambda s: all(not _single_process_optimizer(st.hyperparameters) for st in s.stages)
+            or (s.resources.nodes == 1 and s.resources.gpus_per_node <= 1),
+            field_path=".resources",
+        ),
+        CelRule(
+            rule="!has(self.resources) || !has(self.resources.strategy) || self.resources.strategy != 'fsdp' || "
+            "((!has(self.resources.nodes) || self.resources.nodes == 1) && "
+            "(!has(self.resources.gpusPerNode) || self.resources.gpusPerNode <= 1)) || "
+            f"self.stages.all(s, !has(s.hyperparameters) || !has(s.hyperparameters.optimizer) || "
+            f"!(s.hyperparameters.optimizer in {_cel_list(WHOLE_MATRIX_OPTIMIZERS)}))",
+            message="GaLore, APOLLO and Muon transform whole weight matrices, which FSDP shards across processes: "
+            "set resources.strategy: ddp, or pick another optimizer",
+            check=lambda s: s.resources.strategy != "fsdp" or (s.resources.nodes == 1 and s.resources.gpus_per_node <= 1)
+            or all(st.hyperparameters.optimizer not in WHOLE_MATRIX_OPTIMIZERS for st in s.stages),
+            field_path=".resources.strategy",
         ),
         CelRule(
             rule="self.stages.all(s, !has(s.reward) || !has(s.reward.modelStage) || "

@@ -79,7 +79,6 @@ def common_args(ctx: StageContext, *, eval_enabled: bool = False) -> dict[str, A
         warmup_steps=warmup,
         weight_decay=hp.weight_decay,
         max_grad_norm=hp.max_grad_norm,
-        optim=hp.optimizer or ("adamw_torch_fused" if cuda else "adamw_torch"),
         bf16=bf16,
         fp16=hp.precision == "fp16" and cuda,
         gradient_checkpointing=checkpointing,  # TRL's config still reads this name
@@ -103,6 +102,9 @@ def common_args(ctx: StageContext, *, eval_enabled: bool = False) -> dict[str, A
         args["torch_compile"] = True
         if hp.torch_compile_mode:
             args["torch_compile_mode"] = hp.torch_compile_mode
+    from ..optimizers import training_args as optimizer_args  # optim (+ GaLore/APOLLO knobs), Adam betas
+
+    args.update(optimizer_args(hp, cuda, ctx.where("hyperparameters.optimizer")))
     if gradient_checkpointing_kwargs := ({"use_reentrant": False} if checkpointing else None):
         args["gradient_checkpointing_kwargs"] = gradient_checkpointing_kwargs
     from ..launcher import distributed_args  # DDP / FSDP when several processes train (torchrun)
@@ -152,6 +154,9 @@ def train(trainer, ctx: StageContext) -> tuple[Any, float]:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our progress bar and trainer_log.jsonl say it better
+    from ..optimizers import install
+
+    install(trainer, ctx.cfg.stage.hyperparameters)  # Adam-mini, Muon, BAdam: built by the Trainer's factory hook
     started = time.time()
     resume = str(ctx.resume_from) if ctx.resume_from else None
     result = trainer.train(resume_from_checkpoint=resume)
@@ -182,6 +187,7 @@ def summarize(trainer, result, duration: float, ctx: StageContext, log_records: 
         "tokens_this_run": trained,
         "tokens_per_second": round(trained / duration, 2) if duration > 0 and trained > 0 else None,
         "resumed_from_step": _step_of(ctx.resume_from),
+        "optimizer": _optimizer_name(trainer),
         "output_kind": ctx.cfg.io.output_kind,
     }
 
@@ -191,6 +197,13 @@ def _size(dataset) -> int | None:
         return len(dataset) if dataset is not None else None
     except TypeError:
         return None
+
+
+def _optimizer_name(trainer) -> str | None:
+    """The class of the optimizer that trained (under accelerate's wrapper), e.g. galore_torch.adamw.AdamW."""
+    opt = getattr(trainer, "optimizer", None)
+    opt = getattr(opt, "optimizer", opt)
+    return f"{type(opt).__module__}.{type(opt).__qualname__}" if opt is not None else None
 
 
 def tokens_at(checkpoint: Path | None) -> int:

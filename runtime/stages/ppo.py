@@ -349,7 +349,8 @@ def run(ctx: StageContext) -> StageResult:
     max_steps = hp.max_steps or max(1, math.ceil(rollouts_per_epoch * hp.epochs)) * PPO_EPOCHS
     args = TrainingArguments(**{**common_args(ctx), "max_steps": max_steps})
     params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay,
+                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     scheduler = get_scheduler(hp.lr_scheduler, optimizer, num_warmup_steps=args.get_warmup_steps(max_steps),
                               num_training_steps=max_steps)
     state = TrainerState(max_steps=max_steps, logging_steps=hp.logging_steps, save_steps=cfg.checkpoint.every_steps,

@@ -110,6 +110,6 @@ def _loraplus(model, peft_config, stage, args):
         model = get_peft_model(model, peft_config)
     optimizer = create_loraplus_optimizer(
         model=model, optimizer_cls=torch.optim.AdamW, lr=args.learning_rate, loraplus_lr_ratio=ratio,
-        weight_decay=args.weight_decay,
+        weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
     )
     return model, None, (optimizer, None)

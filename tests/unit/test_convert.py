@@ -258,9 +258,11 @@ def test_nemo_automodel_recipe_converts(tmp_path, capsys):
     assert job.spec.data[0].source == "rajpurkar/squad"
     assert job.spec.data[0].columns == {"prompt": "context", "query": "question", "response": "answers.text[0]"}
     assert job.spec.resources.strategy == "fsdp"  # distributed._target_: FSDP2Manager
+    assert (st.hyperparameters.adam_beta1, st.hyperparameters.adam_beta2, st.hyperparameters.adam_epsilon) == (0.9, 0.999, 1e-8)
     for key in ("dist_env.backend", "loss_fn._target_", "peft.use_triton", "dataloader.shuffle",
-                "optimizer.betas", "checkpoint.model_save_format"):
+                "checkpoint.model_save_format"):
         assert f"warning: {key}: not carried over" in err, key
+    assert "optimizer.betas" not in err and "optimizer.eps" not in err
 
 
 QWEN_SPARK = """
@@ -323,3 +325,55 @@ def test_llamafactory_eval_dataset_becomes_eval_data(tmp_path, capsys):
     assert val.source.endswith("validation.jsonl") and val.columns["response"] == "answers.text[0]"
     assert job.spec.stages[0].hyperparameters.val_size == 0 and job.spec.stages[0].hyperparameters.eval_steps == 5
     assert "val_size: not carried over — eval_dataset is given" in err and "eval_dataset: " not in err
+
+
+# ------------------------------------------------------------------------------ optimizers
+
+FULL = {**BASE, "stage": "sft", "finetuning_type": "full", "dataset": "identity"}
+OPTIMIZER_CASES = {
+    "galore": ({"use_galore": True, "galore_rank": 32, "galore_target": "q_proj,v_proj", "galore_update_interval": 100,
+                "galore_scale": 0.25, "galore_proj_type": "reverse_std"},
+               {"optimizer": "galore_adamw", "galore": {"rank": 32, "target": ["q_proj", "v_proj"], "updateInterval": 100,
+                                                        "scale": 0.25, "projType": "reverse_std"}}, ()),
+    "galore-8bit-layerwise": ({"use_galore": True, "optim": "adamw_bnb_8bit", "galore_layerwise": True,
+                               "galore_target": "all", "weight_decay": 0.01, "adam_beta2": 0.95},
+                              {"optimizer": "galore_adamw_8bit", "galore": {"target": ["all"], "layerwise": True},
+                               "gradientAccumulation": 1},
+                              ("gradient_accumulation_steps: 8 set to 1", "weight_decay: 0.01 not carried over",
+                               "adam_beta2: not carried over")),
+    "apollo": ({"use_apollo": True, "apollo_rank": 8, "apollo_scale": 16, "apollo_proj": "svd", "apollo_scale_type": "tensor",
+                "apollo_scale_front": True, "adam_epsilon": 1e-6, "galore_rank": 4},
+               {"optimizer": "apollo_adamw", "adamEpsilon": 1e-6,
+                "apollo": {"rank": 8, "scale": 16.0, "proj": "svd", "scaleType": "tensor"}},
+               ("apollo_scale_front: not carried over", "galore_rank: not carried over — use_galore is not set")),
+    "badam": ({"use_badam": True, "badam_mode": "layer", "badam_switch_mode": "descending", "badam_switch_interval": 50,
+               "badam_start_block": 1, "badam_verbose": 2, "adam_beta1": 0.8},
+              {"optimizer": "badam", "adamBeta1": 0.8,
+               "badam": {"switchMode": "descending", "switchInterval": 50, "startBlock": 1}},
+              ("badam_verbose: not carried over",)),
+    "badam-ratio-never-switching": ({"use_badam": True, "badam_mode": "ratio", "badam_update_ratio": 0.1,
+                                     "badam_switch_interval": -1},
+                                    {"optimizer": "badam", "badam": {"switchMode": "fixed"}},
+                                    ("badam_mode: 'ratio' not carried over", "badam_update_ratio: not carried over")),
+    "adam-mini": ({"use_adam_mini": True, "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_epsilon": 1e-8},
+                  {"optimizer": "adam_mini", "adamBeta1": 0.9, "adamBeta2": 0.95, "adamEpsilon": 1e-8}, ()),
+    "muon-over-galore": ({"use_muon": True, "use_galore": True, "optim": "adamw_torch"},
+                         {"optimizer": "galore_adamw"}, ("use_muon: not carried over — use_galore is set too",)),
+    "muon": ({"use_muon": True}, {"optimizer": "muon"}, ()),
+}
+
+
+@pytest.mark.parametrize("label", list(OPTIMIZER_CASES))
+def test_llamafactory_optimizer_keys(lf, label, capsys):
+    keys, want, warned = OPTIMIZER_CASES[label]
+    out = lf / "job.yaml"
+    assert main(["convert", str(_write(lf, label, {**FULL, **keys})), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    hp = yaml.safe_load(out.read_text())["spec"]["stages"][0]["hyperparameters"]
+    got = {f: hp[f] for f in hp if f in want or f in ("galore", "apollo", "badam", "optimizer", "adamBeta1", "adamBeta2",
+                                                      "adamEpsilon")}
+    assert got == want, hp
+    for needle in warned:
+        assert needle in err, (needle, err)
+    assert "unknown or unsupported" not in err, err
+    assert main(["validate", str(out)]) == 0
