@@ -221,6 +221,22 @@ def _env(job: FineTuneJob, stage: ResolvedStage, config: OperatorConfig) -> list
                 _secret_env(c.ENV_AWS_SECRET_ACCESS_KEY, ref, "AWS_SECRET_ACCESS_KEY")]
     if spec.model.token_secret_ref is not None:
         env.append(_secret_env(c.ENV_HF_TOKEN, spec.model.token_secret_ref.name, spec.model.token_secret_ref.key))
+    return env + _tracking_secret_env(spec.tracking)
+
+
+def _tracking_secret_env(tracking) -> list[dict[str, Any]]:
+    """The trackers' credentials, from the Secrets spec.tracking names (only of trackers in use)."""
+    env = []
+    mlflow, wandb = tracking.mlflow, tracking.wandb
+    if "mlflow" in tracking.report_to:
+        if mlflow.token_secret_ref is not None:
+            env.append(_secret_env(c.ENV_MLFLOW_TRACKING_TOKEN, mlflow.token_secret_ref.name, mlflow.token_secret_ref.key))
+        if mlflow.credentials_secret_ref is not None:
+            ref = mlflow.credentials_secret_ref.name
+            env += [_secret_env(c.ENV_MLFLOW_TRACKING_USERNAME, ref, c.ENV_MLFLOW_TRACKING_USERNAME),
+                    _secret_env(c.ENV_MLFLOW_TRACKING_PASSWORD, ref, c.ENV_MLFLOW_TRACKING_PASSWORD)]
+    if "wandb" in tracking.report_to and wandb.api_key_secret_ref is not None:
+        env.append(_secret_env(c.ENV_WANDB_API_KEY, wandb.api_key_secret_ref.name, wandb.api_key_secret_ref.key))
     return env
 
 

@@ -158,6 +158,12 @@ def secret_references(job: FineTuneJob) -> list[tuple[str, str]]:
         refs.append(("spec.model.tokenSecretRef.name", job.spec.model.token_secret_ref.name))
     if job.spec.storage.credentials_secret_ref is not None:
         refs.append(("spec.storage.credentialsSecretRef.name", job.spec.storage.credentials_secret_ref.name))
+    tracking = job.spec.tracking
+    for field, ref in (("spec.tracking.mlflow.tokenSecretRef.name", tracking.mlflow.token_secret_ref),
+                       ("spec.tracking.mlflow.credentialsSecretRef.name", tracking.mlflow.credentials_secret_ref),
+                       ("spec.tracking.wandb.apiKeySecretRef.name", tracking.wandb.api_key_secret_ref)):
+        if ref is not None:
+            refs.append((field, ref.name))
     for i, e in enumerate(job.spec.resources.pod_overrides.env):
         if e.value_from is not None:
             refs.append((f"spec.resources.podOverrides.env[{i}].valueFrom.secretKeyRef.name",

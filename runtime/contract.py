@@ -50,6 +50,10 @@ ENV_AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"  # from spec.storage.credentialsSecr
 ENV_AWS_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 ENV_AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"
 ENV_AWS_DEFAULT_REGION = "AWS_DEFAULT_REGION"
+ENV_MLFLOW_TRACKING_TOKEN = "MLFLOW_TRACKING_TOKEN"  # from spec.tracking.mlflow.tokenSecretRef
+ENV_MLFLOW_TRACKING_USERNAME = "MLFLOW_TRACKING_USERNAME"  # from spec.tracking.mlflow.credentialsSecretRef
+ENV_MLFLOW_TRACKING_PASSWORD = "MLFLOW_TRACKING_PASSWORD"
+ENV_WANDB_API_KEY = "WANDB_API_KEY"  # from spec.tracking.wandb.apiKeySecretRef
 
 
 def scratch_layout(scratch: str | Path) -> dict[str, str]:

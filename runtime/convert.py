@@ -36,9 +36,7 @@ _LF_NOTES = {
     "overwrite_output_dir": "kubetune resumes from the last committed checkpoint instead of overwriting",
     "overwrite_cache": "kubetune has no preprocessing cache to overwrite",
     "plot_loss": "kubetune always writes training_loss.png and trainer_log.jsonl",
-    "report_to": "metrics go to Prometheus (/metrics) and trainer_log.jsonl",
-    "logging_dir": "logs go to the stage's output folder",
-    "run_name": "the job's metadata.name names the run",
+    "logging_dir": "TensorBoard event files go to the stage output's runs/ folder",
     "preprocessing_num_workers": "not configurable",
     "dataloader_num_workers": "not configurable",
     "ddp_timeout": "not configurable",
@@ -502,6 +500,32 @@ def _pref(k: _Keys, stage: str, warnings: list[str]) -> tuple[str, dict[str, Any
     return stage, pref
 
 
+_TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+def lf_tracking(report_to: Any, run_name: Any, warnings: list[str]) -> dict[str, Any] | None:
+    """LLaMA-Factory's report_to (none, all, or trackers) and run_name → spec.tracking. The
+    trackers' own settings stay in the environment as before (MLFLOW_TRACKING_URI, WANDB_PROJECT, ...)."""
+    names = [n.lower() for n in _split_list(report_to if report_to is not None else "none")]
+    if names == ["all"]:
+        names = list(_TRACKERS)
+    chosen = [n for n in names if n in _TRACKERS]
+    for n in names:
+        if n not in _TRACKERS and n != "none":
+            _warn(warnings, "report_to", f"{n!r}: kubetune reports to {', '.join(_TRACKERS)} "
+                  "(and always to Prometheus and trainer_log.jsonl)")
+    if not chosen:
+        return None
+    tracking: dict[str, Any] = {"reportTo": chosen}
+    if run_name:
+        tracking["runName"] = str(run_name)
+    if "mlflow" in chosen or "wandb" in chosen:
+        warnings.append("report_to: MLflow/W&B settings are taken from spec.tracking (trackingUri, experiment, "
+                        "project) and credentials from Secrets (tracking.mlflow.tokenSecretRef, "
+                        "tracking.wandb.apiKeySecretRef): fill them in")
+    return tracking
+
+
 def convert_llamafactory(cfg: dict[str, Any], source_dir: Path, dataset_dir: str | None = None,
                          warnings: list[str] | None = None, name: str | None = None) -> dict[str, Any]:
     """A LLaMA-Factory training YAML (as a mapping) → a FineTuneJob document."""
@@ -560,6 +584,9 @@ def convert_llamafactory(cfg: dict[str, Any], source_dir: Path, dataset_dir: str
         ck["keep"] = max(1, int(_num(k.get("save_total_limit"))))
     if ck:
         spec["checkpoint"] = ck
+    if k.has("report_to") or k.has("run_name"):
+        if tracking := lf_tracking(k.take("report_to"), k.take("run_name"), warnings):
+            spec["tracking"] = tracking
     tail = "-".join(Path(str(out_dir)).parts[-3:]) if out_dir else ""
     jobname = _dns(name or tail or f"{stage}-{method}")
     for key in k.leftover():
@@ -866,6 +893,8 @@ def convert_nemo(cfg: dict[str, Any], warnings: list[str] | None = None, name: s
         spec["checkpoint"] = ck
     if get("checkpoint.checkpoint_dir"):
         spec["storage"] = {"uri": str(get("checkpoint.checkpoint_dir"))}
+    if tracking := nemo_tracking(flat, used):
+        spec["tracking"] = tracking
     get("checkpoint.enabled")
     not_carried(("checkpoint.model_save_format", "checkpoint.save_consolidated"),
                 "kubetune saves Hugging Face safetensors (adapters in peft format)")
@@ -875,7 +904,7 @@ def convert_nemo(cfg: dict[str, Any], warnings: list[str] | None = None, name: s
              "loss_fn": "the trainer's own loss is used", "dataloader": "not configurable",
              "validation_dataset": "not supported",
              "validation_dataloader": "not configurable", "step_scheduler": "not supported",
-             "wandb": "metrics go to Prometheus and trainer_log.jsonl", "mlflow": "metrics go to Prometheus and trainer_log.jsonl",
+             "wandb": "not carried over (see spec.tracking.wandb)", "mlflow": "not carried over (see spec.tracking.mlflow)",
              "packed_sequence": "not supported", "model": "not supported", "peft": "not supported",
              "dataset": "not supported", "checkpoint": "not supported", "optimizer": "not supported",
              "lr_scheduler": "not supported", "quantization": "not supported"}
@@ -884,6 +913,24 @@ def convert_nemo(cfg: dict[str, Any], warnings: list[str] | None = None, name: s
             _warn(warnings, key, notes.get(key.split(".", 1)[0], "unknown or unsupported NeMo AutoModel key"))
     jobname = _dns(name or str(model_name).rsplit("/", 1)[-1] + "-" + st["method"])
     return {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "metadata": {"name": jobname}, "spec": spec}
+
+
+def nemo_tracking(flat: dict[str, Any], used: set[str]) -> dict[str, Any] | None:
+    """NeMo AutoModel's `wandb:` (project, entity, name) and `mlflow:` (experiment_name,
+    tracking_uri, run_name) blocks → spec.tracking."""
+    keys = {"wandb.project": ("wandb", "project"), "wandb.entity": ("wandb", "entity"),
+            "wandb.name": (None, "runName"), "mlflow.experiment_name": ("mlflow", "experiment"),
+            "mlflow.tracking_uri": ("mlflow", "trackingUri"), "mlflow.run_name": (None, "runName")}
+    tracking: dict[str, Any] = {}
+    for key, (block, field) in keys.items():
+        if flat.get(key) not in (None, ""):
+            used.add(key)
+            target = tracking.setdefault(block, {}) if block else tracking
+            target[field] = str(flat[key])
+    reports = [t for t in ("mlflow", "wandb") if any(k.startswith(f"{t}.") or k == t for k in flat)]
+    if not reports:
+        return None
+    return {"reportTo": reports, **tracking}
 
 
 # ---------------------------------------------------------------------------------- front end

@@ -185,6 +185,7 @@ def _execute_single(cfg: ResolvedStage, base_dir, server, console, storage, runn
     from .storage import StorageIntegrityError
     from .storage.checkpoints import download_checkpoint
     from .storage.factory import is_local_uri
+    from .tracking import tracking_environment
 
     team = coordinator()
     if cfg.stage.type == "export" and team.distributed:
@@ -290,7 +291,8 @@ def _execute_single(cfg: ResolvedStage, base_dir, server, console, storage, runn
     )
     try:
         try:
-            result = runner(ctx)
+            with tracking_environment(cfg, ctx.output_dir, resumed=resume_from is not None):
+                result = runner(ctx)
         except BaseException as err:
             if not isinstance(err, (OutOfMemory, UserError, Interrupted)) and is_out_of_memory(err):
                 raise OutOfMemory(out_of_memory_message(cfg, err, resolver)) from err

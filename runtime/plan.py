@@ -30,6 +30,7 @@ from .spec import (
     Spec,
     StageSpec,
     StorageSpec,
+    TrackingSpec,
     default_learning_rate,
 )
 
@@ -74,6 +75,7 @@ class ResolvedStage(Spec):
     storage: StorageSpec = Field(description="Storage settings (no secrets).")
     checkpoint: CheckpointSpec = Field(description="Checkpoint policy.")
     resources: ResourcesSpec = Field(description="Resources (for the launcher).")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Experiment tracking (secret names only).")
     outputs: Literal["reuse", "overwrite"] = Field(
         "reuse", description="runPolicy.outputs: what to do with an output committed by an earlier run."
     )
@@ -169,6 +171,7 @@ def plan(job: FineTuneJob, default_root: str | None = None, run: str | None = No
                 storage=spec.storage,
                 checkpoint=spec.checkpoint,
                 resources=spec.resources,
+                tracking=spec.tracking,
                 outputs=spec.run_policy.outputs,
                 run=run,
             )

@@ -825,6 +825,80 @@ class RunPolicy(Spec):
     )
 
 
+class MlflowSpec(Spec):
+    """Where an MLflow tracking server is and how to log into it (transformers' MLflowCallback)."""
+
+    tracking_uri: str | None = _field(
+        "Tracking server URL, e.g. http://mlflow.mlops:5000 (MLFLOW_TRACKING_URI). Default: the "
+        "MLFLOW_TRACKING_URI of the environment; without one, MLflow writes to ./mlruns. No "
+        "credentials in it: they go in tokenSecretRef or credentialsSecretRef.",
+        None,
+        max_length=1024,
+    )
+    experiment: str | None = _field(
+        "Experiment the runs go to (created if missing). Default: the FineTuneJob's name.", None, max_length=256
+    )
+    token_secret_ref: SecretKeyRef | None = _field(
+        "Secret holding a bearer token for the server (MLFLOW_TRACKING_TOKEN).", None
+    )
+    credentials_secret_ref: SecretKeyRef | None = _field(
+        "Secret with the keys MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD for a server "
+        "behind basic auth (its `key` is ignored); injected as environment variables, never copied.",
+        None,
+    )
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule=f"!has(self.trackingUri) || !self.trackingUri.matches('{_URL_USERINFO}')",
+            message="tracking.mlflow.trackingUri must not carry credentials (user:password@): put them in a "
+            "Secret and name it in tracking.mlflow.credentialsSecretRef",
+            check=lambda s: s.tracking_uri is None or not re.search(_URL_USERINFO, s.tracking_uri),
+            field_path=".trackingUri",
+        ),
+    )
+
+
+class WandbSpec(Spec):
+    """Weights & Biases settings (transformers' WandbCallback)."""
+
+    project: str | None = _field("W&B project. Default: the FineTuneJob's name.", None, max_length=128)
+    entity: str | None = _field("W&B entity (team or user). Default: the API key's default entity.", None, max_length=128)
+    mode: Literal["online", "offline"] = _field(
+        "online sends to the W&B server; offline writes the run folder (wandb/offline-run-*) into "
+        "the stage output, for `wandb sync` later. Default online.",
+        "online",
+    )
+    api_key_secret_ref: SecretKeyRef | None = _field(
+        "Secret holding the W&B API key (WANDB_API_KEY). Needed for mode online in a cluster.", None
+    )
+
+
+class TrackingSpec(Spec):
+    """Experiment tracking: where every training stage also reports its parameters and losses."""
+
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = _field(
+        "Trackers to report to (LLaMA-Factory report_to): tensorboard (event files in the stage "
+        "output's runs/ folder), mlflow, wandb. Default none: metrics go to Prometheus and "
+        "trainer_log.jsonl only.",
+        default_factory=list,
+        max_length=3,
+    )
+    run_name: str | None = _field(
+        "Run name in the trackers. Default <job>-<stage>.", None, max_length=256
+    )
+    mlflow: MlflowSpec = _field("MLflow settings (reportTo mlflow).", default_factory=MlflowSpec)
+    wandb: WandbSpec = _field("Weights & Biases settings (reportTo wandb).", default_factory=WandbSpec)
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="!has(self.reportTo) || self.reportTo.all(t, self.reportTo.exists_one(u, u == t))",
+            message="tracking.reportTo: each tracker at most once",
+            check=lambda s: len(set(s.report_to)) == len(s.report_to),
+            field_path=".reportTo",
+        ),
+    )
+
+
 def _single_process_optimizer(hp: Hyperparameters) -> bool:
     """BAdam and the layerwise GaLore/APOLLO optimizers: no DDP or FSDP (transformers and BAdam say so)."""
     return hp.optimizer == "badam" or bool(hp.galore and hp.galore.layerwise) or bool(hp.apollo and hp.apollo.layerwise)
@@ -851,6 +925,9 @@ class FineTuneJobSpec(Spec):
     storage: StorageSpec = _field("Checkpoint and output storage.", default_factory=StorageSpec)
     checkpoint: CheckpointSpec = _field("Checkpoint policy.", default_factory=CheckpointSpec)
     run_policy: RunPolicy = _field("Retries, deadlines and clean-up.", default_factory=RunPolicy)
+    tracking: TrackingSpec = _field(
+        "Experiment tracking (TensorBoard, MLflow, W&B) of every training stage.", default_factory=TrackingSpec
+    )
     suspend: bool = _field(
         "Suspend the job: running pods stop, progress and checkpoints stay; false resumes from the "
         "last checkpoint.",

@@ -89,7 +89,7 @@ def common_args(ctx: StageContext, *, eval_enabled: bool = False) -> dict[str, A
         save_strategy="steps",
         save_steps=cfg.checkpoint.every_steps,
         save_total_limit=cfg.checkpoint.keep + 1,
-        report_to="none",
+        **report_args(ctx),
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
@@ -118,6 +118,18 @@ def common_args(ctx: StageContext, *, eval_enabled: bool = False) -> dict[str, A
         if hp.eval_steps:
             args["eval_steps"] = hp.eval_steps
     return args
+
+
+def report_args(ctx: StageContext) -> dict[str, Any]:
+    """report_to / run_name of spec.tracking (the rest of the trackers' settings is in the
+    environment the stage runs in: tracking.tracking_environment)."""
+    from ..tracking import require_trackers, run_name
+
+    trackers = ctx.cfg.tracking.report_to
+    if not trackers:
+        return {"report_to": "none"}
+    require_trackers(trackers)
+    return {"report_to": list(trackers), "run_name": run_name(ctx.cfg)}
 
 
 def _activations_fit(ctx: StageContext) -> bool:

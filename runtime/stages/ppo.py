@@ -295,6 +295,7 @@ def _rotate(trainer_dir: Path, keep: int) -> None:
 
 def run(ctx: StageContext) -> StageResult:
     from transformers import TrainerControl, TrainerState, TrainingArguments, get_scheduler
+    from transformers.integrations import get_reporting_integration_callbacks
     from transformers.trainer_callback import CallbackHandler
 
     cfg = ctx.cfg
@@ -365,7 +366,8 @@ def run(ctx: StageContext) -> StageResult:
     if ranks.distributed:
         torch.manual_seed(hp.seed + ranks.rank)  # each rank samples its own completions
     log_cb = TrainerLogCallback(ctx.trainer_dir)
-    handler = CallbackHandler([log_cb, *ctx.callbacks], model, tokenizer, optimizer, scheduler)
+    trackers = [tracker() for tracker in get_reporting_integration_callbacks(args.report_to)]  # spec.tracking
+    handler = CallbackHandler([log_cb, *ctx.callbacks, *trackers], model, tokenizer, optimizer, scheduler)
     control = TrainerControl()
     handler.on_train_begin(args, state, control)
 

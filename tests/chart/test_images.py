@@ -203,7 +203,7 @@ def wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = (),
     return path
 
 
-IMAGE_EXTRAS = ("train", "optimizers")  # what the runtime image installs: kubetune[train,optimizers]
+IMAGE_EXTRAS = ("train", "optimizers", "tracking")  # what the runtime image installs
 
 
 def extra_requirements() -> dict[str, list[str]]:
@@ -230,7 +230,7 @@ def repo_pins() -> dict[str, str]:
 
 
 def package_index(folder: Path, constraints: str) -> Path:
-    """Stub wheels for kubetune[train,optimizers] and each of their requirements, the bitsandbytes wheel apart."""
+    """Stub wheels for kubetune[IMAGE_EXTRAS] and each of their requirements, the bitsandbytes wheel apart."""
     folder.mkdir()
     pinned = {**repo_pins(), **pins(constraints)}
     reqs = image_requirements()
@@ -243,7 +243,7 @@ def package_index(folder: Path, constraints: str) -> Path:
 
 
 def pip_dry_run(index: Path, tmp: Path, constraints: str | None) -> tuple[int, dict[str, str], str]:
-    """The Dockerfile's install (the bitsandbytes wheel + kubetune[train,optimizers], with the constraints), as
+    """The Dockerfile's install (the bitsandbytes wheel + kubetune[IMAGE_EXTRAS], with the constraints), as
     pip would resolve it: {name: version} it would install."""
     args = ["--constraint", str(tmp / "constraints.txt")] if constraints is not None else []
     if constraints is not None:

@@ -78,6 +78,30 @@ def test_pod_environment_carries_secret_references_only(config):
     assert "AWS_SECRET_ACCESS_KEY" not in text
 
 
+def test_tracker_credentials_come_from_secrets_only_for_trackers_in_use(config):
+    tracking = {"mlflow": {"trackingUri": "http://mlflow.mlops:5000", "tokenSecretRef": {"name": "mlf", "key": "tok"},
+                           "credentialsSecretRef": {"name": "mlf-basic"}},
+                "wandb": {"apiKeySecretRef": {"name": "wb", "key": "api-key"}}}
+
+    def env_of(report_to):
+        _, _, (cm, j) = build(ftj({"tracking": {**tracking, "reportTo": report_to}}), config)
+        return cm, {e["name"]: e for e in j["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+    cm, env = env_of(["mlflow", "wandb", "tensorboard"])
+    assert env["MLFLOW_TRACKING_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "mlf", "key": "tok"}}
+    assert env["MLFLOW_TRACKING_USERNAME"]["valueFrom"] == {
+        "secretKeyRef": {"name": "mlf-basic", "key": "MLFLOW_TRACKING_USERNAME"}}
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"] == {
+        "secretKeyRef": {"name": "mlf-basic", "key": "MLFLOW_TRACKING_PASSWORD"}}
+    assert env["WANDB_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "wb", "key": "api-key"}}
+    assert all("value" not in e for n, e in env.items() if n.startswith(("MLFLOW_", "WANDB_")))
+    # the ConfigMap carries where the server is and the Secrets' names, for the runtime's environment
+    stage = json.loads(cm["data"]["stage.json"])
+    assert stage["tracking"]["mlflow"]["trackingUri"] == "http://mlflow.mlops:5000"
+    _, env = env_of(["tensorboard"])  # no credentials for trackers that are not used
+    assert not [n for n in env if n.startswith(("MLFLOW_", "WANDB_"))]
+
+
 def test_the_pod_gets_only_variables_the_runtime_reads(config):
     """Each variable the operator sets is read in the pod: by the runtime (named in
     kubetune.runtime.contract and used outside it), by a library, or by Python itself."""
