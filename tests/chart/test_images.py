@@ -74,7 +74,7 @@ def test_runtime_dockerfile():
     assert exec_form(instructions(p, "ENTRYPOINT")[-1]) == ["python", "-m", "kubetune.runtime"]
     runs = " ".join(i["value"] for i in instructions(p, "RUN", stage="runtime"))
     assert "make_constraints.py" in runs and "--constraint /etc/kubetune-constraints.txt" in runs
-    assert '"/tmp/kubetune-build/src[train]"' in runs
+    assert f'"/tmp/kubetune-build/src[{",".join(IMAGE_EXTRAS)}]"' in runs
     assert "torch changed" in runs  # the build fails if the install replaced the image's torch
     assert "pip install torch" not in runs
     # bitsandbytes: built for Hopper and GB10 (DGX Spark) when no wheel fits
@@ -183,7 +183,7 @@ def test_make_constraints_reads_the_images_packages(tmp_path):
 
 
 # pip's resolver, for real and offline: stub wheels (metadata only) stand in for PyPI, a stub
-# kubetune carries pyproject.toml's [train] requirements, and `pip install --dry-run --report`
+# kubetune carries pyproject.toml's [train] and [eval] requirements, and `pip install --dry-run --report`
 # says what it would install. Each package is offered at the version the constraints pin and at
 # a newer one (torch also at the repo's own pin), so the pins, not the offer, decide.
 NEWER = "99.0"
@@ -202,9 +202,18 @@ def wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = (),
     return path
 
 
+IMAGE_EXTRAS = ("train", "eval")  # the extras the runtime image installs
+
+
 def train_requirements() -> list[str]:
+    """The requirements of the runtime image's extras (pyproject.toml)."""
+    extras = tomllib_extras()
+    return [r for e in IMAGE_EXTRAS for r in extras[e]]
+
+
+def tomllib_extras() -> dict[str, list[str]]:
     tomllib = pytest.importorskip("tomllib")
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["train"]
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
 
 
 def req_name(req: str) -> str:
@@ -221,11 +230,12 @@ def repo_pins() -> dict[str, str]:
 
 
 def package_index(folder: Path, constraints: str) -> Path:
-    """Stub wheels for kubetune[train] and each of its requirements, the bitsandbytes wheel apart."""
+    """Stub wheels for kubetune[train,eval] and each of its requirements, the bitsandbytes wheel apart."""
     folder.mkdir()
     pinned = {**repo_pins(), **pins(constraints)}
     reqs = train_requirements()
-    wheel(folder, "kubetune", "0.1.0", tuple(f"{r}; extra == 'train'" for r in reqs), ("train",))
+    extras = tomllib_extras()
+    wheel(folder, "kubetune", "0.1.0", tuple(f"{r}; extra == '{e}'" for e in IMAGE_EXTRAS for r in extras[e]), IMAGE_EXTRAS)
     for name in map(req_name, reqs):
         for version in {pinned[name], NEWER} | ({repo_pins()["torch"]} if name == "torch" else set()):
             wheel(folder, name, version)
@@ -233,7 +243,7 @@ def package_index(folder: Path, constraints: str) -> Path:
 
 
 def pip_dry_run(index: Path, tmp: Path, constraints: str | None) -> tuple[int, dict[str, str], str]:
-    """The Dockerfile's install (the bitsandbytes wheel + kubetune[train], with the constraints), as
+    """The Dockerfile's install (the bitsandbytes wheel + kubetune[train,eval], with the constraints), as
     pip would resolve it: {name: version} it would install."""
     args = ["--constraint", str(tmp / "constraints.txt")] if constraints is not None else []
     if constraints is not None:
@@ -244,7 +254,8 @@ def pip_dry_run(index: Path, tmp: Path, constraints: str | None) -> tuple[int, d
     env.update(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1")
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--report", str(report),
                         "--ignore-installed", "--no-index", "--find-links", str(index), *args,
-                        str(bnb), "kubetune[train]"], capture_output=True, text=True, env=env, timeout=120)
+                        str(bnb), f"kubetune[{','.join(IMAGE_EXTRAS)}]"], capture_output=True, text=True, env=env,
+                       timeout=120)
     if r.returncode:
         return r.returncode, {}, r.stdout + r.stderr  # pip explains a conflict on stdout
     chosen = json.loads(report.read_text())["install"]
