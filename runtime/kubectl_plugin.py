@@ -174,7 +174,7 @@ def describe_text(obj: dict[str, Any], events: list[Any], now: float | None = No
            f"Model:        {(spec.get('model') or {}).get('name', '')}"]
     stages = spec.get("stages") or []
     out.append("Stages:       " + " → ".join(
-        f"{s.get('name')} ({s.get('type')}" + (f"/{s.get('method', 'lora')})" if s.get("type") != "export" else ")")
+        f"{s.get('name')} ({s.get('type')}" + (f"/{s.get('method', 'lora')})" if s.get("type") not in ("export", "eval") else ")")
         for s in stages))
     if (spec.get("storage") or {}).get("uri"):
         out.append(f"Storage:      {spec['storage']['uri']}")
