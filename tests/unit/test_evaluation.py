@@ -115,3 +115,18 @@ def test_eval_results_reach_progress_metrics_and_status():
     assert s.eval_summary(report) == {"accuracy": 62.5, "rouge-l": 41.25, "samples": 12}
     assert s.eval_text(s.eval_summary(report)) == "accuracy 62.5, rouge-l 41.25"
     assert s.eval_summary({"eval": None}) is None and s.eval_summary({"eval": {"accuracy": "high"}}) is None
+
+
+def test_describe_shows_an_eval_stages_scores():
+    from kubetune.runtime.kubectl_plugin import describe_text
+
+    obj = {"metadata": {"name": "j", "namespace": "ml"},
+           "spec": {"model": {"name": "m"}, "stages": [{"name": "sft", "type": "sft"}, {"name": "eval", "type": "eval"}]},
+           "status": {"phase": "Succeeded", "stages": [
+               {"name": "sft", "type": "sft", "phase": "Succeeded", "output": {"uri": "s3://b/j/sft/output"}},
+               {"name": "eval", "type": "eval", "phase": "Succeeded", "output": {"uri": "s3://b/j/eval/output"},
+                "eval": {"accuracy": 62.5, "rouge-l": 41.25, "samples": 12}}]}}
+    text = describe_text(obj, [], now=0)
+    assert "Stages:       sft (sft/lora) → eval (eval)" in text
+    [row] = [line for line in text.splitlines() if line.strip().startswith("eval ")]
+    assert row.rstrip().endswith("accuracy 62.5, rouge-l 41.25 → s3://b/j/eval/output"), row
