@@ -30,7 +30,7 @@ from .spec import API_GROUP, API_VERSION, KIND, TEMPLATE_NAMES, parse_job
 _LF_NOTES = {
     "do_train": "kubetune always trains a training stage",
     "do_eval": "evaluation runs when hyperparameters.valSize > 0",
-    "do_predict": "no predict mode; use `kubetune chat`",
+    "do_predict": "predict mode is an eval stage (with eval_dataset) or `kubetune eval`; see docs/evaluation.md",
     "overwrite_output_dir": "kubetune resumes from the last committed checkpoint instead of overwriting",
     "overwrite_cache": "kubetune has no preprocessing cache to overwrite",
     "plot_loss": "kubetune always writes training_loss.png and trainer_log.jsonl",
@@ -434,7 +434,22 @@ def convert_llamafactory(cfg: dict[str, Any], source_dir: Path, dataset_dir: str
     if not data_names:
         raise UserError("dataset is required for a training stage", "dataset")
     data = _dataset_entries(data_names, k, source_dir, dataset_dir, stage, warnings, "dataset")
-    if k.has("eval_dataset"):
+    predict = None
+    if k.get("do_predict") and k.has("eval_dataset"):
+        # LLaMA-Factory's predict mode (do_predict + predict_with_generate) → an eval stage after training
+        k.take("do_predict")
+        k.take("predict_with_generate")
+        names = _split_list(k.get("eval_dataset"))
+        predict = {"name": "predict" if stage != "predict" else "eval", "type": "eval",
+                   "data": _dataset_entries(names, k, source_dir, dataset_dir, "sft", warnings, "eval_dataset")}
+        evaluation = {}
+        if k.has("max_new_tokens"):
+            evaluation["maxNewTokens"] = int(_num(k.get("max_new_tokens")))
+        if k.has("per_device_eval_batch_size"):
+            evaluation["batchSize"] = int(_num(k.get("per_device_eval_batch_size")))
+        if evaluation:
+            predict["evaluation"] = evaluation
+    elif k.has("eval_dataset"):
         warnings.append(f"eval_dataset: {k.get('eval_dataset')!r} not carried over — kubetune evaluates on a held-out "
                         "share of the training data (hyperparameters.valSize)")
     template = k.get("template")
@@ -446,7 +461,7 @@ def convert_llamafactory(cfg: dict[str, Any], source_dir: Path, dataset_dir: str
         else:
             warnings.append(f"template: {template!r} not carried over — kubetune uses the tokenizer's own chat template "
                             f"(or one of {', '.join(TEMPLATE_NAMES)}); check that the model has one")
-    spec["stages"] = [st]
+    spec["stages"] = [st] + ([predict] if predict else [])
     out_dir = k.get("output_dir")
     if out_dir:
         spec["storage"] = {"uri": str(out_dir)}
