@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset file (json, jsonl, parquet, csv); repeat for several (all in --format)")
     p.add_argument("--format", default="alpaca", choices=["alpaca", "sharegpt", "messages", "choice"],
                    help="record layout of --data (default alpaca)")
+    p.add_argument("--column", action="append", default=[], metavar="ROLE=COLUMN",
+                   help="a column of another name, e.g. question=q or answer=label (repeatable; the roles of "
+                   "the dataset's `columns`)")
     p.add_argument("--out", default="eval-results", help="folder for the result files (default ./eval-results)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="generation: tokens per answer (default 128)")
     p.add_argument("--few-shot", type=int, default=0, metavar="N", help="choice: solved examples before each question")

@@ -326,11 +326,18 @@ def eval_main(args) -> int:
     if adapter is None and (Path(model) / "adapter_config.json").exists():
         adapter, model = model, adapter_base(model)
 
+    columns = {}
+    for pair in args.column:
+        role, sep, column = pair.partition("=")
+        if not sep or not role.strip() or not column.strip():
+            raise UserError(f"{pair!r}: write ROLE=COLUMN, e.g. question=q", "--column")
+        columns[role.strip()] = column.strip()
+
     def spec(path: str, n: int, fmt: str) -> DatasetSpec:
         name = re.sub(r"[^a-z0-9-]+", "-", Path(path).stem.lower()).strip("-")[:50] or "data"
         try:
             return DatasetSpec(name=name if n == 0 else f"{name}-{n}", source=str(Path(path).resolve()),
-                               format=fmt, max_samples=args.max_samples)
+                               format=fmt, max_samples=args.max_samples, columns=columns)
         except ValidationError as err:
             raise UserError("; ".join(format_validation_error(err)), "--data") from None
 

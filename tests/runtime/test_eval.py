@@ -128,6 +128,12 @@ def test_eval_cli_adapter_and_letter_scoring(tiny_model, tmp_path, capsys):
     assert main(["eval", "--model", str(tiny_model), "--data", str(data), "--format", "choice",
                  "--out", str(out / "bad")]) == EXIT_BAD_INPUT
     assert "column 'question' (the 'question' column of format choice) is missing" in capsys.readouterr().err
+    # --column maps another name: now the answer is what is missing
+    assert main(["eval", "--model", str(tiny_model), "--data", str(data), "--format", "choice", "--column",
+                 "question=instruction", "--out", str(out / "bad")]) == EXIT_BAD_INPUT
+    assert "column 'answer' (the 'answer' column of format choice) is missing" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tiny_model), "--data", str(data), "--column", "question"]) == EXIT_BAD_INPUT
+    assert "--column: 'question': write ROLE=COLUMN" in capsys.readouterr().err
 
 
 def test_eval_help_reads_well():
