@@ -287,7 +287,11 @@ def reconcile(
             rec.setdefault("startTime", (child.get("status") or {}).get("startTime") or rec["completionTime"])
             rec["output"] = rec.get("output") or {"uri": st.io.output}
             rec.pop("message", None)
-            d.info("StageSucceeded", f"Stage {_label(st)} succeeded; output {rec['output']['uri']}")
+            scores = s.eval_summary(s.final_report(observed.pods.get(jname, []))) or rec.get("eval")
+            if scores:  # an eval stage's results (it may have ended between two /progress polls)
+                rec["eval"] = scores
+            results = f"; {s.eval_text(scores)}" if scores else ""
+            d.info("StageSucceeded", f"Stage {_label(st)} succeeded{results}; output {rec['output']['uri']}")
             i += 1
             continue
         break
@@ -534,6 +538,9 @@ def _apply_progress(st: ResolvedStage, rec: dict[str, Any], report: dict[str, An
     out = s.artifact(report.get("output"))
     if out:
         rec["output"] = out
+    scores = s.eval_summary(report)
+    if scores:
+        rec["eval"] = scores
 
 
 def _gang_restart(job, st, rec, child, pods, d: Decision) -> bool:

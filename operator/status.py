@@ -140,6 +140,25 @@ def progress_from_report(report: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+EVAL_KEYS = ("accuracy", "rouge-1", "rouge-2", "rouge-l", "bleu-4", "samples")
+
+
+def eval_summary(report: dict[str, Any] | None) -> dict[str, float] | None:
+    """An eval stage's short summary from its /progress report → status.stages[].eval (the known
+    scores only; None when the report has none)."""
+    scores = (report or {}).get("eval")
+    if not isinstance(scores, dict):
+        return None
+    out = {k: _num(scores.get(k)) for k in EVAL_KEYS}
+    out = {k: (int(v) if k == "samples" else v) for k, v in out.items() if v is not None}
+    return out or None
+
+
+def eval_text(scores: dict[str, float] | None) -> str:
+    """`accuracy 62.5, rouge-l 41.2` for events and messages ('' without scores)."""
+    return ", ".join(f"{k} {v:g}" for k, v in (scores or {}).items() if k != "samples")
+
+
 def progress_text(progress: dict[str, Any] | None) -> str | None:
     if not progress or progress.get("percent") is None:
         return None

@@ -19,6 +19,8 @@ EPILOG = """examples:
   kubetune run examples/quickstart.yaml --set stages.0.hyperparameters.maxSteps=50
   kubetune chat --model saves/quickstart/sft/output --prompt "Who are you?"
   kubetune export --model BASE --adapter saves/job/sft/output --out merged/
+  kubetune eval --model saves/job/sft/output --data test.json --out eval/    # ROUGE/BLEU
+  kubetune eval --model BASE --data mmlu.jsonl --format choice --few-shot 5   # accuracy
   kubetune crd | kubectl apply -f -
   kubetune convert llama3_lora_sft.yaml -o job.yaml   # from LLaMA-Factory (v0 or v1) / NeMo AutoModel
   kubetune estimate job.yaml --gpu-memory 24GB
@@ -98,6 +100,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
 
     p = sub.add_parser(
+        "eval",
+        help="score a model or adapter: ROUGE/BLEU of generated answers, multiple-choice accuracy",
+        description="Evaluate a model, a trained adapter or an exported model on local files, with the "
+        "code of the eval stage. Generation data (alpaca, sharegpt, messages): greedy answers to each "
+        "prompt, scored against the reference answer with ROUGE-1/2/L and BLEU-4 as LLaMA-Factory's "
+        "predict mode does (generated_predictions.jsonl, predict_results.json). Choice data "
+        "(question, choices A/B/C/D or a `choices` list, answer letter, optional subject): the choice "
+        "with the highest log-likelihood is the model's answer; accuracy overall and per subject "
+        "(choice_predictions.jsonl, choice_results.json). Scores are × 100.",
+    )
+    p.add_argument("--model", required=True, help="model folder or id, or an adapter folder (its base is read from adapter_config.json)")
+    p.add_argument("--adapter", help="adapter folder to apply on top of --model")
+    p.add_argument("--data", required=True, action="append", metavar="FILE",
+                   help="dataset file (json, jsonl, parquet, csv); repeat for several (all in --format)")
+    p.add_argument("--format", default="alpaca", choices=["alpaca", "sharegpt", "messages", "choice"],
+                   help="record layout of --data (default alpaca)")
+    p.add_argument("--column", action="append", default=[], metavar="ROLE=COLUMN",
+                   help="a column of another name, e.g. question=q or answer=label (repeatable; the roles of "
+                   "the dataset's `columns`)")
+    p.add_argument("--out", default="eval-results", help="folder for the result files (default ./eval-results)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="generation: tokens per answer (default 128)")
+    p.add_argument("--few-shot", type=int, default=0, metavar="N", help="choice: solved examples before each question")
+    p.add_argument("--few-shot-data", metavar="FILE", help="choice: take the few-shot examples from this file (a dev split)")
+    p.add_argument("--scoring", choices=["letter", "text"], default="letter",
+                   help="choice: compare the answer letters (MMLU style, default) or the choices' own texts")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument("--cutoff-len", type=int, default=2048, help="longest prompt in tokens (default 2048)")
+    p.add_argument("--max-samples", type=int, help="use at most this many records of each file")
+    p.add_argument("--template", help="named chat template for models without one")
+
+    p = sub.add_parser(
         "operator",
         help="run the Kubernetes operator (kopf); `kubetune operator --help` lists its flags",
         add_help=False,
@@ -153,7 +186,8 @@ def _cmd_validate(args) -> int:
 
     job = load_job(args.file, args.overrides)
     if not args.quiet:
-        stages = " → ".join(f"{s.name} ({s.type}/{s.method})" if s.type != "export" else f"{s.name} (export)" for s in job.spec.stages)
+        stages = " → ".join(f"{s.name} ({s.type}/{s.method})" if s.type not in ("export", "eval") else f"{s.name} ({s.type})"
+                            for s in job.spec.stages)
         print(f"{args.file}: valid FineTuneJob {job.metadata.name!r}: {stages}")
     return 0
 
@@ -169,7 +203,8 @@ def _cmd_plan(args) -> int:
     for s in stages:
         io = s.io
         src = io.policy.model + (f" + adapter {io.policy.adapter}" if io.policy.adapter else "")
-        print(f"[{s.index + 1}/{s.count}] {s.name}: {s.stage.type}/{s.stage.method}")
+        kind = s.stage.type if s.stage.type in ("export", "eval") else f"{s.stage.type}/{s.stage.method}"
+        print(f"[{s.index + 1}/{s.count}] {s.name}: {kind}")
         print(f"    reads   {src}{' (merged first)' if io.merge_adapter else ''}")
         if io.reference:
             print(f"    ref     {io.reference.model}" + (f" + adapter {io.reference.adapter}" if io.reference.adapter else ""))
@@ -227,6 +262,12 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from .evaluate import eval_main
+
+    return eval_main(args)
+
+
 def _cmd_convert(args) -> int:
     from .convert import convert_files, render
 
@@ -271,6 +312,7 @@ COMMANDS = {
     "demo": _cmd_demo,
     "chat": _cmd_chat,
     "export": _cmd_export,
+    "eval": _cmd_eval,
     "stage": _cmd_stage,
     "convert": _cmd_convert,
     "estimate": _cmd_estimate,

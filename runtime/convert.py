@@ -32,7 +32,7 @@ from .spec import API_GROUP, API_VERSION, KIND, TEMPLATE_NAMES, parse_job
 _LF_NOTES = {
     "do_train": "kubetune always trains a training stage",
     "do_eval": "evaluation runs when the job has evalData (eval_dataset) or hyperparameters.valSize > 0",
-    "do_predict": "no predict mode; use `kubetune chat`",
+    "do_predict": "predict mode is an eval stage (with eval_dataset) or `kubetune eval`; see docs/evaluation.md",
     "overwrite_output_dir": "kubetune resumes from the last committed checkpoint instead of overwriting",
     "overwrite_cache": "kubetune has no preprocessing cache to overwrite",
     "plot_loss": "kubetune always writes training_loss.png and trainer_log.jsonl",
@@ -558,6 +558,21 @@ def convert_llamafactory(cfg: dict[str, Any], source_dir: Path, dataset_dir: str
     if not data_names:
         raise UserError("dataset is required for a training stage", "dataset")
     data = _dataset_entries(data_names, k, source_dir, dataset_dir, stage, warnings, "dataset")
+    predict = None
+    if k.get("do_predict") and k.has("eval_dataset"):
+        # LLaMA-Factory's predict mode (do_predict + predict_with_generate) → an eval stage after training
+        k.take("do_predict")
+        k.take("predict_with_generate")
+        names = _split_list(k.get("eval_dataset"))
+        predict = {"name": "predict" if stage != "predict" else "eval", "type": "eval",
+                   "data": _dataset_entries(names, k, source_dir, dataset_dir, "sft", warnings, "eval_dataset")}
+        evaluation = {}
+        if k.has("max_new_tokens"):
+            evaluation["maxNewTokens"] = int(_num(k.get("max_new_tokens")))
+        if k.has("per_device_eval_batch_size"):
+            evaluation["batchSize"] = int(_num(k.get("per_device_eval_batch_size")))
+        if evaluation:
+            predict["evaluation"] = evaluation
     spec: dict[str, Any] = {"model": model, "data": data}
     eval_names = _split_list(k.get("eval_dataset", ""))
     if eval_names:  # LLaMA-Factory ignores val_size when it has an eval_dataset; kubetune forbids both
@@ -573,7 +588,7 @@ def convert_llamafactory(cfg: dict[str, Any], source_dir: Path, dataset_dir: str
         else:
             warnings.append(f"template: {template!r} not carried over — kubetune uses the tokenizer's own chat template "
                             f"(or one of {', '.join(TEMPLATE_NAMES)}); check that the model has one")
-    spec["stages"] = [st]
+    spec["stages"] = [st] + ([predict] if predict else [])
     out_dir = k.get("output_dir")
     if out_dir:
         spec["storage"] = {"uri": str(out_dir)}

@@ -253,7 +253,7 @@ def estimate_memory(arch: Arch, *, method: str, stage_type: str = "sft", bits: i
     if trainable and optimizer in ("adamw_torch", "adafactor", "sgd"):
         # the foreach (non-fused) step allocates about one more copy of the trained weights
         e.parts["optimizer"] += trainable * weight_bytes
-    if method in ("lora", "qlora") and stage_type != "export":
+    if method in ("lora", "qlora") and stage_type not in ("export", "eval"):
         lp = arch.lora_params(lora_rank, lora_target or ["all"])
         e.parts["lora"] = lp * (4 + 4 + (2 if optimizer and "8bit" in optimizer else 8))
     if shards > 1:
@@ -267,6 +267,13 @@ def estimate_memory(arch: Arch, *, method: str, stage_type: str = "sft", bits: i
         e.method = "-"
         e.parts = {"weights": arch.params * 2.0}
         e.notes.append("export loads the model at 16 bit and merges the adapter in place")
+    elif stage_type == "eval":
+        e.method = "-"
+        tokens = batch * seq
+        e.parts = {"weights": arch.params * weight_bytes,
+                   # forward only: one layer's activations and the fp32 logits with their log-softmax
+                   "activations": tokens * arch.layer_activation_bytes(None) + tokens * arch.vocab * 4 * 2}
+        e.notes.append("eval runs forward passes only (batch: evaluation.batchSize); generation's KV cache not counted")
     else:
         tokens = batch * seq
         per_layer = tokens * arch.layer_activation_bytes(
@@ -305,7 +312,7 @@ def estimate_stage(arch: Arch, stage, model, resources, grad_ckpt: bool | None =
         arch, method=stage.method, stage_type=stage.type, stage=stage.name,
         bits=stage.quantization.bits if stage.quantization else None, weight_bytes=wb,
         double_quant=stage.quantization.double_quantization if stage.quantization else True,
-        batch=hp.batch_size, seq=hp.cutoff_len,
+        batch=stage.evaluation.batch_size if stage.type == "eval" else hp.batch_size, seq=hp.cutoff_len,
         grad_ckpt=(hp.gradient_checkpointing is not False) if grad_ckpt is None else grad_ckpt,
         lora_rank=stage.lora.rank, lora_target=stage.lora.target, trainable_layers=stage.freeze.trainable_layers,
         optimizer=hp.optimizer, shards=shards,

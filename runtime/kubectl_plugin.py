@@ -174,7 +174,7 @@ def describe_text(obj: dict[str, Any], events: list[Any], now: float | None = No
            f"Model:        {(spec.get('model') or {}).get('name', '')}"]
     stages = spec.get("stages") or []
     out.append("Stages:       " + " → ".join(
-        f"{s.get('name')} ({s.get('type')}" + (f"/{s.get('method', 'lora')})" if s.get("type") != "export" else ")")
+        f"{s.get('name')} ({s.get('type')}" + (f"/{s.get('method', 'lora')})" if s.get("type") not in ("export", "eval") else ")")
         for s in stages))
     if (spec.get("storage") or {}).get("uri"):
         out.append(f"Storage:      {spec['storage']['uri']}")
@@ -225,6 +225,9 @@ def describe_text(obj: dict[str, Any], events: list[Any], now: float | None = No
             start, end = s.get("startTime"), s.get("completionTime")
             dur = duration(_ts(end) - _ts(start)) if start and end else (duration((now or time.time()) - _ts(start)) if start else "-")
             detail = s.get("message") or (s.get("output") or {}).get("uri") or (s.get("checkpoint") or {}).get("uri") or ""
+            if s.get("eval") and not s.get("message"):  # an eval stage's scores before its output
+                scores = ", ".join(f"{k} {v:g}" for k, v in s["eval"].items() if k != "samples")
+                detail = f"{scores} → {detail}" if detail else scores
             rows.append([f"  {s.get('name')}", s.get("type", ""), s.get("phase", ""), start or "-", dur,
                          str(s.get("restarts", 0)), detail])
         out.append(_table(rows))

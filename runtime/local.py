@@ -107,6 +107,10 @@ def storage_wait_seconds() -> float:
     return value
 
 
+# stages without a trainer: one process (rank 0) does the work, the others wait for its commit
+RANK0_STAGES = ("export", "eval")
+
+
 def execute_stage(
     cfg: ResolvedStage, base_dir: Path | None = None, server=None, console: str | None = None
 ) -> dict[str, Any]:
@@ -144,7 +148,7 @@ def execute_stage(
                  cfg.name, done_uri, cfg.outputs)
         return {"stage": cfg.name, "skipped": True, "output": done_uri}
     runner = stage_runner(cfg.stage.type, f"spec.stages[{cfg.index}].type")
-    if team.distributed and cfg.stage.type == "export":  # no trainer: rank 0 alone merges
+    if team.distributed and cfg.stage.type in RANK0_STAGES:  # no trainer: rank 0 alone merges/evaluates
         summary = (_execute_single(cfg, base_dir, server, console, storage, runner)
                    if team.is_main else None)
         output = team.broadcast(summary["output"] if summary else None)  # the others wait here
@@ -188,7 +192,7 @@ def _execute_single(cfg: ResolvedStage, base_dir, server, console, storage, runn
     from .tracking import tracking_environment
 
     team = coordinator()
-    if cfg.stage.type == "export" and team.distributed:
+    if cfg.stage.type in RANK0_STAGES and team.distributed:
         team = Coordinator({})  # rank 0 alone (see execute_stage)
     metrics = _stage_metrics(cfg)
     if server is not None:
@@ -332,7 +336,8 @@ def _print_summary(summaries: list[dict[str, Any]], started: float) -> None:
         loss = f"loss {s['first_loss']:.4f} → {s['final_loss']:.4f}" if s.get("final_loss") is not None else ""
         tps = f"{s['tokens_per_second']:.0f} tok/s" if s.get("tokens_per_second") else ""
         steps = f"{s['steps']} steps" if "steps" in s else ""
-        parts = "  ".join(p for p in (steps, loss, tps) if p)
+        scores = ", ".join(f"{k} {v:g}" for k, v in (s.get("eval") or {}).items())
+        parts = "  ".join(p for p in (steps, loss, tps, scores) if p)
         print(f"  {s['stage']:<12} {parts}  → {s['output']}", file=sys.stderr)
 
 
@@ -485,7 +490,7 @@ def out_of_memory_message(cfg: ResolvedStage, err: BaseException, resolve=None) 
     if hp.gradient_checkpointing is not True:
         knobs.append(knob("gradientCheckpointing: true (recompute activations)",
                           "hyperparameters.gradientCheckpointing", hp_update={"gradient_checkpointing": True}))
-    if cfg.stage.method in ("lora", "full", "freeze") and cfg.stage.type != "export":
+    if cfg.stage.method in ("lora", "full", "freeze") and cfg.stage.type not in RANK0_STAGES:
         try:
             from .spec import QuantizationSpec
 

@@ -324,6 +324,12 @@ class MetricsCallback(TrainerCallback):
                                          "Checkpoint upload durations (files, commit marker and "
                                          "LATEST).", LABELS, buckets=UPLOAD_SECONDS_BUCKETS,
                                          registry=reg)
+        self._eval_score = Gauge("kubetune_eval_score_ratio",
+                                 "Score of an eval stage on one dataset, 0..1: metric accuracy "
+                                 "(multiple choice), rouge-1, rouge-2, rouge-l or bleu-4 (generation).",
+                                 [*LABELS, "dataset", "metric"], registry=reg)
+        self._eval_samples = Gauge("kubetune_eval_samples", "Samples an eval stage scored on one dataset.",
+                                   [*LABELS, "dataset"], registry=reg)
         self._upload_bytes = Counter("kubetune_checkpoint_uploaded_bytes",
                                      "Bytes of committed checkpoint uploads.", LABELS, registry=reg)
         reg.register(ResourceCollector(self.labels))
@@ -368,6 +374,17 @@ class MetricsCallback(TrainerCallback):
     def set_output(self, uri: str) -> None:
         """Where the stage's result lives (model, adapter or merged export)."""
         self.progress.set_output(uri)
+
+    def set_eval(self, summary: dict[str, Any], datasets: dict[str, dict[str, Any]]) -> None:
+        """An eval stage's results: `summary` (scores × 100 over all datasets) goes to
+        `/progress`; each dataset's scores become ``kubetune_eval_score_ratio`` series (0..1)."""
+        with self.lock:
+            for name, res in datasets.items():
+                for metric in ("accuracy", "rouge-1", "rouge-2", "rouge-l", "bleu-4"):
+                    if res.get(metric) is not None:
+                        self._eval_score.labels(**self.labels, dataset=name, metric=metric).set(res[metric] / 100.0)
+                self._eval_samples.labels(**self.labels, dataset=name).set(int(res.get("samples") or 0))
+        self.progress.set_eval(summary)
 
     def set_phase(self, phase: str) -> None:
         """``running`` (the default), ``finished`` or ``failed``."""

@@ -13,6 +13,8 @@ Chaining (what each stage reads):
 - `rm` stages train a reward model from the current policy, but do not change the policy;
   grpo/rloo/ppo stages name one in `reward.modelStage`.
 - `export` merges the policy's adapter into its model and writes a standalone model.
+- `eval` scores the policy (its adapter applied, not merged) on its data and writes results; like
+  `rm` it does not change the policy, so `sft → eval → dpo` evaluates sft and dpo continues it.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ class StageIO(Spec):
     reference: ModelRef | None = Field(None, description="Reference model of preference/RL stages.")
     reward: ModelRef | None = Field(None, description="Reward model (from an rm stage) of RL stages.")
     output: str = Field(description="Where the stage's output is committed.")
-    output_kind: Literal["adapter", "model"] = Field(description="An adapter or a full model.")
+    output_kind: Literal["adapter", "model", "results"] = Field(
+        description="An adapter, a full model, or evaluation results (an eval stage).")
     checkpoints: str = Field(description="Where the stage's checkpoints are committed.")
     stage_root: str = Field(description="The stage's folder in storage (holds output/ and checkpoints/).")
 
@@ -134,8 +137,10 @@ def plan(job: FineTuneJob, default_root: str | None = None, run: str | None = No
         stage = resolve_stage_defaults(raw)
         stage_root = _join(root, stage.name)
         output = _join(stage_root, "output")
-        lora_like = stage.type != "export" and stage.method in ADAPTER_METHODS
-        if stage.type == "rm":
+        lora_like = stage.type not in ("export", "eval") and stage.method in ADAPTER_METHODS
+        if stage.type == "eval":
+            merge, output_kind = False, "results"
+        elif stage.type == "rm":
             # A reward model is a side branch off the policy: trained on the policy's merged
             # weights; a LoRA reward model on top of an adapter is saved merged.
             merge, output_kind = policy.adapter is not None, "adapter" if lora_like and policy.adapter is None else "model"
@@ -178,6 +183,6 @@ def plan(job: FineTuneJob, default_root: str | None = None, run: str | None = No
         )
         made = ModelRef(model=policy.model, adapter=output) if output_kind == "adapter" else ModelRef(model=output)
         outputs[stage.name] = made
-        if stage.type != "rm":
+        if stage.type not in ("rm", "eval"):
             policy = made
     return resolved

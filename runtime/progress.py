@@ -13,6 +13,7 @@ these keys (`PROGRESS_KEYS`)::
      "tokensPerSecond": 5210.0, "etaSeconds": 1830.0,
      "checkpoint": {"uri": "s3://.../sft/checkpoint-400", "step": 400},   # or null
      "output": {"uri": "s3://.../merge/model"},                            # or null
+     "eval": {"accuracy": 62.5, "rouge-l": 41.2, "samples": 120},          # eval stages; else null
      "updatedAt": "2025-01-01T12:00:00Z"}
 
 Numbers not known yet (no loss logged, no throughput measured) are ``null``.
@@ -31,7 +32,7 @@ PHASES = ("running", "finished", "failed")
 
 PROGRESS_KEYS = ("job", "stage", "rank", "phase", "step", "totalSteps", "epoch", "loss",
                  "learningRate", "tokensPerSecond", "etaSeconds", "checkpoint", "output",
-                 "updatedAt")
+                 "eval", "updatedAt")
 
 
 def _utc_now() -> str:
@@ -59,7 +60,7 @@ class ProgressState:
             "job": job, "stage": stage, "rank": int(rank), "phase": "running",
             "step": 0, "totalSteps": 0, "epoch": None, "loss": None, "learningRate": None,
             "tokensPerSecond": None, "etaSeconds": None, "checkpoint": None, "output": None,
-            "updatedAt": _utc_now(),
+            "eval": None, "updatedAt": _utc_now(),
         }
 
     def update(self, **fields: Any) -> None:
@@ -97,11 +98,18 @@ class ProgressState:
             self._doc["output"] = {"uri": str(uri)}
             self._doc["updatedAt"] = _utc_now()
 
+    def set_eval(self, scores: dict[str, Any]) -> None:
+        """An eval stage's short summary: accuracy, rouge-1/2/l, bleu-4 (× 100) and samples."""
+        clean = {str(k): _finite(v) for k, v in scores.items()}
+        with self._lock:
+            self._doc["eval"] = {k: v for k, v in clean.items() if v is not None}
+            self._doc["updatedAt"] = _utc_now()
+
     def snapshot(self) -> dict[str, Any]:
         """A copy of the document (the `/progress` response body)."""
         with self._lock:
             doc = dict(self._doc)
-        for key in ("checkpoint", "output"):
+        for key in ("checkpoint", "output", "eval"):
             if doc[key] is not None:
                 doc[key] = dict(doc[key])
         return doc

@@ -32,11 +32,11 @@ KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
 
 StageType = Literal[
-    "pt", "sft", "rm", "dpo", "kto", "orpo", "simpo", "ppo", "grpo", "rloo", "distill", "export"
+    "pt", "sft", "rm", "dpo", "kto", "orpo", "simpo", "ppo", "grpo", "rloo", "distill", "export", "eval"
 ]
 STAGE_TYPES: tuple[str, ...] = StageType.__args__  # type: ignore[attr-defined]
 Method = Literal["lora", "qlora", "full", "freeze"]
-DatasetFormat = Literal["alpaca", "sharegpt", "messages", "text", "preference", "kto", "prompt"]
+DatasetFormat = Literal["alpaca", "sharegpt", "messages", "text", "preference", "kto", "prompt", "choice"]
 TemplateName = Literal["chatml", "llama3", "alpaca", "qwen", "gemma", "mistral", "phi3"]
 TEMPLATE_NAMES: tuple[str, ...] = TemplateName.__args__  # type: ignore[attr-defined]
 
@@ -149,7 +149,8 @@ class DatasetSpec(Spec):
         "Record layout: alpaca (instruction/input/output/system/history), sharegpt "
         "(conversations of from/value), messages (OpenAI role/content), text (plain text for pt), "
         "preference (prompt/chosen/rejected), kto (prompt/completion/label), prompt (prompt only, "
-        "for online RL). Default alpaca.",
+        "for online RL), choice (multiple-choice questions for eval stages: question, choices A/B/C/D "
+        "or a `choices` list, answer letter, optional subject). Default alpaca.",
         "alpaca",
     )
     ranking: bool = _field(
@@ -160,7 +161,7 @@ class DatasetSpec(Spec):
     columns: dict[str, Annotated[str, Field(min_length=1, max_length=256)]] = _field(
         "Column mapping as in LLaMA-Factory's dataset_info.json: our role name → the column in "
         "the file. Roles: prompt, query, response, system, history, messages, text, chosen, "
-        "rejected, completion, kto_tag, tools. A value may be a path into a nested column: "
+        "rejected, completion, kto_tag, tools; for format choice: question, choices, answer, subject. A value may be a path into a nested column: "
         "`.key` enters a mapping, `[i]` a list (negative from the end), e.g. "
         "`response: answers.text[0]` takes the first answer of SQuAD's "
         "`answers: {text: [...], answer_start: [...]}`. A column whose whole name is the value "
@@ -550,13 +551,41 @@ class RewardSpec(Spec):
     )
 
 
+class EvaluationSpec(Spec):
+    """Knobs of an eval stage (LLaMA-Factory's predict mode and `llamafactory-cli eval`)."""
+
+    max_new_tokens: int = _field(
+        "Generation datasets: at most this many tokens generated per answer (greedy). Default 128.",
+        128, ge=1, le=32768,
+    )
+    few_shot: int = _field(
+        "Choice datasets: solved examples put before each question (LLaMA-Factory n_shot), taken "
+        "from fewShotData, else from the other questions of the same file (same subject first). "
+        "Default 0.",
+        0, ge=0, le=64,
+    )
+    few_shot_data: list[DatasetSpec] = _field(
+        "Choice datasets the few-shot examples come from (a dev split, format choice).",
+        default_factory=list, max_length=8,
+    )
+    choice_scoring: Literal["letter", "text"] = _field(
+        "Choice datasets: letter (the prompt lists the choices as A. B. C. ...; the answer letter with "
+        "the highest log-likelihood wins, as MMLU/C-Eval are scored) or text (the choice whose own text "
+        "is the likeliest answer to the question, per token, wins). Default letter.",
+        "letter",
+    )
+    batch_size: int = _field("Prompts generated or scored together. Default 8.", 8, ge=1, le=4096)
+
+
 class StageSpec(Spec):
     name: str = _field(
         "Stage name, unique in the job; becomes part of child object names.", pattern=DNS_LABEL, max_length=40
     )
     type: StageType = _field(
         "What the stage does: pt (continued pre-training), sft, rm (reward model), dpo, kto, "
-        "orpo, simpo, ppo, grpo, rloo, distill, or export (merge adapters into a standalone model)."
+        "orpo, simpo, ppo, grpo, rloo, distill, export (merge adapters into a standalone model), or "
+        "eval (score the policy on its data: ROUGE/BLEU of generated answers, accuracy on "
+        "multiple-choice questions; trains nothing)."
     )
     method: Method = _field(
         "How weights are trained: lora (default), qlora (LoRA on a 4/8-bit base, needs "
@@ -570,6 +599,7 @@ class StageSpec(Spec):
     preference: PreferenceSpec = _field("Preference-stage settings (dpo, kto, orpo, simpo).", default_factory=PreferenceSpec)
     reward: RewardSpec | None = _field("Reward settings of online RL stages (grpo, rloo, ppo).", None)
     teacher: ModelSpec | None = _field("Teacher model of a distill stage.", None)
+    evaluation: EvaluationSpec = _field("Settings of an eval stage.", default_factory=EvaluationSpec)
     data: list[DatasetSpec] | None = _field(
         "Datasets of this stage; default: the job's `data`.", None, max_length=32
     )
@@ -628,6 +658,12 @@ class StageSpec(Spec):
             message="lora.loraplusLrRatio builds its own AdamW: it does not combine with optimizer muon",
             check=lambda s: s.lora.loraplus_lr_ratio is None or s.hyperparameters.optimizer != "muon",
             field_path=".lora.loraplusLrRatio",
+        ),
+        CelRule(
+            rule="self.type == 'eval' || !has(self.data) || self.data.all(d, !has(d.format) || d.format != 'choice')",
+            message="format choice (multiple-choice questions) is read by eval stages only",
+            check=lambda s: s.type == "eval" or not any(d.format == "choice" for d in s.data or []),
+            field_path=".data",
         ),
         CelRule(
             rule="self.type != 'distill' || has(self.teacher)",
@@ -980,6 +1016,15 @@ class FineTuneJobSpec(Spec):
             field_path=".resources.strategy",
         ),
         CelRule(
+            rule="!has(self.data) || !self.data.exists(d, has(d.format) && d.format == 'choice') || "
+            "self.stages.all(s, s.type == 'eval' || (has(s.data) && size(s.data) > 0))",
+            message="format choice (multiple-choice questions) is read by eval stages only: give the other "
+            "stages data of their own",
+            check=lambda s: not any(d.format == "choice" for d in s.data)
+            or all(st.type == "eval" or st.data for st in s.stages),
+            field_path=".data",
+        ),
+        CelRule(
             rule="self.stages.all(s, !has(s.reward) || !has(s.reward.modelStage) || "
             "self.stages.exists(t, t.name == s.reward.modelStage && t.type == 'rm'))",
             message="reward.modelStage must name an rm stage of this job",
@@ -1055,6 +1100,11 @@ class StageRecord(Spec):
         "UID of the stage's last Job that the operator deleted to restart all pods of a multi-node stage "
         "together from the checkpoint (counts each gang restart once).", None)
     message: str | None = _field("Why it failed.", None)
+    eval: dict[str, float] | None = _field(
+        "Results of an eval stage, × 100 as LLaMA-Factory reports them: accuracy (multiple choice), "
+        "rouge-1, rouge-2, rouge-l and bleu-4 (generation), and the samples scored.",
+        None,
+    )
 
 
 class FineTuneJobStatus(Spec):

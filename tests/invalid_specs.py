@@ -106,6 +106,16 @@ INVALID = [
             Expect("spec.resources.gpusPerNode", "should be greater than or equal to 0")),
     Invalid("distill without teacher", {"stages": [{"name": "a", "type": "distill"}]},
             Expect("spec.stages[0].type", "a distill stage needs `teacher` (the teacher model)")),
+    Invalid("choice data in an sft stage", {"stages": [{"name": "a", "type": "sft", "data": [
+                {"name": "quiz", "source": "quiz.jsonl", "format": "choice"}]}]},
+            Expect("spec.stages[0].data", "format choice (multiple-choice questions) is read by eval stages only")),
+    Invalid("choice job data reaching an sft stage", {
+                "data": [{"name": "quiz", "source": "quiz.jsonl", "format": "choice"}],
+                "stages": [{"name": "a", "type": "sft"}, {"name": "e", "type": "eval"}]},
+            Expect("spec.data", "format choice (multiple-choice questions) is read by eval stages only: give")),
+    Invalid("eval few-shot over 64", {"stages": [{"name": "e", "type": "eval", "evaluation": {"fewShot": 65}}]},
+            Expect("spec.stages[0].evaluation.fewShot", "Input should be less than or equal to 64"),
+            Expect("spec.stages[0].evaluation.fewShot", "should be less than or equal to 64")),
     Invalid("grpo without reward", {"stages": [{"name": "a", "type": "grpo"}]},
             Expect("spec.stages[0].reward", "grpo, rloo and ppo stages need reward.modelStage")),
     Invalid("reward stage not rm", {"stages": [{"name": "s", "type": "sft"},

@@ -9,6 +9,8 @@ turned into one of these shapes:
 - ``preference``: ``{"prompt": [msgs], "chosen": [assistant msg], "rejected": [assistant msg]}``
 - ``kto``: ``{"prompt": [msgs], "completion": [assistant msg], "label": bool}``
 - ``prompt``: ``{"prompt": [msgs], **other columns}`` (online RL; extra columns reach rewards)
+- ``choice``: ``{"question": str, "choices": [str, ...], "answer": int, "subject": str | None}``
+  (multiple-choice questions of eval stages, the MMLU/CMMLU/C-Eval layout)
 
 A column may be a path into a nested column (`answers.text[0]`, see columns.py): every role is
 read through `_Ctx.get`, which walks it.
@@ -24,7 +26,7 @@ from ..errors import DataError
 from ..spec import DatasetSpec
 from .columns import MISSING, PathError, column_of, resolve
 
-Kind = str  # "conversation" | "text" | "preference" | "kto" | "prompt"
+Kind = str  # "conversation" | "text" | "preference" | "kto" | "prompt" | "choice"
 
 # Defaults of the column roles per format (LLaMA-Factory's names and layouts).
 DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
@@ -41,6 +43,7 @@ DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
     "preference": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "system": "system"},
     "kto": {"prompt": "prompt", "completion": "completion", "kto_tag": "label", "system": "system"},
     "prompt": {"prompt": "prompt", "system": "system"},
+    "choice": {"question": "question", "choices": "choices", "answer": "answer", "subject": "subject"},
 }
 
 FORMATS_FOR_KIND: dict[Kind, tuple[str, ...]] = {
@@ -49,7 +52,10 @@ FORMATS_FOR_KIND: dict[Kind, tuple[str, ...]] = {
     "preference": ("preference", "alpaca", "sharegpt", "messages"),
     "kto": ("kto", "alpaca", "sharegpt", "messages"),
     "prompt": ("prompt", "alpaca", "sharegpt", "messages"),
+    "choice": ("choice",),
 }
+
+CHOICE_LETTERS = "ABCDEFGHIJ"
 
 OPENAI_ROLES = ("system", "user", "assistant", "tool")
 
@@ -263,6 +269,38 @@ def _label(ctx: _Ctx, r: dict[str, Any], i: int) -> bool:
     return value
 
 
+def _choice(ctx: _Ctx, r: dict[str, Any], i: int) -> dict[str, Any]:
+    """question + choices (a `choices` list, or one column per letter A, B, C, ...) + the answer
+    (a letter, or the 0-based index of the right choice)."""
+    question = ctx.text(r, i, "question")
+    listed = r.get(ctx.col("choices"))
+    if listed is not None:
+        if not (isinstance(listed, list) and all(isinstance(c, (str, int, float)) for c in listed)):
+            raise ctx.fail(i, f"column {ctx.col('choices')!r} (choices) must be a list of texts")
+        choices = [str(c) for c in listed]
+    else:
+        choices = []
+        for letter in CHOICE_LETTERS:
+            if letter not in r:
+                break
+            choices.append(str(r[letter]))
+    if not 2 <= len(choices) <= len(CHOICE_LETTERS):
+        raise ctx.fail(i, f"a question needs 2 to {len(CHOICE_LETTERS)} choices: a {ctx.col('choices')!r} list or "
+                          f"columns A, B, C, ... (found {len(choices)})")
+    answer = ctx.get(r, i, "answer")
+    letters = CHOICE_LETTERS[: len(choices)]
+    if isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().upper() in letters:
+        index = letters.index(answer.strip().upper())
+    elif isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
+        index = answer
+    else:
+        raise ctx.fail(i, f"column {ctx.col('answer')!r} (answer) must be one of the letters {', '.join(letters)} "
+                          f"(or a 0-based index), got {answer!r}")
+    subject = r.get(ctx.col("subject"))
+    return {"question": question, "choices": choices, "answer": index,
+            "subject": str(subject) if subject is not None else None}
+
+
 # ---------------------------------------------------------------------------------- entry point
 
 
@@ -322,4 +360,7 @@ def to_examples(records: list[dict[str, Any]], ds: DatasetSpec, kind: Kind, sour
             extra = {k: v for k, v in r.items() if k not in used}
             out.append({"prompt": prompt, **extra})
         return out
+    if kind == "choice":
+        ctx.require(records, ["question", "answer"])
+        return [_choice(ctx, r, i) for i, r in enumerate(records)]
     raise ValueError(f"unknown kind {kind}")

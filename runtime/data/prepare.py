@@ -35,6 +35,7 @@ KIND_OF_STAGE: dict[str, Kind] = {
     "grpo": "prompt",
     "rloo": "prompt",
     "ppo": "prompt",
+    "eval": "conversation",  # generation datasets; format choice datasets are read as kind "choice"
 }
 
 

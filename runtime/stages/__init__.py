@@ -21,6 +21,7 @@ STAGE_MODULES: dict[str, str] = {
     "ppo": "ppo",
     "distill": "distill",
     "export": "export",
+    "eval": "evaluate",
 }
 
 

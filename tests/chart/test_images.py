@@ -203,7 +203,7 @@ def wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = (),
     return path
 
 
-IMAGE_EXTRAS = ("train", "optimizers", "tracking")  # what the runtime image installs
+IMAGE_EXTRAS = ("train", "optimizers", "tracking", "eval")  # what the runtime image installs
 
 
 def extra_requirements() -> dict[str, list[str]]:

@@ -267,7 +267,7 @@ def test_docs_list_every_exposed_metric(scraped_run):
 
 PROGRESS_KEYS = ["job", "stage", "rank", "phase", "step", "totalSteps", "epoch", "loss",
                  "learningRate", "tokensPerSecond", "etaSeconds", "checkpoint", "output",
-                 "updatedAt"]
+                 "eval", "updatedAt"]
 
 
 def check_progress_shape(doc: dict) -> None:

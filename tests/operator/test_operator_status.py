@@ -469,3 +469,32 @@ def test_metric_changes_between_statuses():
     assert seen == {"transitions": ["Running", "Pending"], "restarts": 2, "first_running_seconds": 42.0}
     # nothing changed: nothing counted
     assert changes(new, new, created="2026-01-01T00:00:00Z") == {"transitions": [], "restarts": 0, "first_running_seconds": None}
+
+
+def test_an_eval_stage_puts_its_scores_in_the_status(config):
+    """An eval stage's /progress report carries its short summary: status.stages[].eval, from the
+    polls and from rank 0's termination message (a short eval often ends between two polls)."""
+    from kubetune.runtime.spec import FineTuneJobStatus
+
+    stages = [{"name": "eval", "type": "eval"}, {"name": "sft", "type": "sft"}]
+    body, _ = step(ftj(stages=stages), Observed(), config)
+    scores = {"accuracy": 62.5, "rouge-1": 50.0, "rouge-2": 30.5, "rouge-l": 45.25, "bleu-4": 20.0, "samples": 24}
+    report = {"job": "llama", "stage": "eval", "rank": 0, "phase": "running", "step": 0, "totalSteps": 0,
+              "eval": {"accuracy": 50.0, "samples": 8}}
+    obs = Observed(jobs={"llama-eval": k8s_job("llama-eval", active=1)}, configmaps={"llama-eval": _cm(body, config)},
+                   pods={"llama-eval": [pod("llama-eval", "Running")]}, progress=report)
+    body, d = step(body, obs, config, now=LATER)
+    assert d.status["stages"][0]["eval"] == {"accuracy": 50.0, "samples": 8}
+    final = dict(report, phase="finished", eval=scores)
+    done = k8s_job("llama-eval", conditions=[("Complete", "")], completion_time="2025-06-01T12:05:00Z")
+    pods = [pod("llama-eval", "Succeeded", exit_code=0, message=json.dumps({"progress": final}))]
+    body, d = step(body, Observed(jobs={"llama-eval": done}, pods={"llama-eval": pods}), config, now=LATER)
+    rec = d.status["stages"][0]
+    assert rec["phase"] == "Succeeded" and rec["eval"] == scores
+    assert ("create", "Job", "llama-sft") in verbs(d)
+    [ok] = [e for e in d.events if e.reason == "StageSucceeded"]
+    assert "accuracy 62.5, rouge-1 50, rouge-2 30.5, rouge-l 45.25, bleu-4 20" in ok.message
+    FineTuneJobStatus.model_validate(d.status)  # the CRD's status schema (from this model) accepts it
+    # later reconciles (no pods any more) keep the scores
+    _, d = step(body, Observed(jobs={"llama-eval": done}), config, now=LATER)
+    assert d.status["stages"][0]["eval"] == scores

@@ -168,6 +168,27 @@ def test_export_yaml_after_training_yaml_adds_an_export_stage(lf, capsys):
     assert main(["validate", str(out)]) == 0
 
 
+def test_predict_mode_becomes_an_eval_stage(lf, capsys):
+    """do_predict + predict_with_generate + eval_dataset (LLaMA-Factory's predict mode) → an eval
+    stage after the training stage, scoring its output on eval_dataset (ROUGE/BLEU)."""
+    src = _write(lf, "predict", {**BASE, **CASES["lora_sft"], "do_predict": True, "predict_with_generate": True,
+                                 "eval_dataset": "alpaca_en_demo", "max_new_tokens": 256,
+                                 "per_device_eval_batch_size": 4})
+    out = lf / "job.yaml"
+    assert main(["convert", str(src), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    job = load_job(out)
+    assert [(s.name, s.type) for s in job.spec.stages] == [("sft", "sft"), ("predict", "eval")]
+    predict = job.spec.stages[1]
+    assert [d.name for d in predict.data] == ["alpaca-en-demo"] and predict.data[0].format == "alpaca"
+    assert predict.evaluation.max_new_tokens == 256 and predict.evaluation.batch_size == 4
+    for key in ("do_predict", "predict_with_generate", "eval_dataset", "max_new_tokens", "per_device_eval_batch_size"):
+        assert f"{key}:" not in err, err
+    # without do_predict, eval_dataset is still reported as not carried over
+    doc, warnings = convert_files([_write(lf, "noeval", {**BASE, **CASES["lora_sft"], "eval_dataset": "identity"})])
+    assert len(doc["spec"]["stages"]) == 1 and any(w.startswith("eval_dataset") for w in warnings)
+
+
 def test_export_yaml_alone_says_what_to_do(lf):
     export = _write(lf, "merge", {"model_name_or_path": "m", "adapter_name_or_path": "a", "export_dir": "o"})
     with pytest.raises(UserError, match="kubetune export --adapter a --model m --out o"):

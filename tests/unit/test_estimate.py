@@ -141,3 +141,16 @@ def test_estimate_stays_at_the_pinned_h100_figures(method, ckpt, pinned):
     e = estimate_memory(arch_from_config(cfg, "h100"), method=method, seq=1024, grad_ckpt=ckpt, optimizer="adamw_torch")
     got = (e.total - e.parts["overhead"]) / 1024**3
     assert abs(got - pinned) <= 0.15 * pinned, f"estimated {got:.2f} GiB, pinned {pinned} GiB"
+
+
+def test_eval_stage_needs_the_weights_and_one_forward_pass():
+    """An eval stage trains nothing: 16-bit weights (a 7B: ~13.5 GB), no gradients, optimizer or
+    adapter states; activations of evaluation.batchSize prompts, not hyperparameters.batchSize."""
+    _, (lora,) = estimate_job(parse_job(_job(method="lora")))
+    _, (ev,) = estimate_job(parse_job(_job(type="eval", hyperparameters={"batchSize": 64, "cutoffLen": 1024},
+                                           evaluation={"batchSize": 1})))
+    assert sorted(ev.parts) == ["activations", "overhead", "weights"] and ev.method == "-"
+    assert 12.5e9 < ev.parts["weights"] < 14.5e9
+    assert ev.total < lora.total
+    _, (ev8,) = estimate_job(parse_job(_job(type="eval", evaluation={"batchSize": 8})))
+    assert ev8.parts["activations"] == pytest.approx(8 * ev.parts["activations"])

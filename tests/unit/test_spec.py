@@ -157,6 +157,23 @@ def test_plan_chains_adapters_and_models():
     assert [s.index for s in stages] == list(range(6)) and all(s.count == 6 for s in stages)
 
 
+def test_plan_eval_scores_the_policy_and_leaves_it_unchanged():
+    job = parse_job(doc(stages=[
+        {"name": "before", "type": "eval", "data": [{"name": "quiz", "source": "q.jsonl", "format": "choice"}]},
+        {"name": "sft", "type": "sft", "method": "lora"},
+        {"name": "after", "type": "eval"},
+        {"name": "dpo", "type": "dpo"},
+    ]))
+    before, sft, after, dpo = plan(job, "s3://b/r")
+    assert before.io.policy.model == "org/model" and before.io.policy.adapter is None  # first: the base model
+    assert before.io.output_kind == after.io.output_kind == "results" and not after.io.merge_adapter
+    assert after.io.policy.adapter == sft.io.output and after.io.reference is None
+    assert sft.io.policy.adapter is None  # the eval before it did not become the policy
+    assert dpo.io.policy.adapter == sft.io.output and dpo.io.reference.adapter == sft.io.output
+    assert after.data[0].name == "d" and before.data[0].format == "choice"
+    assert after.stage.evaluation.max_new_tokens == 128 and after.stage.evaluation.choice_scoring == "letter"
+
+
 def test_plan_local_default_root():
     stages = plan(parse_job(doc()))
     assert stages[0].io.stage_root == "./saves/job/sft"
