@@ -27,6 +27,16 @@ CONFIG_DIR = "/etc/kubetune"  # the stage's ConfigMap, read-only
 CONFIG_KEY = "stage.json"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
 SCRATCH_DIR = "/var/tmp/kubetune"  # an emptyDir: downloads, caches, work and temp files
+# The cluster model cache (spec.resources.modelCache or the chart's `modelCache`): a
+# PersistentVolumeClaim shared by every stage pod, holding the Hugging Face hub cache
+# (HF_HUB_CACHE, MODEL_CACHE_HUB) and the kubetune cache of s3:// inputs (KUBETUNE_CACHE_DIR,
+# MODEL_CACHE_KUBETUNE), so a model is downloaded once per cluster, not once per stage pod.
+# Both caches take a lock per download in the cache itself (huggingface_hub: one per file;
+# kubetune.runtime.storage.cache: one per URI), so two pods never fetch the same files at once.
+MODEL_CACHE_DIR = "/var/cache/kubetune-models"
+MODEL_CACHE_HUB = f"{MODEL_CACHE_DIR}/hub"
+MODEL_CACHE_KUBETUNE = f"{MODEL_CACHE_DIR}/kubetune"
+MODEL_CACHE_VOLUME = "model-cache"
 
 # -- ports ------------------------------------------------------------------------------------
 METRICS_PORT = 9400  # /metrics and /progress of local rank 0 (local rank N: + N)
@@ -50,6 +60,8 @@ ENV_AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"  # from spec.storage.credentialsSecr
 ENV_AWS_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 ENV_AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"
 ENV_AWS_DEFAULT_REGION = "AWS_DEFAULT_REGION"
+ENV_HF_HUB_CACHE = "HF_HUB_CACHE"  # the hub cache only (HF_HOME stays on the scratch volume)
+ENV_KUBETUNE_CACHE_DIR = "KUBETUNE_CACHE_DIR"  # s3:// models and datasets (storage.cache)
 
 
 def scratch_layout(scratch: str | Path) -> dict[str, str]:

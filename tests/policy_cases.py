@@ -28,6 +28,7 @@ RELAXED: dict[str, Any] = {
     "annotationPrefixes": [""],
     "labelPrefixes": [""],
     "secretNamePrefixes": [""],
+    "modelCacheClaimPrefixes": [""],
 }
 
 BASE: dict[str, Any] = {
@@ -99,6 +100,8 @@ CASES = [
     Case("env from an unlisted Secret",
          _overrides(env=[{"name": "X", "valueFrom": {"secretKeyRef": {"name": "payments-db", "key": "password"}}}]),
          "spec.resources.podOverrides.env"),
+    Case("another team's PersistentVolumeClaim as the model cache",
+         _resources(modelCache={"claimName": "payments-db-data"}), "spec.resources.modelCache.claimName"),
     Case("plaintext credentials in the endpoint",
          {"storage": {"uri": "s3://ckpt/job/", "endpoint": "http://admin:hunter2@minio.storage:9000"}},
          "spec.storage.endpoint", spec_rule=True),
