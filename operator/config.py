@@ -42,6 +42,10 @@ class OperatorConfig:
     # a NetworkPolicy per stage (manifests.build_network_policy): JSON of the chart's
     # trainingNetworkPolicy values; empty: none
     network_policy: str = ""
+    # the cluster model cache (a PVC in each job's namespace) of jobs whose spec names none:
+    # the chart's modelCache values; None: no cache unless the spec asks (manifests.model_cache)
+    model_cache_claim: str | None = None
+    model_cache_sub_path: str | None = None
 
 
 def _env(name: str, default: str) -> str:
@@ -106,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "stage a NetworkPolicy (its pods reach each other, the operator and the monitoring "
                         "namespaces reach /metrics and /progress, nothing else gets in; egress as given, or "
                         "open when egress is null); empty: none (env KUBETUNE_OPERATOR_TRAINING_NETWORK_POLICY)")
+    p.add_argument("--model-cache-claim", default=_env("MODEL_CACHE_CLAIM", "") or None,
+                   help="PersistentVolumeClaim (in each job's namespace) mounted in every stage pod as the model "
+                        "cache (HF_HUB_CACHE and the cache of s3:// models) when the job's spec.resources.modelCache "
+                        "says nothing; default: none (env KUBETUNE_OPERATOR_MODEL_CACHE_CLAIM)")
+    p.add_argument("--model-cache-sub-path", default=_env("MODEL_CACHE_SUB_PATH", "") or None,
+                   help="folder inside the --model-cache-claim volume (env KUBETUNE_OPERATOR_MODEL_CACHE_SUB_PATH)")
     p.add_argument("--log-format", choices=["json", "plain"], default=_env("LOG_FORMAT", "json"),
                    help="structured JSON logs (default) or plain text (env KUBETUNE_OPERATOR_LOG_FORMAT)")
     p.add_argument("--print-peering-manifests", action="store_true",
@@ -130,6 +140,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[OperatorConfig, argpars
         policy = parse_policy(args.policy)
     except ValueError as err:
         raise SystemExit(f"kubetune operator: {err}") from None
+    cache_claim, cache_sub_path = _model_cache_arg(args.model_cache_claim, args.model_cache_sub_path)
     cfg = OperatorConfig(
         runtime_image=args.runtime_image,
         image_pull_policy=args.image_pull_policy,
@@ -148,8 +159,29 @@ def parse_config(argv: list[str] | None = None) -> tuple[OperatorConfig, argpars
         default_tolerations=tuple(json.dumps(t, sort_keys=True) for t in tolerations),
         policy=policy,
         network_policy=_network_policy_arg(args.training_network_policy),
+        model_cache_claim=cache_claim,
+        model_cache_sub_path=cache_sub_path,
     )
     return cfg, args
+
+
+def _model_cache_arg(claim: str | None, sub_path: str | None) -> tuple[str | None, str | None]:
+    """Checked as the spec's own field (a typo fails at start, not in every pod)."""
+    if not claim:
+        if sub_path:
+            raise SystemExit("kubetune operator: --model-cache-sub-path needs --model-cache-claim")
+        return None, None
+    from pydantic import ValidationError
+
+    from kubetune.runtime.spec import ModelCacheSpec
+
+    try:
+        ModelCacheSpec(claimName=claim, subPath=sub_path)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise SystemExit(f"kubetune operator: --model-cache-{'claim' if first['loc'][0] == 'claimName' else 'sub-path'}"
+                         f": {first['msg']}") from None
+    return claim, sub_path
 
 
 def _network_policy_arg(text: str) -> str:

@@ -240,6 +240,26 @@ def _tracking_secret_env(tracking) -> list[dict[str, Any]]:
     return env
 
 
+def model_cache(stage: ResolvedStage, config: OperatorConfig) -> tuple[str, str | None] | None:
+    """(claim, subPath) of the stage's model cache: the spec's, else the operator's default, else
+    None. The spec wins as a whole (its subPath is never mixed with the operator's claim)."""
+    mc = stage.resources.model_cache
+    if mc is not None:
+        return mc.claim_name, mc.sub_path
+    if config.model_cache_claim:
+        return config.model_cache_claim, config.model_cache_sub_path
+    return None
+
+
+def _model_cache_env(stage: ResolvedStage, config: OperatorConfig) -> list[dict[str, Any]]:
+    """With a model cache: the hub cache (not all of HF_HOME) and the kubetune cache of s3:// inputs
+    live on it; every other writer stays on the scratch volume (contract.scratch_layout)."""
+    if model_cache(stage, config) is None:
+        return []
+    return [{"name": c.ENV_HF_HUB_CACHE, "value": c.MODEL_CACHE_HUB},
+            {"name": c.ENV_KUBETUNE_CACHE_DIR, "value": c.MODEL_CACHE_KUBETUNE}]
+
+
 def _resources(stage: ResolvedStage) -> dict[str, Any]:
     r = stage.resources
     limits: dict[str, str] = {}
@@ -311,7 +331,7 @@ def build_job(
         "image": r.image or config.runtime_image,
         "imagePullPolicy": r.image_pull_policy or config.image_pull_policy,
         "command": [*config.runtime_command, "--config", CONFIG_PATH],
-        "env": _env(job, stage, config) + _override_env(stage),
+        "env": _env(job, stage, config) + _model_cache_env(stage, config) + _override_env(stage),
         "ports": [{"name": "metrics", "containerPort": config.runtime_metrics_port}],
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -323,6 +343,12 @@ def build_job(
     }
     if r.nodes > 1:
         container["ports"].append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT})
+    cache = model_cache(stage, config)
+    if cache is not None:
+        mount: dict[str, Any] = {"name": c.MODEL_CACHE_VOLUME, "mountPath": c.MODEL_CACHE_DIR}
+        if cache[1]:
+            mount["subPath"] = cache[1]
+        container["volumeMounts"].append(mount)
     resources = _resources(stage)
     if resources:
         container["resources"] = resources
@@ -336,6 +362,8 @@ def build_job(
         "terminationGracePeriodSeconds": job.spec.run_policy.termination_grace_period_seconds,
         "enableServiceLinks": False,
     }
+    if cache is not None:
+        pod_spec["volumes"].append({"name": c.MODEL_CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache[0]}})
     if config.service_account:
         pod_spec["serviceAccountName"] = config.service_account
     # the spec's placement wins; the operator's GPU defaults fill what it leaves out (GPU pods only)

@@ -1,7 +1,7 @@
 """What a FineTuneJob may ask of its training pods on a shared cluster: the cluster admin's policy.
 
 Creating a FineTuneJob makes the operator create pods with settings its author chose (image, host
-network, placement, annotations, labels, Secrets). The admin bounds them in the chart's values
+network, placement, annotations, labels, Secrets, the model cache's PersistentVolumeClaim). The admin bounds them in the chart's values
 (`policy:`); the chart renders the same rules twice:
 
 - as a ValidatingAdmissionPolicy (`templates/admission-policy.yaml`): the apiserver rejects a
@@ -41,6 +41,7 @@ _KEYS = {
     "annotationPrefixes": "annotation_prefixes",
     "labelPrefixes": "label_prefixes",
     "secretNamePrefixes": "secret_name_prefixes",
+    "modelCacheClaimPrefixes": "model_cache_claim_prefixes",
 }
 
 
@@ -60,6 +61,9 @@ class Policy:
     annotation_prefixes: tuple[str, ...] = ("k8s.v1.cni.cncf.io/networks",)
     label_prefixes: tuple[str, ...] = ()
     secret_name_prefixes: tuple[str, ...] = ("",)
+    # spec.resources.modelCache.claimName: a PVC of the job's namespace that every stage pod
+    # mounts read-write; the operator's own default claim (values modelCache) is always allowed
+    model_cache_claim_prefixes: tuple[str, ...] = ()
 
 
 def parse_policy(text: str, where: str = "--policy") -> Policy | None:
@@ -106,8 +110,10 @@ def image_repository(image: str) -> str:
     return name[:colon] if colon > slash else name
 
 
-def violations(job: FineTuneJob, policy: Policy | None, runtime_image: str) -> list[str]:
-    """One line per setting of `job` the policy does not allow, each naming its field."""
+def violations(job: FineTuneJob, policy: Policy | None, runtime_image: str,
+               model_cache_claim: str | None = None) -> list[str]:
+    """One line per setting of `job` the policy does not allow, each naming its field.
+    `model_cache_claim`: the operator's default model cache claim (always allowed)."""
     if policy is None:
         return []
     problems: list[str] = []
@@ -144,6 +150,11 @@ def violations(job: FineTuneJob, policy: Policy | None, runtime_image: str) -> l
             if not _prefixed(key, prefixes):
                 problems.append(f"spec.resources.podOverrides.{field}: key {key!r} is not allowed by the cluster "
                                 f"policy ({_allowed(prefixes)})")
+    mc = r.model_cache
+    if mc is not None and mc.claim_name != model_cache_claim and \
+            not _prefixed(mc.claim_name, policy.model_cache_claim_prefixes):
+        problems.append(f"spec.resources.modelCache.claimName: PersistentVolumeClaim {mc.claim_name!r} is not "
+                        f"allowed by the cluster policy ({_allowed(policy.model_cache_claim_prefixes)})")
     for field, name in secret_references(job):
         if not _prefixed(name, policy.secret_name_prefixes):
             problems.append(f"{field}: Secret {name!r} is not allowed by the cluster policy "

@@ -248,7 +248,7 @@ def reconcile(
     if not any(uid in owner_uids(o) for o in observed.jobs.values()):
         # before anything is created: the cluster admin's policy (the apiserver's admission policy
         # enforces it too, unless it is off or its binding does not cover this namespace)
-        problems = violations(job, config.policy, config.runtime_image)
+        problems = violations(job, config.policy, config.runtime_image, config.model_cache_claim)
         if problems:
             _invalid(prev, d, gen, now, "PolicyViolation", problems)
             return d

@@ -27,6 +27,16 @@ CONFIG_DIR = "/etc/kubetune"  # the stage's ConfigMap, read-only
 CONFIG_KEY = "stage.json"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
 SCRATCH_DIR = "/var/tmp/kubetune"  # an emptyDir: downloads, caches, work and temp files
+# The cluster model cache (spec.resources.modelCache or the chart's `modelCache`): a
+# PersistentVolumeClaim shared by every stage pod, holding the Hugging Face hub cache
+# (HF_HUB_CACHE, MODEL_CACHE_HUB) and the kubetune cache of s3:// inputs (KUBETUNE_CACHE_DIR,
+# MODEL_CACHE_KUBETUNE), so a model is downloaded once per cluster, not once per stage pod.
+# Both caches take a lock per download in the cache itself (huggingface_hub: one per file;
+# kubetune.runtime.storage.cache: one per URI), so two pods never fetch the same files at once.
+MODEL_CACHE_DIR = "/var/cache/kubetune-models"
+MODEL_CACHE_HUB = f"{MODEL_CACHE_DIR}/hub"
+MODEL_CACHE_KUBETUNE = f"{MODEL_CACHE_DIR}/kubetune"
+MODEL_CACHE_VOLUME = "model-cache"
 
 # -- ports ------------------------------------------------------------------------------------
 METRICS_PORT = 9400  # /metrics and /progress of local rank 0 (local rank N: + N)
@@ -54,6 +64,8 @@ ENV_MLFLOW_TRACKING_TOKEN = "MLFLOW_TRACKING_TOKEN"  # from spec.tracking.mlflow
 ENV_MLFLOW_TRACKING_USERNAME = "MLFLOW_TRACKING_USERNAME"  # from spec.tracking.mlflow.credentialsSecretRef
 ENV_MLFLOW_TRACKING_PASSWORD = "MLFLOW_TRACKING_PASSWORD"
 ENV_WANDB_API_KEY = "WANDB_API_KEY"  # from spec.tracking.wandb.apiKeySecretRef
+ENV_HF_HUB_CACHE = "HF_HUB_CACHE"  # the hub cache only (HF_HOME stays on the scratch volume)
+ENV_KUBETUNE_CACHE_DIR = "KUBETUNE_CACHE_DIR"  # s3:// models and datasets (storage.cache)
 
 
 def scratch_layout(scratch: str | Path) -> dict[str, str]:

@@ -776,6 +776,30 @@ class PodOverrides(Spec):
     )
 
 
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
+class ModelCacheSpec(Spec):
+    """A PersistentVolumeClaim that every stage pod mounts as its model cache."""
+
+    claim_name: str = _field(
+        "PersistentVolumeClaim in the FineTuneJob's namespace holding the cluster's model cache: "
+        "mounted in every stage pod as the Hugging Face hub cache (HF_HUB_CACHE) and the cache of "
+        "s3:// models and datasets, so that a base model is downloaded once, not once per stage "
+        "pod. ReadWriteMany for stages on several nodes; ReadWriteOnce serves pods of one node. "
+        "The cluster policy (values policy.modelCacheClaimPrefixes) says which claims a job may name.",
+        pattern=DNS_SUBDOMAIN,
+        max_length=253,
+    )
+    sub_path: str | None = _field(
+        "Folder inside the volume to use instead of its root (e.g. one per team), relative, "
+        "without . or .. components.",
+        None,
+        pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$",
+        max_length=253,
+    )
+
+
 class ResourcesSpec(Spec):
     nodes: int = _field("Number of nodes (pods) per stage. Default 1.", 1, ge=1, le=1024)
     gpus_per_node: int = _field(
@@ -796,6 +820,12 @@ class ResourcesSpec(Spec):
     image: str | None = _field("Runtime image; default: the operator's configured runtime image.", None, max_length=1024)
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = _field("Image pull policy.", None)
     pod_overrides: PodOverrides = _field("Network and environment settings of the training pods (NCCL, hostNetwork, interfaces).", default_factory=PodOverrides)
+    model_cache: ModelCacheSpec | None = _field(
+        "The cluster model cache: a PersistentVolumeClaim mounted in every stage pod as the "
+        "Hugging Face hub cache and the cache of s3:// models. Default: the operator's "
+        "(chart values modelCache), else none (each pod downloads into its scratch volume).",
+        None,
+    )
 
 
 # `scheme://user:password@host...`: credentials written into a URL (RE2 and Python alike)

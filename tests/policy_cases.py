@@ -28,6 +28,7 @@ RELAXED: dict[str, Any] = {
     "annotationPrefixes": [""],
     "labelPrefixes": [""],
     "secretNamePrefixes": [""],
+    "modelCacheClaimPrefixes": [""],
 }
 
 BASE: dict[str, Any] = {
@@ -112,6 +113,8 @@ CASES = [
     Case("plaintext credentials in the MLflow URI",
          {"tracking": {"reportTo": ["mlflow"], "mlflow": {"trackingUri": "https://bob:hunter2@mlflow.example.com"}}},
          "spec.tracking.mlflow.trackingUri", spec_rule=True),
+    Case("another team's PersistentVolumeClaim as the model cache",
+         _resources(modelCache={"claimName": "payments-db-data"}), "spec.resources.modelCache.claimName"),
     Case("plaintext credentials in the endpoint",
          {"storage": {"uri": "s3://ckpt/job/", "endpoint": "http://admin:hunter2@minio.storage:9000"}},
          "spec.storage.endpoint", spec_rule=True),

@@ -24,6 +24,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..contract import ENV_KUBETUNE_CACHE_DIR
 from .base import TMP_PREFIX, ObjectInfo, normalize_key
 from .checkpoints import sha256_file
 from .errors import StorageError, StorageIntegrityError, StorageNotFoundError
@@ -31,7 +32,7 @@ from .factory import is_local_uri, local_path_of, split_s3_uri
 
 log = logging.getLogger(__name__)
 
-CACHE_DIR_ENV = "KUBETUNE_CACHE_DIR"
+CACHE_DIR_ENV = ENV_KUBETUNE_CACHE_DIR  # the model cache's folder when the pod has one (contract)
 SIDECAR_SUFFIX = ".sha256"
 
 

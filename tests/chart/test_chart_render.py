@@ -186,3 +186,26 @@ def test_training_network_policies_add_their_rights_and_the_operators_settings(h
     policy = json.loads({e["name"]: e.get("value") for e in one(off, "Deployment")["spec"]["template"]["spec"][
         "containers"][0]["env"]}["KUBETUNE_OPERATOR_POLICY"])
     assert policy["hostNetwork"] is False and policy["admission"] is True
+
+
+def test_model_cache_values_reach_the_operator_and_the_admission_policy(helm):
+    def env_of(objs):
+        return {e["name"]: e.get("value") for e in one(objs, "Deployment")["spec"]["template"]["spec"][
+            "containers"][0]["env"]}
+
+    off = render(helm)
+    assert not {"KUBETUNE_OPERATOR_MODEL_CACHE_CLAIM", "KUBETUNE_OPERATOR_MODEL_CACHE_SUB_PATH"} & set(env_of(off))
+    assert json.loads(env_of(off)["KUBETUNE_OPERATOR_POLICY"])["modelCacheClaimPrefixes"] == []
+    objs = render(helm, {"modelCache": {"claimName": "models", "subPath": "hf"},
+                         "policy": {"modelCacheClaimPrefixes": ["team-a-"]}})
+    env = env_of(objs)
+    assert env["KUBETUNE_OPERATOR_MODEL_CACHE_CLAIM"] == "models" and env["KUBETUNE_OPERATOR_MODEL_CACHE_SUB_PATH"] == "hf"
+    assert json.loads(env["KUBETUNE_OPERATOR_POLICY"])["modelCacheClaimPrefixes"] == ["team-a-"]
+    vap = one(objs, "ValidatingAdmissionPolicy")
+    variables = {v["name"]: v["expression"] for v in vap["spec"]["variables"]}
+    assert json.loads(variables["modelCacheClaims"]) == ["team-a-"] and variables["modelCacheDefault"] == "'models'"
+    (rule,) = [v for v in vap["spec"]["validations"] if "modelCache" in v["expression"]]
+    assert "spec.resources.modelCache.claimName" in rule["messageExpression"]
+    for bad in ({"claimName": "Bad_Name"}, {"claimName": "ok", "subPath": "../x"}):
+        r = template(helm, {"modelCache": bad}, check=False)
+        assert r.returncode != 0 and "modelCache" in r.stderr, r.stderr

@@ -44,6 +44,10 @@ KCM_CONTROLLERS = (
     "garbage-collector-controller", "namespace-controller", "serviceaccount-controller",
     "serviceaccount-token-controller", "root-ca-certificate-publisher-controller",
     "ttl-after-finished-controller", "pod-garbage-collector-controller", "clusterrole-aggregation-controller",
+    # PersistentVolumeClaims (the model cache test): binding, and the protection finalizers'
+    # removal (without it a namespace holding a claim never finishes deleting)
+    "persistentvolume-binder-controller", "persistentvolumeclaim-protection-controller",
+    "persistentvolume-protection-controller",
 )
 SERVICE_CIDR = "10.0.0.0/24"
 

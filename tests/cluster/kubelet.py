@@ -14,7 +14,8 @@ What it does, like a kubelet:
 * env from ``env`` (value, ``$(VAR)`` expansion, configMapKeyRef, secretKeyRef, fieldRef,
   resourceFieldRef) and ``envFrom`` (configMapRef, secretRef, prefix, optional), plus the
   ``KUBERNETES_SERVICE_*`` variables pointing at the real apiserver;
-* volumes configMap, secret, emptyDir, downwardAPI and projected (configMap, secret,
+* volumes persistentVolumeClaim (a bound claim of a hostPath or local PersistentVolume: its
+  host folder), configMap, secret, emptyDir, downwardAPI and projected (configMap, secret,
   downwardAPI, serviceAccountToken — a real TokenRequest bound to the pod, so the automatic
   ``kube-api-access`` volume gives pods a working in-cluster config) at their mount paths
   (subPath, readOnly), for that process only: see ``podexec.py`` (mount + UTS namespaces);
@@ -933,6 +934,9 @@ class PodWorker:
     def prepare_volumes(self) -> dict[str, str]:
         out = {}
         for v in self.pod["spec"].get("volumes") or []:
+            if "persistentVolumeClaim" in v:
+                out[v["name"]] = self._claimed_path(v["persistentVolumeClaim"]["claimName"])
+                continue
             base = self.dir / "volumes" / v["name"]
             if base.exists():
                 shutil.rmtree(base)
@@ -970,6 +974,22 @@ class PodWorker:
                 log(f"pod {self.ns}/{self.name}: volume type {kinds} is not supported; an empty directory stands in")
             out[v["name"]] = str(base)
         return out
+
+    def _claimed_path(self, claim: str) -> str:
+        """The host folder of a bound claim's hostPath or local PersistentVolume (what a real
+        kubelet mounts for those volume types; others are not supported)."""
+        pvc = self.read_object("persistentvolumeclaims", claim, False)
+        volume = (pvc.get("spec") or {}).get("volumeName")
+        if (pvc.get("status") or {}).get("phase") != "Bound" or not volume:
+            raise NotReady(f"persistentvolumeclaim {claim!r} is not bound")
+        try:
+            pv = self.k.client.get(f"/api/v1/persistentvolumes/{volume}")
+        except ApiError as e:
+            raise NotReady(f"persistentvolume {volume!r} of claim {claim!r}: {e}") from e
+        src = pv["spec"].get("hostPath") or pv["spec"].get("local")
+        if src is None or not Path(src["path"]).is_dir():
+            raise NotReady(f"persistentvolume {volume!r}: only hostPath and local folders are supported")
+        return src["path"]
 
     # -- status -------------------------------------------------------------------------------
     def container_status(self, c: Container) -> dict:

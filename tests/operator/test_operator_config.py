@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from kubetune.operator.config import parse_config
@@ -58,3 +59,18 @@ def test_kopf_settings_let_a_deleted_finetunejob_go_within_seconds():
     assert settings.persistence.finalizer == "kubetune.io/finalizer"
     assert settings.background.cancellation_polling <= 1.0 and settings.background.instant_exit_timeout <= 0.1
     assert settings.posting.enabled and not settings.posting.loggers
+
+
+def test_model_cache_settings(monkeypatch):
+    cfg, _ = parse_config([])
+    assert cfg.model_cache_claim is None and cfg.model_cache_sub_path is None
+    monkeypatch.setenv("KUBETUNE_OPERATOR_MODEL_CACHE_CLAIM", "models")
+    monkeypatch.setenv("KUBETUNE_OPERATOR_MODEL_CACHE_SUB_PATH", "hf")
+    cfg, _ = parse_config([])
+    assert (cfg.model_cache_claim, cfg.model_cache_sub_path) == ("models", "hf")
+    assert parse_config(["--model-cache-claim", "other"])[0].model_cache_claim == "other"
+    with pytest.raises(SystemExit, match="--model-cache-sub-path"):
+        parse_config(["--model-cache-sub-path", "../x"])
+    monkeypatch.delenv("KUBETUNE_OPERATOR_MODEL_CACHE_SUB_PATH")
+    with pytest.raises(SystemExit, match="--model-cache-claim"):
+        parse_config(["--model-cache-claim", "Bad_Name"])

@@ -338,3 +338,66 @@ def test_a_stage_network_policy_lets_in_its_gang_the_operator_and_monitoring_onl
         parse_config(["--training-network-policy", '{"operatorNamespace": "k", "egres": []}'])
     with pytest.raises(SystemExit, match="operatorNamespace is required"):
         parse_config(["--training-network-policy", '{"egress": null}'])
+
+
+# -- the cluster model cache (spec.resources.modelCache / the chart's modelCache) -----------------
+
+def _pod(body, config):
+    _, _, children = build(body, config)
+    return children[-1]["spec"]["template"]["spec"]
+
+
+def _cache_of(pod):
+    (c,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    mounts = [v for v in c["volumeMounts"] if v["name"] == "model-cache"]
+    volumes = [v for v in pod["volumes"] if v["name"] == "model-cache"]
+    return env, mounts, volumes
+
+
+def test_a_model_cache_claim_is_the_hub_cache_and_the_s3_cache_of_every_stage_pod(config):
+    stages = [{"name": "sft", "type": "sft"}, {"name": "merge", "type": "export"}]
+    body = ftj({"resources": {"modelCache": {"claimName": "models", "subPath": "team-a/hf"}}}, stages=stages)
+    for index in (0, 1):  # training and export pods alike
+        job, stage, children = build(body, config, index=index)
+        env, mounts, volumes = _cache_of(children[-1]["spec"]["template"]["spec"])
+        assert volumes == [{"name": "model-cache", "persistentVolumeClaim": {"claimName": "models"}}]
+        assert mounts == [{"name": "model-cache", "mountPath": "/var/cache/kubetune-models", "subPath": "team-a/hf"}]
+        # the hub cache only: HF_HOME (tokens, xet, datasets) stays on the scratch volume
+        assert env["HF_HUB_CACHE"] == "/var/cache/kubetune-models/hub"
+        assert env["KUBETUNE_CACHE_DIR"] == "/var/cache/kubetune-models/kubetune"
+        assert "HF_HOME" not in env and env["KUBETUNE_SCRATCH"] == "/var/tmp/kubetune"
+        (c,) = children[-1]["spec"]["template"]["spec"]["containers"]
+        assert {"name": "scratch", "mountPath": "/var/tmp/kubetune"} in c["volumeMounts"]
+
+
+def test_no_model_cache_unless_asked(config):
+    env, mounts, volumes = _cache_of(_pod(ftj(), config))
+    assert not mounts and not volumes and "HF_HUB_CACHE" not in env and "KUBETUNE_CACHE_DIR" not in env
+
+
+def test_the_operators_default_model_cache_and_the_spec_wins_whole(config):
+    import dataclasses
+
+    cluster = dataclasses.replace(config, model_cache_claim="cluster-models", model_cache_sub_path="shared")
+    env, mounts, volumes = _cache_of(_pod(ftj(), cluster))
+    assert volumes == [{"name": "model-cache", "persistentVolumeClaim": {"claimName": "cluster-models"}}]
+    assert mounts[0]["subPath"] == "shared" and env["HF_HUB_CACHE"] == "/var/cache/kubetune-models/hub"
+    # the spec's claim wins, and the operator's subPath is not mixed into it
+    env, mounts, volumes = _cache_of(_pod(ftj({"resources": {"modelCache": {"claimName": "mine"}}}), cluster))
+    assert volumes == [{"name": "model-cache", "persistentVolumeClaim": {"claimName": "mine"}}]
+    assert mounts == [{"name": "model-cache", "mountPath": "/var/cache/kubetune-models"}]
+
+
+@pytest.mark.parametrize("cache, field", [
+    ({"claimName": "Not_A_Claim"}, "claimName"),
+    ({"claimName": "ok", "subPath": "../other-team"}, "subPath"),
+    ({"claimName": "ok", "subPath": "/abs"}, "subPath"),
+    ({"claimName": "ok", "subPath": "a/../../b"}, "subPath"),
+])
+def test_a_bad_model_cache_is_refused_naming_the_field(cache, field):
+    from kubetune.runtime.errors import SpecError
+
+    with pytest.raises(SpecError) as err:
+        parse_job(job_document(ftj({"resources": {"modelCache": cache}})))
+    assert f"modelCache.{field}" in str(err.value)

@@ -87,3 +87,12 @@ def test_reconcile_fails_a_job_against_the_policy_before_creating_anything():
     # the compliant job goes on to create its children
     ok = {**BASE, "metadata": {"name": "ok", "namespace": "t", "uid": "u2", "generation": 1}}
     assert any(a.verb == "create" for a in reconcile(ok, Observed(), config).actions)
+
+
+def test_the_operators_own_model_cache_claim_is_always_allowed():
+    job = parse_job(case_doc(next(c for c in CASES if "modelCache" in c.field), "cache"))
+    assert violations(job, chart_policy(**STRICT), RUNTIME_IMAGE, model_cache_claim="payments-db-data") == []
+    assert violations(job, chart_policy(**STRICT, modelCacheClaimPrefixes=["payments-"]), RUNTIME_IMAGE) == []
+    (problem,) = violations(job, chart_policy(**STRICT, modelCacheClaimPrefixes=["model-cache"]), RUNTIME_IMAGE,
+                            model_cache_claim="model-cache")
+    assert "'payments-db-data'" in problem and "'model-cache'" in problem

@@ -35,3 +35,20 @@ def test_the_cache_folder_follows_the_scratch_volume(tmp_path, monkeypatch):
     contract.use_scratch(env)
     monkeypatch.setenv("KUBETUNE_CACHE_DIR", env["KUBETUNE_CACHE_DIR"])
     assert default_cache_dir() == tmp_path / "cache" / "kubetune"
+
+
+def test_the_model_cache_env_of_a_pod_wins_over_the_scratch_layout(tmp_path, monkeypatch):
+    """The operator sets HF_HUB_CACHE and KUBETUNE_CACHE_DIR to the model cache's mount; the runtime
+    keeps them (the rest of the layout still goes to scratch) and caches s3:// inputs there."""
+    from kubetune.runtime.storage.cache import default_cache_dir
+
+    hub, ours = tmp_path / "claim" / "hub", tmp_path / "claim" / "kubetune"
+    env = {"KUBETUNE_SCRATCH": str(tmp_path / "scratch"), contract.ENV_HF_HUB_CACHE: str(hub),
+           contract.ENV_KUBETUNE_CACHE_DIR: str(ours)}
+    contract.use_scratch(env)
+    assert env["HF_HUB_CACHE"] == str(hub) and env["KUBETUNE_CACHE_DIR"] == str(ours)
+    assert env["HF_HOME"] == str(tmp_path / "scratch" / "hf")  # HF_HOME stays on scratch
+    monkeypatch.setenv("KUBETUNE_CACHE_DIR", env["KUBETUNE_CACHE_DIR"])
+    assert default_cache_dir() == ours
+    assert contract.MODEL_CACHE_HUB.startswith(contract.MODEL_CACHE_DIR + "/")
+    assert contract.MODEL_CACHE_KUBETUNE.startswith(contract.MODEL_CACHE_DIR + "/")
