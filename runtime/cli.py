@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
+    p.add_argument("--merge", choices=["auto", "layered", "in-memory"], default="auto",
+                   help="layered: stream the base's safetensors shards one at a time (peak memory ≈ one shard + "
+                   "the adapter; for models bigger than memory); in-memory: load the whole base and merge with "
+                   "peft; auto (default): layered when the base is a local safetensors folder and the adapter "
+                   "supports it")
 
     p = sub.add_parser(
         "operator",
@@ -221,7 +226,7 @@ def _cmd_chat(args) -> int:
 def _cmd_export(args) -> int:
     from .export import export_model
 
-    out = export_model(args.adapter, args.out, base=args.model, dtype=args.dtype)
+    out = export_model(args.adapter, args.out, base=args.model, dtype=args.dtype, merge=args.merge)
     print(f"exported a standalone model to {out}")
     return 0
 
