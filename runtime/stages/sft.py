@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import logging
 
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 
-from ..data.prepare import KIND_OF_STAGE, load_examples, split_eval, tokenize_conversations, tokenize_text
+from ..data.formats import to_examples
+from ..data.loaders import load_records
+from ..data.prepare import KIND_OF_STAGE, split_eval, stream_examples, tokenize_examples
+from ..errors import UserError
 from ..models import compute_dtype, load_policy, load_tokenizer
 from ..outputs import TrainerLogCallback
 from .base import StageContext, StageResult, check_method, common_args, finish, train
@@ -20,17 +23,24 @@ from .base import StageContext, StageResult, check_method, common_args, finish, 
 log = logging.getLogger(__name__)
 
 
-def build_datasets(ctx: StageContext, tokenizer) -> tuple[Dataset, Dataset | None]:
+def build_datasets(ctx: StageContext, tokenizer) -> tuple[Dataset | IterableDataset, Dataset | None]:
     cfg = ctx.cfg
     kind = KIND_OF_STAGE[cfg.stage.type]
-    examples = load_examples(cfg.data, kind, ctx.base_dir, ctx.fetch)
-    where = ", ".join(d.name for d in cfg.data)
-    columns = (
-        tokenize_text(examples, tokenizer)
-        if kind == "text"
-        else tokenize_conversations(examples, tokenizer, where=f"stage {cfg.name} data ({where})")
-    )
     hp = cfg.stage.hyperparameters
+    where = f"stage {cfg.name} data ({', '.join(d.name for d in cfg.data)})"
+    if any(d.streaming for d in cfg.data):  # read and tokenized a batch at a time while training
+        if hp.val_size:
+            raise UserError("a streaming dataset cannot hold out valSize (a stream has no length to take a share "
+                            "of); set valSize 0", ctx.where("hyperparameters.valSize"))
+        return stream_examples(cfg.data, kind, tokenizer, where, None if hp.packing else hp.cutoff_len,
+                               ctx.base_dir, ctx.fetch), None
+    columns: dict[str, list] = {}
+    for ds in cfg.data:
+        examples = to_examples(load_records(ds, ctx.base_dir, ctx.fetch), ds, kind)
+        part = tokenize_examples(examples, kind, tokenizer, where, ds.preprocessing_workers,
+                                 offset=len(columns.get("input_ids", [])))
+        for k, v in part.items():
+            columns.setdefault(k, []).extend(v)
     if not hp.packing:  # padding-free batches without packing: truncate here (keep the start)
         columns = {k: [v[: hp.cutoff_len] for v in vals] for k, vals in columns.items()}
         if "assistant_masks" in columns:
