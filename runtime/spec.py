@@ -629,7 +629,7 @@ class FineTuneJobSpec(Spec):
         CelRule(
             rule="self.stages.all(s, s.type == 'export' || (has(s.hyperparameters) && has(s.hyperparameters.maxSteps)) || "
             "((has(s.data) && size(s.data) > 0) ? !s.data.exists(d, has(d.streaming) && d.streaming) : "
-            "!self.data.exists(d, has(d.streaming) && d.streaming)))",
+            "!(has(self.data) && self.data.exists(d, has(d.streaming) && d.streaming))))",
             message="a stage that reads a streaming dataset needs hyperparameters.maxSteps (a stream has no "
             "length to count epochs by)",
             check=lambda s: all(

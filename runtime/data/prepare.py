@@ -201,7 +201,7 @@ def stream_examples(datasets: list[DatasetSpec], kind: Kind, tokenizer, where: s
     """A stage's datasets as one tokenized `datasets.IterableDataset`, read and tokenized a batch
     at a time (the stage streams when one of its datasets has `streaming: true`; the others are
     read as usual and streamed after them). `cutoff_len`: truncate (no packing)."""
-    from datasets import IterableDataset, concatenate_datasets
+    from datasets import IterableDataset
 
     from .loaders import stream_records
 
@@ -227,8 +227,14 @@ def stream_examples(datasets: list[DatasetSpec], kind: Kind, tokenizer, where: s
             return cols
 
         parts.append(records.map(tokenized, batched=True, batch_size=256, remove_columns=columns))
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    # one after the other (concatenate_datasets would peek into each part for its features)
+    return parts[0] if len(parts) == 1 else IterableDataset.from_generator(_chain, gen_kwargs={"parts": parts})
 
 
 def _rows(rows: list[dict[str, Any]]):
     yield from rows
+
+
+def _chain(parts: list):
+    for part in parts:
+        yield from part

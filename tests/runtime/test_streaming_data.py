@@ -79,3 +79,22 @@ def test_preprocessing_workers_give_the_same_tokens(tiny_tokenizer):
     texts = [{"text": f"{q} {a}"} for q, a in IDENTITY] * 5
     assert prepare.tokenize_examples(texts, "text", tiny_tokenizer, "t", workers=3) == \
         prepare.tokenize_examples(texts, "text", tiny_tokenizer, "t")
+
+
+CUT = 40  # shorter than some examples, long enough to keep an assistant token in each
+
+
+def test_a_stream_with_a_dataset_read_whole_and_stages_that_cannot_stream(tiny_tokenizer, tmp_path):
+    from kubetune.runtime.errors import UserError
+    from tests.conftest import write_alpaca
+
+    big = DatasetSpec(name="big", source=str(_jsonl(tmp_path / "big.jsonl", 3)), streaming=True)
+    small = DatasetSpec(name="small", source=str(write_alpaca(tmp_path / "small.json")))
+    rows = list(prepare.stream_examples([small, big], "conversation", tiny_tokenizer, "t", cutoff_len=CUT))
+    assert len(rows) == len(IDENTITY) * 4  # the whole dataset first, then the stream, in order
+    assert all(len(r["input_ids"]) <= CUT for r in rows) and any(len(r["input_ids"]) == CUT for r in rows)  # truncated
+    whole = prepare.tokenize_examples(prepare.to_examples(prepare.load_records(small), small, "conversation"),
+                                      "conversation", tiny_tokenizer, "t")
+    assert [r["input_ids"] for r in rows[: len(IDENTITY)]] == [i[:CUT] for i in whole["input_ids"]]
+    with pytest.raises(UserError, match="streaming: true, which only pt and sft stages support"):
+        prepare.load_examples([big], "preference")
