@@ -59,11 +59,16 @@ def export_model(adapter: str | None, out: str | Path, base: str | None = None, 
         raise UserError("nothing to export: give an adapter or a model", "export")
     base = base or adapter_base(adapter)
     if choose_merge(adapter, base, merge) == "layered":
-        from .merge import layered_merge
+        from .merge import NotLayerable, layered_merge
 
-        layered_merge(adapter, base, out, dtype=dtype)
-        _save_tokenizer(adapter, base, out, trust_remote_code)
-        return out
+        try:
+            layered_merge(adapter, base, out, dtype=dtype)
+            _save_tokenizer(adapter, base, out, trust_remote_code)
+            return out
+        except NotLayerable as err:  # found only while reading the shards (weights named otherwise)
+            if merge == "layered":
+                raise
+            log.warning("merging in memory: %s", err.message)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, trust_remote_code=trust_remote_code)

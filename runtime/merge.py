@@ -140,8 +140,6 @@ def layered_merge(adapter: str | Path, base: str | Path, out: str | Path, dtype:
     """Write base + adapter, merged shard by shard, to `out` (weights, index, config and the base's
     other non-weight files). The tokenizer is the caller's business (see export.export_model)."""
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     cfg = adapter_settings(adapter)
     shards = base_shards(base)
@@ -149,6 +147,32 @@ def layered_merge(adapter: str | Path, base: str | Path, out: str | Path, dtype:
     cast = None if dtype == "auto" else getattr(torch, dtype)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        weight_map, total = _merge_shards(shards, merges, full, cast, out)
+    except BaseException:
+        for shard in shards:  # do not leave a half-merged model that looks complete
+            (out / shard.name).unlink(missing_ok=True)
+        raise
+    if len(shards) > 1:
+        (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    for f in Path(base).iterdir():
+        if f.is_file() and f.name.endswith(COPY_SUFFIXES) and f.name not in SKIP_FILES and not (out / f.name).exists():
+            shutil.copy(f, out / f.name)
+    if cast is not None:
+        conf_path = out / "config.json"
+        conf = json.loads(conf_path.read_text())
+        conf["dtype"] = dtype
+        if "torch_dtype" in conf:
+            conf["torch_dtype"] = dtype
+        conf_path.write_text(json.dumps(conf, indent=2) + "\n")
+    return out
+
+
+def _merge_shards(shards: list[Path], merges: dict, full: dict, cast, out: Path) -> tuple[dict[str, str], int]:
+    """Each shard read, merged and written before the next; returns the weight map and total bytes."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     done: set[str] = set()
     weight_map: dict[str, str] = {}
     total = 0
@@ -174,28 +198,8 @@ def layered_merge(adapter: str | Path, base: str | Path, out: str | Path, dtype:
         del merged
     missing = sorted((set(merges) | set(full)) - done)
     if missing:
-        for shard in shards:  # do not leave a half-merged model that looks complete
-            (out / shard.name).unlink(missing_ok=True)
         raise NotLayerable(f"{len(missing)} adapted weight(s) are not in the base's shards, e.g. {missing[0]!r} (the "
                            "checkpoint names its weights differently from the model peft adapted, or it is another "
                            "model): merge in memory instead (--merge in-memory)")
-    if len(shards) > 1:
-        (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    for f in Path(base).iterdir():
-        if f.is_file() and f.name.endswith(COPY_SUFFIXES) and f.name not in SKIP_FILES and not (out / f.name).exists():
-            shutil.copy(f, out / f.name)
-    if cast is not None:
-        conf_path = out / "config.json"
-        conf = json.loads(conf_path.read_text())
-        conf["dtype"] = dtype
-        if "torch_dtype" in conf:
-            conf["torch_dtype"] = dtype
-        conf_path.write_text(json.dumps(conf, indent=2) + "\n")
-    return out
+    return weight_map, total
 
-
-def layered_peak_bytes(shards: list[Path], adapter: str | Path | None = None) -> int:
-    """What the layered merge holds at its peak: the largest shard + the adapter's tensors."""
-    biggest = max((s.stat().st_size for s in shards), default=0)
-    extra = (Path(adapter) / "adapter_model.safetensors").stat().st_size if adapter else 0
-    return biggest + extra

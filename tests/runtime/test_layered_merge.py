@@ -176,3 +176,30 @@ def test_export_stage_merges_layered(tiny_model, tmp_path):
 
     got = AutoModelForCausalLM.from_pretrained(out).state_dict()
     assert all(torch.allclose(got[k], v, atol=1e-6) for k, v in want.items())
+
+
+def test_layered_merge_casts_dtype_and_falls_back_when_the_names_differ(sharded_base, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    adapter = _adapter(sharded_base, tmp_path / "adapter", **ADAPTERS["default"])
+    out = tmp_path / "bf16"
+    assert main(["export", "--adapter", str(adapter), "--model", str(sharded_base), "--out", str(out),
+                 "--merge", "layered", "--dtype", "bfloat16"]) == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    got = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    want = _reference(sharded_base, adapter).state_dict()
+    assert all(got[k].dtype == torch.bfloat16 and torch.allclose(got[k].float(), v, rtol=1e-2, atol=1e-3)
+               for k, v in want.items())
+    # an adapter whose module names are not the checkpoint's: layered refuses and leaves no shard behind ...
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({k.replace("layers.1.mlp.up_proj", "layers.1.mlp.upper"): v for k, v in tensors.items()},
+              str(adapter / "adapter_model.safetensors"))
+    bad = tmp_path / "bad"
+    assert main(["export", "--adapter", str(adapter), "--model", str(sharded_base), "--out", str(bad),
+                 "--merge", "layered"]) == EXIT_BAD_INPUT
+    assert "not in the base's shards" in capsys.readouterr().err
+    assert not list(bad.glob("*.safetensors"))
+    # ... and auto merges in memory instead
+    assert main(["export", "--adapter", str(adapter), "--model", str(sharded_base), "--out", str(tmp_path / "auto")]) == 0
+    AutoModelForCausalLM.from_pretrained(tmp_path / "auto")
