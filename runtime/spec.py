@@ -170,7 +170,8 @@ class DatasetSpec(Spec):
         False,
     )
     preprocessing_workers: int | None = _field(
-        "Processes that tokenize this dataset in parallel (datasets `map(num_proc=...)`). Default 1.",
+        "Processes that tokenize this dataset in parallel in pt and sft stages (datasets "
+        "`map(num_proc=...)`; the same tokens as one process). Default 1.",
         None,
         ge=1,
         le=256,
