@@ -54,10 +54,10 @@ def load_for_chat(model: str, adapter: str | None = None, template: str | None =
     opts: dict = {"dtype": "auto"}
     q = chat_quantization(quantization, adapter)
     if q:
-        from .models import bnb_config, compute_dtype
-        from .spec import ModelSpec, QuantizationSpec
+        from .models import bf16_ok, bnb_config
+        from .spec import QuantizationSpec
 
-        dtype = compute_dtype(ModelSpec(name=model))
+        dtype = torch.bfloat16 if bf16_ok() else torch.float32  # compute dtype, as a qlora stage picks it
         opts = {"dtype": dtype, "quantization_config": bnb_config(QuantizationSpec(**q), dtype)}
         if torch.cuda.is_available():
             opts["device_map"] = {"": torch.cuda.current_device()}
