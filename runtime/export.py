@@ -46,9 +46,12 @@ def choose_merge(adapter: str | None, base: str, merge: str = "auto") -> str:
 
 
 def export_model(adapter: str | None, out: str | Path, base: str | None = None, dtype: str = "auto",
-                 trust_remote_code: bool = False, merge: str = "auto") -> Path:
+                 trust_remote_code: bool = False, merge: str = "auto", report: dict | None = None) -> Path:
     """Merge `adapter` into `base` (default: the adapter's base_model_name_or_path) → `out`.
-    With no adapter, `base` is re-saved as is (a full model from a full/freeze stage)."""
+    With no adapter, `base` is re-saved as is (a full model from a full/freeze stage).
+    `report["merge"]` (when given) says which merge ran: layered, in-memory or none."""
+    report = {} if report is None else report
+    report["merge"] = "none" if adapter is None else "in-memory"
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -64,6 +67,7 @@ def export_model(adapter: str | None, out: str | Path, base: str | None = None, 
         try:
             layered_merge(adapter, base, out, dtype=dtype)
             _save_tokenizer(adapter, base, out, trust_remote_code)
+            report["merge"] = "layered"
             return out
         except NotLayerable as err:  # found only while reading the shards (weights named otherwise)
             if merge == "layered":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ..export import choose_merge, export_model
+from ..export import export_model
 from .base import StageContext, StageResult
 
 
@@ -17,16 +17,16 @@ def run(ctx: StageContext) -> StageResult:
     adapter = ctx.resolve(cfg.io.policy.adapter, ctx.where()) if cfg.io.policy.adapter else None
     dtype = cfg.model.dtype
     # layered (shard by shard) when the base is a local safetensors folder: a 70B merge fits a 128 GB Spark
-    merge = choose_merge(adapter, base) if adapter else "none"
+    report: dict = {}
     out = export_model(adapter, ctx.output_dir, base=base, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
-                       merge="in-memory" if merge == "none" else merge)
+                       report=report)
     summary = {
         "job": cfg.job,
         "stage": cfg.name,
         "type": "export",
         "merged_adapter": cfg.io.policy.adapter,
         "base_model": cfg.io.policy.model,
-        "merge": merge,
+        "merge": report["merge"],
         "duration_seconds": round(time.time() - started, 3),
         "output_kind": "model",
     }
