@@ -9,8 +9,38 @@ from pathlib import Path
 from .errors import UserError
 
 
-def load_for_chat(model: str, adapter: str | None = None, template: str | None = None):
-    """(model, tokenizer) ready to generate. `model` may itself be an adapter folder."""
+def run_quantization(adapter: str | None) -> dict | None:
+    """The quantisation a qlora run trained `adapter` against, from the run.json beside it."""
+    if not adapter or not (Path(adapter) / "run.json").exists():
+        return None
+    try:
+        return json.loads((Path(adapter) / "run.json").read_text()).get("quantization") or None
+    except (OSError, ValueError):
+        return None
+
+
+def chat_quantization(choice: str | None, adapter: str | None) -> dict | None:
+    """`--quantization`: 4 or 8 bits, none, or auto (default) — the run's own quantisation when the
+    adapter comes from a qlora run (the weights it was trained against), else none."""
+    if choice in (None, "auto"):
+        q = run_quantization(adapter)
+        if q:
+            print(f"loading the base in {q['bits']}-bit, as the qlora run that trained the adapter did "
+                  "(--quantization none: full precision)", file=sys.stderr)
+        return q
+    if choice == "none":
+        return None
+    if choice not in ("4", "8"):
+        raise UserError(f"--quantization must be 4, 8, none or auto, not {choice!r}", "--quantization")
+    recorded = run_quantization(adapter) or {}
+    if recorded.get("bits") == int(choice):  # the run's own nf4/fp4 and double quantisation
+        return recorded
+    return {"bits": int(choice)}
+
+
+def load_for_chat(model: str, adapter: str | None = None, template: str | None = None, quantization: str | None = None):
+    """(model, tokenizer) ready to generate. `model` may itself be an adapter folder. `quantization`
+    (4, 8, none, auto) loads the base through bitsandbytes, as a qlora stage does."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -21,9 +51,19 @@ def load_for_chat(model: str, adapter: str | None = None, template: str | None =
         adapter = model
         model = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
     tok_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model
+    opts: dict = {"dtype": "auto"}
+    q = chat_quantization(quantization, adapter)
+    if q:
+        from .models import bf16_ok, bnb_config
+        from .spec import QuantizationSpec
+
+        dtype = torch.bfloat16 if bf16_ok() else torch.float32  # compute dtype, as a qlora stage picks it
+        opts = {"dtype": dtype, "quantization_config": bnb_config(QuantizationSpec(**q), dtype)}
+        if torch.cuda.is_available():
+            opts["device_map"] = {"": torch.cuda.current_device()}
     try:
         tok = AutoTokenizer.from_pretrained(tok_src)
-        m = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
+        m = AutoModelForCausalLM.from_pretrained(model, **opts)
     except OSError as err:
         raise UserError(f"cannot load {model!r}: {str(err).splitlines()[0]}", "--model") from None
     if adapter:
@@ -31,7 +71,7 @@ def load_for_chat(model: str, adapter: str | None = None, template: str | None =
 
         m = PeftModel.from_pretrained(m, adapter)
     apply_template(tok, template, source=model)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not q:
         m = m.to("cuda")
     m.eval()
     return m, tok
@@ -57,7 +97,7 @@ def generate(m, tok, messages: list[dict[str, str]], max_new_tokens: int = 128, 
 
 
 def chat_main(args) -> int:
-    m, tok = load_for_chat(args.model, args.adapter, args.template)
+    m, tok = load_for_chat(args.model, args.adapter, args.template, getattr(args, "quantization", None))
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
         print(generate(m, tok, history + [{"role": "user", "content": args.prompt}], args.max_new_tokens, args.temperature))

@@ -7,8 +7,12 @@ A back-of-the-envelope model, the same one LLaMA-Factory's README table rests on
 
 - weights: 2 bytes/param in bf16/fp16 (model.dtype auto/bfloat16/float16), 4 in float32 (then
   training is mixed precision with fp32 master weights: LLaMA-Factory's "full (bf16/fp16)" row);
-  qlora: 1 byte (8-bit) or 0.5 byte + quantisation constants (4-bit) for the decoder's linear
-  layers, embeddings and the output head stay 16-bit.
+  qlora: 1 byte (8-bit) or 0.5 byte + quantisation constants (4-bit) for the decoder's nn.Linear
+  layers, embeddings and the output head stay 16-bit, and so do MoE experts (transformers 5 holds
+  them as fused 3-D parameters, which bitsandbytes leaves alone: checked in test_estimate.py).
+- after training (`after_training`): chat loads the base at 16 bit or, with --quantization, as
+  qlora does, plus a KV cache; the export merge holds the whole base (in-memory) or about one
+  safetensors shard (layered, runtime/merge.py).
 - gradients: same dtype as the trained weights; AdamW: two states in the trained weights' dtype
   (8-bit optimizers: 2 bytes).
 - freeze: only the trainable layers have gradients and states.
@@ -89,6 +93,17 @@ class Arch:
         moe = (self.experts * 3 * h * self.expert_intermediate + h * self.experts
                + (3 * h * self.shared_intermediate + h if self.shared_intermediate else 0))
         return self.layers * attn + (self.layers - self.moe_layers) * dense + self.moe_layers * moe
+
+    @property
+    def quantizable_params(self) -> float:
+        """The linear weights bitsandbytes quantises: those held in nn.Linear modules (attention, dense
+        MLPs, Qwen-MoE's shared expert). Routed experts (fused 3-D parameters in transformers 5) and
+        their router stay 16-bit, so a 4-bit MoE model is mostly 16-bit experts."""
+        h, q = self.hidden, self._q
+        attn = 2 * h * q + 2 * h * q * self.kv_ratio
+        shared = 3 * h * self.shared_intermediate + h if self.shared_intermediate else 0
+        return (self.layers * attn + (self.layers - self.moe_layers) * 3 * h * self.intermediate
+                + self.moe_layers * shared)
 
     @property
     def layer_linear_params(self) -> float:
@@ -230,16 +245,11 @@ def estimate_memory(arch: Arch, *, method: str, stage_type: str = "sft", bits: i
                     double_quant: bool = True) -> Estimate:
     """Bytes per device, by part."""
     e = Estimate(stage=stage or stage_type, method=method)
-    linear = arch.linear_params
-    other = max(arch.params - linear, 0.0)  # embeddings, head, norms
     state_bytes = 2.0 if optimizer and "8bit" in optimizer else 2 * weight_bytes
     if optimizer == "sgd":
         state_bytes = 0.0
     if method == "qlora":
-        # int8 with per-row scales; nf4/fp4 with an fp32 absmax per 64 weights, or (double quantisation)
-        # an 8-bit absmax per 64 plus an fp32 constant per 256 blocks.
-        q = 1.0 if bits == 8 else 0.5 + (1 / 64 + 4 / (64 * 256) if double_quant else 4 / 64)
-        e.parts["weights"] = linear * q + other * 2.0
+        e.parts["weights"] = _quantized_weight_bytes(arch, 8 if bits == 8 else 4, double_quant)
     else:
         e.parts["weights"] = arch.params * weight_bytes
     if method == "full":
@@ -292,6 +302,92 @@ def estimate_memory(arch: Arch, *, method: str, stage_type: str = "sft", bits: i
     return e
 
 
+# --- after training: chat and export (what a 128 GB DGX Spark can still do with a 70B result) ---
+
+DEFAULT_SHARD = 5e9  # the hub's usual safetensors shard (save_pretrained's max_shard_size="5GB")
+
+
+def _quantized_weight_bytes(arch: Arch, bits: int | None, double_quant: bool = True) -> float:
+    """Weights loaded at `bits` (bitsandbytes: the decoder's linear layers; embeddings and the
+    head stay 16-bit) or at 16 bit (None)."""
+    if bits is None:
+        return arch.params * 2.0
+    # int8 with per-row scales; nf4/fp4 with an fp32 absmax per 64 weights, or (double quantisation)
+    # an 8-bit absmax per 64 plus an fp32 constant per 256 blocks.
+    q = 1.0 if bits == 8 else 0.5 + (1 / 64 + 4 / (64 * 256) if double_quant else 4 / 64)
+    quantized = arch.quantizable_params
+    return quantized * q + max(arch.params - quantized, 0.0) * 2.0
+
+
+def estimate_chat(arch: Arch, bits: int | None = None, context: int = 4096, lora_rank: int = 0,
+                  lora_target: list[str] | None = None) -> Estimate:
+    """`kubetune chat`: the base (16-bit, or `bits` with --quantization), the adapter (fp32), a KV
+    cache of `context` tokens (16-bit keys and values in every layer) and the runtime overhead."""
+    e = Estimate(stage="chat", method=f"{bits}-bit" if bits else "bf16")
+    e.parts["weights"] = _quantized_weight_bytes(arch, bits)
+    if lora_rank:
+        e.parts["lora"] = arch.lora_params(lora_rank, lora_target or ["all"]) * 4.0
+    e.parts["activations"] = arch.layers * 2 * context * arch._q * arch.kv_ratio * 2.0  # the KV cache
+    e.parts["overhead"] = CUDA_OVERHEAD
+    return e
+
+
+def model_shards(name: str) -> list[float]:
+    """Sizes in bytes of a local model folder's safetensors shards ([] when it has none)."""
+    folder = Path(name).expanduser()
+    return [float(f.stat().st_size) for f in sorted(folder.glob("*.safetensors"))] if folder.is_dir() else []
+
+
+def estimate_export(arch: Arch, layered: bool, lora_rank: int = 8, lora_target: list[str] | None = None,
+                    shards: list[float] | None = None) -> Estimate:
+    """Peak memory of merging an adapter (host memory: the merge runs on the CPU; on a DGX Spark
+    that is the same memory the GPU uses).
+
+    in-memory: the whole base in 16 bit (peft merges in place). layered (runtime/merge.py): the
+    largest shard (the real ones of a local folder, else the hub's usual 5 GB, at least one layer),
+    the adapter (fp32), and the fp32 temporaries of merging the biggest adapted matrix (W, B@A, W+ΔW)."""
+    e = Estimate(stage="export", method="layered" if layered else "in-memory")
+    lora = arch.lora_params(lora_rank, lora_target or ["all"]) * 4.0
+    if not layered:
+        e.parts["weights"] = arch.params * 2.0
+        e.parts["lora"] = lora
+        return e
+    biggest = max(shards) if shards else max(DEFAULT_SHARD, arch.layer_linear_params * 2.0)
+    e.parts["weights"] = biggest
+    e.parts["lora"] = lora
+    matrix = max(a * b for a, b in arch._targets(lora_target or ["all"]).values())
+    e.parts["activations"] = 3 * matrix * 4.0
+    e.notes.append(f"largest shard {_gib(biggest)}" + ("" if shards else ", assumed: no local safetensors to measure"))
+    return e
+
+
+def after_training(job, arch: Arch, limit: float | None = None) -> list[str]:
+    """The lines `kubetune estimate` prints about chatting with and exporting the job's result."""
+    from .plan import resolve_stage_defaults
+
+    stages = [resolve_stage_defaults(raw) for raw in job.spec.stages]
+    trained = [s for s in stages if s.type != "export"]
+    adapter = next((s for s in reversed(trained) if s.method in ("lora", "qlora")), None)
+    rank, target = (adapter.lora.rank, adapter.lora.target) if adapter else (0, None)
+    chats = {bits: estimate_chat(arch, bits, lora_rank=rank, lora_target=target) for bits in (None, 8, 4)}
+    lines = ["chat (kubetune chat, 4096-token context): " + " · ".join(
+        f"{e.method} {_gib(e.total)}" for e in chats.values())]
+    if limit and chats[None].total > limit:
+        fits = [b for b in (8, 4) if chats[b].total <= limit]
+        lines.append(f"    note: chat in bf16 does not fit in {_gib(limit)}"
+                     + (f"; use `kubetune chat --quantization {fits[0]}`" if fits else "; not even in 4-bit"))
+    if adapter:
+        shards = model_shards(job.spec.model.name)
+        mem = estimate_export(arch, False, rank, target)
+        lay = estimate_export(arch, True, rank, target, shards)
+        lines.append(f"export merge (kubetune export / export stage): in-memory {_gib(mem.total)} · "
+                     f"layered {_gib(lay.total)} peak ({lay.notes[0]})")
+        if limit and mem.total > limit:
+            lines.append(f"    note: the in-memory merge does not fit in {_gib(limit)}; the layered merge (the default "
+                         "for a local safetensors base) does" + ("" if lay.total <= limit else " not either"))
+    return lines
+
+
 def parse_size(text: str) -> float:
     """`80GiB`, `80Gi`, `24GB`, `80` (GiB) → bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([MGT])?(i)?(B)?\s*", str(text))
@@ -326,7 +422,20 @@ def estimate_job(job, params: str | None = None) -> tuple[Arch, list[Estimate]]:
 
     spec = job.spec
     arch = model_arch(spec.model.name, params)
-    return arch, [estimate_stage(arch, resolve_stage_defaults(raw), spec.model, spec.resources) for raw in spec.stages]
+    stages = [resolve_stage_defaults(raw) for raw in spec.stages]
+    ests = []
+    for n, st in enumerate(stages):
+        adapter = next((s for s in reversed(stages[:n]) if s.method in ("lora", "qlora")), None)
+        if st.type == "export" and adapter is not None:
+            # the export stage merges layered when the base is a local safetensors folder (runtime/export.py)
+            shards = model_shards(spec.model.name)
+            e = estimate_export(arch, bool(shards), adapter.lora.rank, adapter.lora.target, shards)
+            e.stage, e.method = st.name, "-"
+            e.notes.insert(0, f"{'layered' if shards else 'in-memory'} merge, in host memory")
+            ests.append(e)
+        else:
+            ests.append(estimate_stage(arch, st, spec.model, spec.resources))
+    return arch, ests
 
 
 def _gib(b: float) -> str:
@@ -344,16 +453,24 @@ def estimate_main(file: str, overrides: list[str], params: str | None, gpu_memor
     cols = ["weights", "gradients", "optimizer", "lora", "reference", "activations", "overhead"]
     print(f"{'STAGE':<14}{'METHOD':<8}" + "".join(f"{c.upper():>13}" for c in cols) + f"{'TOTAL':>12}")
     worst = 0
+    export_stages = {st.name for st in job.spec.stages if st.type == "export"}
     for e in ests:
         row = "".join(f"{(_gib(e.parts[c]) if c in e.parts else '-'):>13}" for c in cols)
         print(f"{e.stage:<14}{e.method:<8}{row}{_gib(e.total):>12}")
         for n in e.notes:
             print(f"    note: {n}")
-        if limit and e.total > limit:
+        if limit and e.total > limit and e.stage in export_stages:
+            worst += 1
+            print(f"WARNING: export stage {e.stage!r} needs about {_gib(e.total)} but there are {_gib(limit)}: give "
+                  "spec.model.name as a local folder of safetensors so that it merges layer by layer",
+                  file=sys.stderr)
+        elif limit and e.total > limit:
             worst += 1
             print(f"WARNING: stage {e.stage!r} needs about {_gib(e.total)} per GPU but the GPU has {_gib(limit)}: it "
                   "will not fit — try method qlora, a smaller batchSize/cutoffLen, gradientCheckpointing, or "
                   "resources.strategy fsdp over more GPUs", file=sys.stderr)
+    for line in after_training(job, arch, limit):
+        print(line)
     print("(estimate per GPU; expect ±25 %: allocator behaviour, kernels and framework versions vary)")
     if limit and not worst:
         print(f"fits in {_gib(limit)} per GPU")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .spec import FreezeSpec, ModelSpec, StageSpec
+from .spec import FreezeSpec, ModelSpec, QuantizationSpec, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,13 @@ def load_tokenizer(path: str, model: ModelSpec, template: str | None, where: str
 def quantization_config(stage: StageSpec, dtype: torch.dtype):
     if stage.method != "qlora" or stage.quantization is None:
         return None
+    return bnb_config(stage.quantization, dtype)
+
+
+def bnb_config(q: QuantizationSpec, dtype: torch.dtype):
+    """The BitsAndBytesConfig of a quantization spec (qlora stages, and `kubetune chat --quantization`)."""
     from transformers import BitsAndBytesConfig
 
-    q = stage.quantization
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(

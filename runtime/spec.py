@@ -172,6 +172,20 @@ class DatasetSpec(Spec):
     tags: DatasetTags = _field("ShareGPT role tags.", default_factory=DatasetTags)
     split: str = _field("Split to read for Hugging Face datasets. Default train.", "train", max_length=64)
     max_samples: int | None = _field("Use at most this many records (after loading).", None, ge=1)
+    streaming: bool = _field(
+        "Read the dataset lazily, a batch at a time (Hugging Face `datasets` streaming): a 100 GB "
+        "JSONL never sits in memory (on a DGX Spark, memory the GPU shares). Stages that read it "
+        "need hyperparameters.maxSteps (a stream has no length to count epochs by), no valSize, and "
+        "must be pt or sft.",
+        False,
+    )
+    preprocessing_workers: int | None = _field(
+        "Processes that tokenize this dataset in parallel in pt and sft stages (datasets "
+        "`map(num_proc=...)`; the same tokens as one process). Default 1.",
+        None,
+        ge=1,
+        le=256,
+    )
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule(
@@ -1053,6 +1067,19 @@ class FineTuneJobSpec(Spec):
             check=lambda s: not any(d.format == "choice" for d in s.data)
             or all(st.type == "eval" or st.data for st in s.stages),
             field_path=".data",
+        ),
+        CelRule(
+            rule="self.stages.all(s, s.type == 'export' || (has(s.hyperparameters) && has(s.hyperparameters.maxSteps)) || "
+            "((has(s.data) && size(s.data) > 0) ? !s.data.exists(d, has(d.streaming) && d.streaming) : "
+            "!(has(self.data) && self.data.exists(d, has(d.streaming) && d.streaming))))",
+            message="a stage that reads a streaming dataset needs hyperparameters.maxSteps (a stream has no "
+            "length to count epochs by)",
+            check=lambda s: all(
+                st.type == "export" or st.hyperparameters.max_steps is not None
+                or not any(d.streaming for d in (st.data or s.data))
+                for st in s.stages
+            ),
+            field_path=".stages",
         ),
         CelRule(
             rule="self.stages.all(s, !has(s.reward) || !has(s.reward.modelStage) || "

@@ -156,3 +156,37 @@ def _load_hub(ds: DatasetSpec, where: str) -> list[dict[str, Any]]:
             where,
         ) from None
     return list(loaded)
+
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def stream_records(ds: DatasetSpec, base_dir: Path | None = None, fetch: Callable[[str], Path] | None = None):
+    """A dataset with `streaming: true` as a `datasets.IterableDataset` of records: read a batch at
+    a time, never whole (load_dataset(..., streaming=True)); `maxSamples` takes the first N."""
+    import datasets
+
+    where = f"dataset {ds.name!r} ({ds.source})"
+    resolved = resolve_source(ds.source, base_dir)
+    if isinstance(resolved, str) and resolved.startswith("s3://"):
+        if fetch is None:
+            raise DataError("s3:// sources need storage settings (spec.storage)", where)
+        resolved = fetch(resolved)  # to the local disk cache, not into memory
+    if isinstance(resolved, Path) and resolved.exists():
+        files = sorted(p for p in resolved.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()) \
+            if resolved.is_dir() else [resolved]
+        kinds = {BUILDERS.get(f.suffix.lower()) for f in files}
+        if not files or None in kinds or len(kinds) != 1:
+            raise DataError(f"streaming reads files of one type ({', '.join(SUFFIXES)}); found "
+                            f"{sorted(f.suffix for f in files) or 'none'}", where)
+        stream = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train", streaming=True)
+    elif isinstance(resolved, Path) and not _looks_like_hub_id(ds.source):
+        raise DataError(f"file not found: {resolved}", where)
+    else:
+        name = ds.source.removeprefix("hf://")
+        try:
+            stream = datasets.load_dataset(name, split=ds.split, streaming=True)
+        except Exception as err:  # noqa: BLE001 - offline, unknown id, gated: all the same to the user
+            raise DataError(f"cannot stream Hugging Face dataset {name!r} (split {ds.split!r}): "
+                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", where) from None
+    return stream.take(ds.max_samples) if ds.max_samples is not None else stream

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import DataError
+from ..errors import DataError, UserError
 from ..spec import DatasetSpec
 from .formats import Kind, to_examples
 from .loaders import load_records
@@ -43,6 +43,10 @@ def load_examples(
     datasets: list[DatasetSpec], kind: Kind, base_dir: Path | None = None, fetch: Callable[[str], Path] | None = None
 ) -> list[dict[str, Any]]:
     """Every dataset of a stage, converted to `kind` examples and concatenated in order."""
+    streaming = [d.name for d in datasets if d.streaming]
+    if streaming:
+        raise UserError(f"dataset {streaming[0]!r} has streaming: true, which only pt and sft stages support "
+                        "(this stage reads its whole data)", "spec.data[].streaming")
     examples: list[dict[str, Any]] = []
     for ds in datasets:
         records = load_records(ds, base_dir, fetch)
@@ -73,7 +77,8 @@ def tokenize_text(examples: list[dict[str, Any]], tokenizer, batch_size: int = 1
     return {"input_ids": ids}
 
 
-def tokenize_conversations(examples: list[dict[str, Any]], tokenizer, batch_size: int = 256, where: str = "the data") -> dict[str, list]:
+def tokenize_conversations(examples: list[dict[str, Any]], tokenizer, batch_size: int = 256, where: str = "the data",
+                           offset: int = 0) -> dict[str, list]:
     """Conversations → input_ids + assistant_masks (1 on the tokens the assistant says)."""
     if has_generation_markers(tokenizer.chat_template):
         ids: list[list[int]] = []
@@ -101,7 +106,7 @@ def tokenize_conversations(examples: list[dict[str, Any]], tokenizer, batch_size
             masks.append(m)
     empty = next((n for n, m in enumerate(masks) if not any(m)), None)
     if empty is not None:
-        raise DataError(f"example {empty}: the chat template produced no assistant tokens to learn from", where)
+        raise DataError(f"example {offset + empty}: the chat template produced no assistant tokens to learn from", where)
     # Labels made here, in one pass over plain lists: TRL then skips its own per-example
     # `Dataset.map` that builds them from the masks (the slowest step of its preparation).
     labels = [[t if m else -100 for t, m in zip(i, mk)] for i, mk in zip(ids, masks)]
@@ -176,3 +181,74 @@ def split_eval(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]
     eval_idx = sorted(order[:count])
     chosen = set(eval_idx)
     return [i for i in range(n) if i not in chosen], eval_idx
+
+
+def tokenize_examples(examples: list[dict[str, Any]], kind: Kind, tokenizer, where: str, workers: int | None = None,
+                      offset: int = 0) -> dict[str, list]:
+    """`tokenize_text` or `tokenize_conversations`; with `workers` > 1 in that many processes
+    (datasets `map(num_proc=...)`, one contiguous slice each, so the result is the same)."""
+    def one(batch: list[dict[str, Any]], start: int) -> dict[str, list]:
+        if kind == "text":
+            return tokenize_text(batch, tokenizer)
+        return tokenize_conversations(batch, tokenizer, where=where, offset=offset + start)
+
+    if not workers or workers <= 1 or len(examples) < 2:
+        return one(examples, 0)
+    import json
+    import math
+
+    from datasets import Dataset
+
+    workers = min(workers, len(examples))
+    # each example as JSON text: arrow would otherwise unify the messages' keys (adding None fields)
+    table = Dataset.from_dict({"example": [json.dumps(e) for e in examples]})
+    out = table.map(
+        lambda b, idx: one([json.loads(x) for x in b["example"]], idx[0]),
+        batched=True, with_indices=True, batch_size=math.ceil(len(examples) / workers), num_proc=workers,
+        remove_columns=["example"], desc=f"tokenizing {where}",
+    )
+    return {c: out[c] for c in out.column_names}
+
+
+def stream_examples(datasets: list[DatasetSpec], kind: Kind, tokenizer, where: str, cutoff_len: int | None,
+                    base_dir: Path | None = None, fetch: Callable[[str], Path] | None = None):
+    """A stage's datasets as one tokenized `datasets.IterableDataset`, read and tokenized a batch
+    at a time (the stage streams when one of its datasets has `streaming: true`; the others are
+    read as usual and streamed after them). `cutoff_len`: truncate (no packing)."""
+    from datasets import IterableDataset
+
+    from .loaders import stream_records
+
+    parts = []
+    for ds in datasets:
+        if ds.streaming:
+            records = stream_records(ds, base_dir, fetch)
+            columns = records.column_names
+        else:
+            loaded = load_records(ds, base_dir, fetch)
+            records = IterableDataset.from_generator(_rows, gen_kwargs={"rows": loaded})
+            columns = sorted({k for r in loaded for k in r})
+
+        def tokenized(batch: dict[str, list], ds: DatasetSpec = ds) -> dict[str, list]:
+            n = len(next(iter(batch.values())))
+            rows = [{k: v[i] for k, v in batch.items() if v[i] is not None} for i in range(n)]
+            cols = tokenize_examples(to_examples(rows, ds, kind), kind, tokenizer, f"{where}, dataset {ds.name!r}")
+            if cutoff_len:
+                cols = {k: [v[:cutoff_len] for v in vals] for k, vals in cols.items()}
+                if "assistant_masks" in cols:
+                    keep = [i for i, m in enumerate(cols["assistant_masks"]) if any(m)]
+                    cols = {k: [vals[i] for i in keep] for k, vals in cols.items()}
+            return cols
+
+        parts.append(records.map(tokenized, batched=True, batch_size=256, remove_columns=columns))
+    # one after the other (concatenate_datasets would peek into each part for its features)
+    return parts[0] if len(parts) == 1 else IterableDataset.from_generator(_chain, gen_kwargs={"parts": parts})
+
+
+def _rows(rows: list[dict[str, Any]]):
+    yield from rows
+
+
+def _chain(parts: list):
+    for part in parts:
+        yield from part

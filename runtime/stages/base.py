@@ -201,6 +201,9 @@ def summarize(trainer, result, duration: float, ctx: StageContext, log_records: 
         "resumed_from_step": _step_of(ctx.resume_from),
         "optimizer": _optimizer_name(trainer),
         "output_kind": ctx.cfg.io.output_kind,
+        # what the base was quantised to (qlora): `kubetune chat` loads it the same way
+        "quantization": (ctx.cfg.stage.quantization.model_dump() if ctx.cfg.stage.method == "qlora"
+                         and ctx.cfg.stage.quantization else None),
     }
 
 

@@ -16,13 +16,17 @@ def run(ctx: StageContext) -> StageResult:
     base = ctx.resolve(cfg.io.policy.model, "spec.model.name")
     adapter = ctx.resolve(cfg.io.policy.adapter, ctx.where()) if cfg.io.policy.adapter else None
     dtype = cfg.model.dtype
-    out = export_model(adapter, ctx.output_dir, base=base, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    # layered (shard by shard) when the base is a local safetensors folder: a 70B merge fits a 128 GB Spark
+    report: dict = {}
+    out = export_model(adapter, ctx.output_dir, base=base, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+                       report=report)
     summary = {
         "job": cfg.job,
         "stage": cfg.name,
         "type": "export",
         "merged_adapter": cfg.io.policy.adapter,
         "base_model": cfg.io.policy.model,
+        "merge": report["merge"],
         "duration_seconds": round(time.time() - started, 3),
         "output_kind": "model",
     }

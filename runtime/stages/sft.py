@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 
-from ..errors import DataError
-from ..data.prepare import KIND_OF_STAGE, load_examples, split_eval, tokenize_conversations, tokenize_text
+from ..data.formats import to_examples
+from ..data.loaders import load_records
+from ..data.prepare import KIND_OF_STAGE, split_eval, stream_examples, tokenize_examples
+from ..errors import DataError, UserError
 from ..models import compute_dtype, load_policy, load_tokenizer
 from ..outputs import TrainerLogCallback
 from .base import StageContext, StageResult, check_method, common_args, finish, train
@@ -21,12 +23,15 @@ from .base import StageContext, StageResult, check_method, common_args, finish, 
 log = logging.getLogger(__name__)
 
 
-def _tokenized(examples, kind, tokenizer, hp, where: str) -> dict[str, list]:
-    columns = (
-        tokenize_text(examples, tokenizer)
-        if kind == "text"
-        else tokenize_conversations(examples, tokenizer, where=where)
-    )
+def _tokenized(datasets, kind, tokenizer, hp, ctx: StageContext, where: str) -> dict[str, list]:
+    """The datasets' examples tokenized (each with its own preprocessingWorkers), in order."""
+    columns: dict[str, list] = {}
+    for ds in datasets:
+        examples = to_examples(load_records(ds, ctx.base_dir, ctx.fetch), ds, kind)
+        part = tokenize_examples(examples, kind, tokenizer, where, ds.preprocessing_workers,
+                                 offset=len(columns.get("input_ids", [])))
+        for k, v in part.items():
+            columns.setdefault(k, []).extend(v)
     if not hp.packing:  # padding-free batches without packing: truncate here (keep the start)
         columns = {k: [v[: hp.cutoff_len] for v in vals] for k, vals in columns.items()}
         if "assistant_masks" in columns:
@@ -35,19 +40,27 @@ def _tokenized(examples, kind, tokenizer, hp, where: str) -> dict[str, list]:
     return columns
 
 
-def build_datasets(ctx: StageContext, tokenizer) -> tuple[Dataset, Dataset | None]:
+def build_datasets(ctx: StageContext, tokenizer) -> tuple[Dataset | IterableDataset, Dataset | None]:
     cfg = ctx.cfg
     kind = KIND_OF_STAGE[cfg.stage.type]
     hp = cfg.stage.hyperparameters
-    examples = load_examples(cfg.data, kind, ctx.base_dir, ctx.fetch)
-    where = ", ".join(d.name for d in cfg.data)
-    columns = _tokenized(examples, kind, tokenizer, hp, f"stage {cfg.name} data ({where})")
+    where = f"stage {cfg.name} data ({', '.join(d.name for d in cfg.data)})"
+    eval_ds = None
     if cfg.eval_data:  # a separate evaluation set: the training data is used whole
-        where = f"stage {cfg.name} evalData ({', '.join(d.name for d in cfg.eval_data)})"
-        eval_columns = _tokenized(load_examples(cfg.eval_data, kind, ctx.base_dir, ctx.fetch), kind, tokenizer, hp, where)
-        if not eval_columns["input_ids"]:
-            raise DataError(f"no evaluation example keeps an answer within cutoffLen {hp.cutoff_len}", where)
-        return Dataset.from_dict(columns), Dataset.from_dict(eval_columns)
+        eval_where = f"stage {cfg.name} evalData ({', '.join(d.name for d in cfg.eval_data)})"
+        eval_columns = _tokenized(cfg.eval_data, kind, tokenizer, hp, ctx, eval_where)
+        if not eval_columns.get("input_ids"):
+            raise DataError(f"no evaluation example keeps an answer within cutoffLen {hp.cutoff_len}", eval_where)
+        eval_ds = Dataset.from_dict(eval_columns)
+    if any(d.streaming for d in cfg.data):  # read and tokenized a batch at a time while training
+        if hp.val_size:
+            raise UserError("a streaming dataset cannot hold out valSize (a stream has no length to take a share "
+                            "of); set valSize 0 (or give evalData)", ctx.where("hyperparameters.valSize"))
+        return stream_examples(cfg.data, kind, tokenizer, where, None if hp.packing else hp.cutoff_len,
+                               ctx.base_dir, ctx.fetch), eval_ds
+    columns = _tokenized(cfg.data, kind, tokenizer, hp, ctx, where)
+    if eval_ds is not None:
+        return Dataset.from_dict(columns), eval_ds
     train_idx, eval_idx = split_eval(len(columns["input_ids"]), hp.val_size, hp.seed)
     full = Dataset.from_dict(columns)
     train_ds = full.select(train_idx)

@@ -154,3 +154,80 @@ def test_eval_stage_needs_the_weights_and_one_forward_pass():
     assert ev.total < lora.total
     _, (ev8,) = estimate_job(parse_job(_job(type="eval", evaluation={"batchSize": 8})))
     assert ev8.parts["activations"] == pytest.approx(8 * ev.parts["activations"])
+
+
+# --- after training: chat and export (issue #20, the DGX Spark case) ---
+
+@pytest.mark.parametrize("bits", [None, 8, 4], ids=["bf16", "8bit", "4bit"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "mixtral", "qwen2-moe"])
+def test_chat_weights_are_the_loaded_models_footprint(tmp_path, name, bits):
+    """What `kubetune chat --quantization` loads, measured: the estimate's weights equal (±3 %) the
+    get_memory_footprint() of the model transformers + bitsandbytes load from the same config — MoE
+    experts included, which stay 16-bit (transformers 5 fuses them into 3-D parameters)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    from kubetune.runtime.estimate import estimate_chat
+    from kubetune.runtime.models import bnb_config
+    from kubetune.runtime.spec import QuantizationSpec
+
+    cls, extra = CONFIGS[name]
+    config = getattr(transformers, cls)(**{**TINY, "hidden_size": 128, "intermediate_size": 256}, **extra)
+    transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    opts = {"quantization_config": bnb_config(QuantizationSpec(bits=bits), torch.bfloat16)} if bits else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, **opts)
+    real = model.get_memory_footprint()
+    got = estimate_chat(model_arch(str(tmp_path)), bits).parts["weights"]
+    assert abs(got - real) <= 0.03 * real, f"{name} {bits}: estimated {got:.0f} bytes, loaded {real}"
+
+
+LLAMA3_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
+              "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+              "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
+MIXTRAL_8X7B = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096,
+                "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "vocab_size": 32000, "num_local_experts": 8, "num_experts_per_tok": 2,
+                "tie_word_embeddings": False}
+
+
+def test_70b_qlora_on_a_128gb_spark_chat_and_export(tmp_path, capsys):
+    """The DGX Spark case: a 70B QLoRA result cannot be chatted with in bf16 nor merged in memory in
+    128 GiB; 4-bit chat and the layered merge fit. The estimate prints both."""
+    from kubetune.runtime.estimate import GIB, estimate_chat, estimate_export
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_70B))
+    arch = model_arch(str(tmp_path))
+    assert 70.0e9 < arch.params < 71.0e9  # Llama-3-70B: 70.6B
+    assert estimate_chat(arch).total > 128 * GIB
+    assert 34 * GIB < estimate_chat(arch, 4).total < 45 * GIB
+    assert estimate_export(arch, layered=False).total > 128 * GIB
+    lay = estimate_export(arch, layered=True, lora_rank=16)
+    assert lay.total < 12 * GIB and lay.parts["weights"] == 5e9  # the hub's 5 GB shards
+    doc = _job(model=str(tmp_path), method="qlora", quantization={"bits": 4}, lora={"rank": 16})
+    doc["spec"]["stages"].append({"name": "merge", "type": "export"})
+    f = tmp_path / "job.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    assert main(["estimate", str(f), "--gpu-memory", "128GiB"]) == 0
+    out, err = capsys.readouterr()
+    chat = next(line for line in out.splitlines() if line.startswith("chat"))
+    assert "bf16" in chat and "4-bit" in chat and "--quantization" in out
+    export = next(line for line in out.splitlines() if line.startswith("export merge"))
+    assert "layered" in export and "in-memory" in export
+    # no local safetensors: the export stage merges in memory, and is told how to get the layered merge
+    assert "export stage 'merge'" in err and "local folder of safetensors" in err
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 1000)
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"\0" * 3000)
+    _, ests = estimate_job(parse_job(doc))
+    assert ests[1].parts["weights"] == 3000  # layered: the largest real shard
+    assert ests[1].total < 4 * GIB  # the shard, the adapter (fp32) and the fp32 temporaries of one matrix
+
+
+def test_moe_experts_stay_16bit_in_quantised_chat(tmp_path):
+    from kubetune.runtime.estimate import GIB, estimate_chat
+
+    arch = arch_from_config(MIXTRAL_8X7B, "mixtral")
+    assert 46.0e9 < arch.params < 47.5e9  # Mixtral-8x7B: 46.7B
+    four = estimate_chat(arch, 4).parts["weights"]
+    assert four > 0.9 * estimate_chat(arch).parts["weights"]  # the experts are ~97 % of the weights
+    assert four > 80 * GIB
