@@ -433,9 +433,6 @@ class Hyperparameters(Spec):
             check=lambda s: (s.lr_scheduler == "cosine_with_min_lr") == (s.min_lr is not None),
             field_path=".minLr",
         ),
-    )
-
-    cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule(
             rule=f"!has(self.galore) || (has(self.optimizer) && self.optimizer in {_cel_list(GALORE_OPTIMIZERS)})",
             message=f"hyperparameters.galore applies to the GaLore optimizers only: set hyperparameters.optimizer to "

@@ -17,10 +17,13 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/.complete" ]; then
     echo "kubetune: KUBETUNE_VENV=$VENV exists and is not a virtual environment" >&2
     exit 1
   fi
-  "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --upgrade pip
-  "$VENV/bin/pip" install --quiet -c "$REPO/constraints.txt" -e "$REPO${EXTRAS:+[$EXTRAS]}"
-  touch "$VENV/.complete"
+  # each step checked by hand: errexit does not hold in a script sourced as `source env.sh && …`,
+  # and a half-installed environment must never be marked complete
+  "$PY" -m venv "$VENV" \
+    && "$VENV/bin/pip" install --quiet --upgrade pip \
+    && "$VENV/bin/pip" install --quiet -c "$REPO/constraints.txt" -e "$REPO${EXTRAS:+[$EXTRAS]}" \
+    && touch "$VENV/.complete" \
+    || { echo "kubetune: could not create $VENV (see pip's message above)" >&2; return 1 2>/dev/null || exit 1; }
 else
   # point the editable install at this checkout (CI clones into a new folder each time)
   "$VENV/bin/pip" install --quiet --no-deps -e "$REPO" >/dev/null

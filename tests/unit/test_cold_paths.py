@@ -133,6 +133,19 @@ def test_env_sh_creates_a_venv_then_reuses_it(tmp_path):
     assert third.returncode == 0 and "creating" in third.stderr and (venv / ".complete").is_file()
 
 
+def test_env_sh_never_marks_a_failed_install_complete(tmp_path):
+    """A pip install that fails (here: no package index) ends the script with an error and leaves
+    no `.complete` marker, even when sourced as `source env.sh && …` (where errexit does not hold)."""
+    venv = tmp_path / "venv"
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH") and not k.startswith("PIP_")}
+    env.update(KUBETUNE_VENV=str(venv), KUBETUNE_EXTRAS="", PYTHON=sys.executable, PIP_NO_INDEX="1",
+               PIP_CONFIG_FILE=os.devnull)
+    r = _source_env(env, "echo reached")
+    assert r.returncode != 0 and "reached" not in r.stdout, (r.stdout, r.stderr)
+    assert f"could not create {venv}" in r.stderr
+    assert venv.is_dir() and not (venv / ".complete").exists()
+
+
 def test_env_sh_refuses_a_folder_that_is_not_a_venv(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     env = dict(os.environ, KUBETUNE_VENV=str(tmp_path), KUBETUNE_EXTRAS="")

@@ -184,9 +184,10 @@ def test_predict_mode_becomes_an_eval_stage(lf, capsys):
     assert predict.evaluation.max_new_tokens == 256 and predict.evaluation.batch_size == 4
     for key in ("do_predict", "predict_with_generate", "eval_dataset", "max_new_tokens", "per_device_eval_batch_size"):
         assert f"{key}:" not in err, err
-    # without do_predict, eval_dataset is still reported as not carried over
+    # without do_predict, eval_dataset is the training stage's evaluation set (spec.evalData) alone
     doc, warnings = convert_files([_write(lf, "noeval", {**BASE, **CASES["lora_sft"], "eval_dataset": "identity"})])
-    assert len(doc["spec"]["stages"]) == 1 and any(w.startswith("eval_dataset") for w in warnings)
+    assert len(doc["spec"]["stages"]) == 1 and [d["name"] for d in doc["spec"]["evalData"]] == ["identity"]
+    assert not any(w.startswith("eval_dataset") for w in warnings)
 
 
 def test_export_yaml_alone_says_what_to_do(lf):
