@@ -210,7 +210,7 @@ INVALID = [
             Expect("spec.stages[0].reward.pattern", "the format reward needs reward.pattern (a regular expression)")),
     Invalid("column path with a bad index", {"data": [{"name": "d", "source": "s.json", "columns": {"response": "answers.text[x]"}}]},
             Expect("spec.data[0].columns", "columns.response: 'answers.text[x]' is not a column path"),
-            Expect("spec.data[0].columns", "columns: each value is a column name or a path into one")),
+            Expect("spec.data[0].columns.response", "should match")),
     Invalid("evalData and valSize", {"evalData": [{"name": "v", "source": "v.json"}],
                                      "stages": [{"name": "a", "type": "sft", "hyperparameters": {"valSize": 0.1}}]},
             Expect("spec.stages", "a stage evaluates either on evalData or on a held-out hyperparameters.valSize")),
