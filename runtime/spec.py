@@ -834,6 +834,16 @@ class ResourcesSpec(Spec):
 _URL_USERINFO = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@"
 
 
+def _no_url_credentials(attr: str, name: str, message: str) -> CelRule:
+    """The rule of every URL field: no user:password@ in it (credentials go in a Secret)."""
+    return CelRule(
+        rule=f"!has(self.{name}) || !self.{name}.matches('{_URL_USERINFO}')",
+        message=message,
+        check=lambda s: getattr(s, attr) is None or not re.search(_URL_USERINFO, getattr(s, attr)),
+        field_path=f".{name}",
+    )
+
+
 class StorageSpec(Spec):
     uri: str | None = _field(
         "Where checkpoints and outputs go: s3://bucket/prefix/, file:// or a local path. Default "
@@ -856,13 +866,8 @@ class StorageSpec(Spec):
     )
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
-        CelRule(
-            rule=f"!has(self.endpoint) || !self.endpoint.matches('{_URL_USERINFO}')",
-            message="storage.endpoint must not carry credentials (user:password@): put the keys in a "
-            "Secret and name it in storage.credentialsSecretRef",
-            check=lambda s: s.endpoint is None or not re.search(_URL_USERINFO, s.endpoint),
-            field_path=".endpoint",
-        ),
+        _no_url_credentials("endpoint", "endpoint", "storage.endpoint must not carry credentials (user:password@): "
+                            "put the keys in a Secret and name it in storage.credentialsSecretRef"),
     )
 
 
@@ -916,13 +921,8 @@ class MlflowSpec(Spec):
     )
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
-        CelRule(
-            rule=f"!has(self.trackingUri) || !self.trackingUri.matches('{_URL_USERINFO}')",
-            message="tracking.mlflow.trackingUri must not carry credentials (user:password@): put them in a "
-            "Secret and name it in tracking.mlflow.credentialsSecretRef",
-            check=lambda s: s.tracking_uri is None or not re.search(_URL_USERINFO, s.tracking_uri),
-            field_path=".trackingUri",
-        ),
+        _no_url_credentials("tracking_uri", "trackingUri", "tracking.mlflow.trackingUri must not carry credentials "
+                            "(user:password@): put them in a Secret and name it in tracking.mlflow.credentialsSecretRef"),
     )
 
 
