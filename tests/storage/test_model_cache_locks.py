@@ -73,23 +73,22 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/octet-stream")
         self.end_headers()
 
+    def _not_found(self):
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def do_HEAD(self):
         found = self._file()
         if found is None:
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
+            return self._not_found()
         self.send_response(200)
         self._headers(*found)
 
     def do_GET(self):
         found = self._file()
         if found is None:
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
+            return self._not_found()
         with self.server.lock:
             self.server.gets[found[0]] += 1
         time.sleep(SLOW)
