@@ -59,6 +59,9 @@ class ProgressPoller:
     again, so status follows progress without waiting for the next timer tick). A poll that
     fails backs off: the next one waits min(60 s, seconds the failed poll took × 2^failures),
     so a pod that always uses the whole deadline costs a poller thread a few seconds a minute.
+    A pod that is only starting (its runtime answers 503, or nothing listens yet) costs a poll
+    next to nothing and is polled again at the next tick (counted as failures, the misses of a
+    slow start grew the wait to up to a minute, and a short stage then ran unpolled).
     """
 
     MAX_BACKOFF = 60.0
@@ -91,17 +94,19 @@ class ProgressPoller:
         name = (pod.get("metadata") or {}).get("name") or ""
         started = time.monotonic()
         try:
-            report = kube.poll_progress([pod], port, timeout)
-        except Exception:  # noqa: BLE001 — poll_progress raises nothing; a poller thread must survive
+            report, starting = kube.probe_progress([pod], port, timeout)
+        except Exception:  # noqa: BLE001 — probe_progress raises nothing; a poller thread must survive
             log.exception("progress poll of %s failed", name)
-            report = None
+            report, starting = None, False
         took = time.monotonic() - started
         changed = False
         with self._guard:
             if key not in self._busy:
                 return  # forgotten meanwhile: the object is gone
             self._busy.discard(key)
-            if report is None:
+            if report is None and starting:
+                self._backoff.pop(key, None)
+            elif report is None:
                 failures = self._backoff.get(key, (0.0, 0))[1] + 1
                 wait = min(self.MAX_BACKOFF, took * 2 ** failures)
                 self._backoff[key] = (time.monotonic() + wait, failures)

@@ -132,6 +132,10 @@ class ProgressError(Exception):
     """Why a /progress answer was not used (a deadline, a size, a body that is not a report)."""
 
 
+class ProgressNotReady(ProgressError):
+    """The runtime answered 503: its process has no stage running yet (it is still starting)."""
+
+
 def _nesting(body: bytes, limit: int) -> int:
     """The deepest [ / { nesting of a JSON text (strings skipped), stopping early past `limit`."""
     depth = deepest = 0
@@ -221,6 +225,8 @@ def fetch_progress(host: str, port: int, deadline: float, max_bytes: int = PROGR
 def _content_length(head: bytes, max_bytes: int) -> int | None:
     lines = head.split(b"\r\n")
     status = lines[0].split()
+    if len(status) >= 2 and status[0].startswith(b"HTTP/") and status[1] == b"503":
+        raise ProgressNotReady(f"HTTP status {lines[0][:60].decode('latin-1')!r}")
     if len(status) < 2 or not status[0].startswith(b"HTTP/") or status[1] != b"200":
         raise ProgressError(f"HTTP status {lines[0][:60].decode('latin-1')!r}")
     length = None
@@ -242,20 +248,34 @@ def _content_length(head: bytes, max_bytes: int) -> int | None:
 def poll_progress(pods: list[dict[str, Any]], port: int, timeout: float) -> dict[str, Any] | None:
     """The rank-0 pod's /progress report (fetch_progress within `timeout` seconds in all); None
     when no pod runs, it does not answer yet, or its answer is not a report (logged, never raised)."""
+    return probe_progress(pods, port, timeout)[0]
+
+
+def probe_progress(pods: list[dict[str, Any]], port: int, timeout: float) -> tuple[dict[str, Any] | None, bool]:
+    """`poll_progress`, and whether a miss was only the pod still starting: its runtime answered
+    503 ("no stage running yet") or nothing listens on the port yet (connection refused). Such a
+    miss cost next to nothing and is no reason to poll less often; anything else (a deadline
+    used up, an answer that is not a report) is."""
     pod = s.rank0_pod(pods)
     ip = ((pod or {}).get("status") or {}).get("podIP")
     if not ip:
-        return None
+        return None, True
     name = pod["metadata"].get("name")
     try:
-        return fetch_progress(ip, port, timeout)
+        return fetch_progress(ip, port, timeout), False
+    except ProgressNotReady as e:
+        log.debug("progress of pod %s not ready: %s", name, e, extra={"pod": name})
+        return None, True
     except ProgressError as e:
         log.warning("progress of pod %s not used: %s", name, e, extra={"pod": name})
+    except ConnectionRefusedError as e:
+        log.debug("progress of pod %s not available yet: %s", name, e)
+        return None, True
     except OSError as e:
         log.debug("progress of pod %s not available: %s", name, e)
     except Exception as e:  # noqa: BLE001 — a tenant's server must never break a reconcile
         log.warning("progress of pod %s not used: %r", name, e, extra={"pod": name})
-    return None
+    return None, False
 
 
 class NameConflict(Exception):

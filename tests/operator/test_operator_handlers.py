@@ -216,3 +216,31 @@ def test_a_name_conflict_stops_the_creates_and_is_the_status(fake_api, config, m
     running = next(c for c in d.status["conditions"] if c["type"] == "Running")
     assert running["reason"] == "NameConflict" and "ConfigMap llama-sft already exists" in running["message"]
     assert body["status"]["phase"] == "Pending"
+
+
+def test_a_starting_pod_is_polled_at_every_tick_and_its_first_report_is_used(real_poll, config, monkeypatch):
+    """The runtime answers 503 until its stage starts (a model download can take minutes): the
+    poller never backs off from that, so the first report after the start is read at the next
+    tick, however long the start took. (Counted as failures, 30 such misses once pushed the next
+    poll a minute away, past the end of a short stage.)"""
+    from types import SimpleNamespace
+
+    from kubetune.runtime.metrics import MetricsServer
+
+    key = ("ml", "llama")
+    _, _, body = real_poll
+    obs = _running(body)
+    pod = obs.pods["llama-sft"][0]
+    with MetricsServer(0, "127.0.0.1") as server:
+        for _ in range(30):
+            assert handlers.poller.request(key, pod, server.port, 1.0)
+            deadline = time.monotonic() + 5
+            while handlers.poller.sizes()["progress_inflight"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert handlers.poller.sizes() == {"progress": 0, "progress_inflight": 0, "progress_backoff": 0}
+        server.attach(SimpleNamespace(progress=SimpleNamespace(snapshot=lambda: {"stage": "sft", "step": 4})))
+        assert handlers.poller.request(key, pod, server.port, 1.0)
+        deadline = time.monotonic() + 5
+        while handlers.poller.latest(key, pod["metadata"]["name"]) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert handlers.poller.latest(key, pod["metadata"]["name"]) == {"stage": "sft", "step": 4}

@@ -183,3 +183,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_starting_runtime_is_a_miss_without_cost(serve, caplog):
+    """The runtime's server before its stage starts (503, the model still downloading) and a port
+    nobody listens on yet are "still starting" misses, logged at debug level only; a server that
+    uses up the deadline is a failure (the poller backs off from those alone)."""
+    from kubetune.runtime.metrics import MetricsServer
+
+    with MetricsServer(0, "127.0.0.1") as server, caplog.at_level(logging.DEBUG, logger="kubetune.operator"):
+        with pytest.raises(kube.ProgressNotReady):
+            kube.fetch_progress("127.0.0.1", server.port, DEADLINE)
+        assert kube.probe_progress([running_pod()], server.port, DEADLINE) == (None, True)
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert kube.probe_progress([running_pod()], _free_port(), DEADLINE) == (None, True)
+    assert kube.probe_progress([running_pod()], serve(drip).port, DEADLINE) == (None, False)
