@@ -131,9 +131,11 @@ def screenshot(driver, folder: Path, name: str, full: bool = True, max_height: i
     """A PNG of the page (`full`: as tall as its content, up to max_height; else the viewport as it
     is scrolled), checked to be a real image."""
     if full:
-        height = driver.execute_script("return document.documentElement.scrollHeight")
+        height = driver.execute_script(
+            "return Math.ceil(document.querySelector('main').getBoundingClientRect().bottom + window.scrollY)")
         size = driver.get_window_size()
-        driver.set_window_size(size["width"], min(height + 140, max_height))
+        inner = driver.execute_script("return window.innerHeight")  # the window is taller by its frame
+        driver.set_window_size(size["width"], min(height + 16 + size["height"] - inner, max_height))
         driver.execute_script("window.scrollTo(0, 0)")
     path = folder / f"{name}.png"
     assert driver.save_screenshot(str(path)), path
