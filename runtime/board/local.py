@@ -213,7 +213,12 @@ class LocalBackend:
     def _running(self, run: LocalRun) -> bool:
         self._reap(run)
         st = run.state()
-        return "exitCode" not in st and _alive(st.get("pid"))
+        if "exitCode" in st:
+            return False
+        if _alive(st.get("pid")):
+            return True
+        self._reap(run)  # it ended between the two looks: record its exit code now
+        return False
 
     def _progress(self, run: LocalRun, log: str) -> dict[str, Any] | None:
         m = list(METRICS_LINE.finditer(log))
