@@ -394,7 +394,7 @@
 
   function showEstimate(est) {
     const box = $("estimate");
-    if (!est) { box.replaceChildren(el("span", {class: "muted"}, "—")); return; }
+    if (!est) { box.replaceChildren(el("span", {class: "muted"}, "once the job is valid")); return; }
     if (est.unavailable) { box.replaceChildren(el("span", {class: "muted", id: "estimate-unavailable"}, `no estimate: ${est.unavailable}`)); return; }
     const rows = (est.stages || []).map((s) => el("tr", {dataset: {stage: s.stage || ""}},
       el("td", {}, s.stage || ""), el("td", {class: "mono", dataset: {col: "perDevice"}}, String(s.perDevice ?? "—")),
