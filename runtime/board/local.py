@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from ..kubectl_plugin import duration
-from .common import DONE, BoardError, parse_progress_lines, rfc3339, row
+from .common import DONE, BoardError, rfc3339, row
 
 BOARD_DIR = ".board"
 METRICS_LINE = re.compile(r"kubetune: metrics at (http://\S+)/metrics")
@@ -351,10 +351,7 @@ class LocalBackend:
                         p[dst] = r[src]
                 if len(p) > 2:
                     points.append(p)
-        if not points:  # a stage without trainer_log.jsonl yet: the progress lines of the log
-            points = parse_progress_lines(run.log_text())
-            return {"source": "log", "points": points}
-        return {"source": "trainer_log", "points": points}
+        return {"source": "trainer_log", "points": points}  # written at every logging step, live
 
     def logs(self, name: str, tail: int = 200) -> dict[str, Any]:
         run = self._run(name)
