@@ -312,3 +312,22 @@ def test_kubeconfig_usable_says_why_not(tmp_path, kubeconfig):
     assert kubeconfig_usable(str(kubeconfig), None) == (True, "")
     ok, why = kubeconfig_usable(str(tmp_path / "none"), None)
     assert ok is False and why
+
+
+@pytest.mark.slow
+def test_chat_streams_when_the_output_is_a_folder_this_machine_reads(client, apiserver, tiny_model):
+    apiserver.jobs["local-out"] = _job("local-out", phase="Succeeded", output={"uri": f"file://{tiny_model}"})
+    assert client.get("/api/runs/local-out").json()["chatAvailable"] is True
+    answer = client.post("/api/runs/local-out/chat", json={"messages": [{"role": "user", "content": "Who are you?"}],
+                                                          "maxNewTokens": 6})
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[6:]) for line in answer.text.splitlines() if line.startswith("data: ")]
+    assert events[-1].get("done") is True, events
+    assert len(events) >= 2 and events[0].get("token")  # (the untrained model's bytes stream in one piece)
+    assert events[-1]["text"] == "".join(e["token"] for e in events[:-1]).strip()
+    from kubetune.runtime.chat import generate, load_for_chat
+
+    m, tok = load_for_chat(str(tiny_model))
+    assert events[-1]["text"] == generate(m, tok, [{"role": "user", "content": "Who are you?"}], 6)
+    bad = client.post("/api/runs/local-out/chat", json={"messages": "hi"})
+    assert bad.status_code == 400 and bad.json()["field"] == "messages"
