@@ -99,6 +99,7 @@ def test_new_run_validate_start_watch_and_chat(board, driver, tiny_model, tmp_pa
     from selenium.webdriver.common.by import By
 
     shots = screenshot_dir(tmp_path)
+    saves = tmp_path / "saves"  # the board's --saves (the fixture's)
     data = write_alpaca(tmp_path / "data" / "identity.json", pairs=[(q, ANSWER) for q in QUESTIONS])
 
     # ---- New run: the LoRA SFT preset, pointed at the tiny model and the identity data
@@ -142,6 +143,19 @@ def test_new_run_validate_start_watch_and_chat(board, driver, tiny_model, tmp_pa
     assert job["spec"]["stages"][0]["hyperparameters"]["maxSteps"] == 40
     assert job["spec"]["model"]["name"] == str(tiny_model)
     assert validate_cli(tmp_path, validation(driver)["yaml"]).returncode == 0
+    # the plan and the memory estimate (kubetune estimate's) follow the batch size
+    assert driver.find_element(By.CSS_SELECTOR, '#plan [data-plan-stage="sft"]').text == "sft"
+
+    def estimate_bytes():
+        row = driver.find_element(By.CSS_SELECTOR, '#estimate-table tr[data-stage="sft"]')
+        return validation(driver)["start"] and float(row.get_attribute("data-bytes"))
+
+    small = wait("the estimate", estimate_bytes, 30)
+    type_into(driver, "spec.stages[0].hyperparameters.batchSize", "64")
+    big = wait("the estimate for batch 64", lambda: (b := estimate_bytes()) and b != small and b, 30)
+    assert big > small, (small, big)
+    type_into(driver, "spec.stages[0].hyperparameters.batchSize", "4")
+    wait("the estimate for batch 4 again", lambda: estimate_bytes() == small, 30)
 
     # ---- Start: to the run page
     driver.find_element(By.ID, "start").click()
@@ -194,3 +208,19 @@ def test_new_run_validate_start_watch_and_chat(board, driver, tiny_model, tmp_pa
     time.sleep(0.5)
     screenshot(driver, shots, "runs")
     assert console_errors(driver) == []
+
+    # ---- Delete asks first: dismissed, nothing happens; accepted, the run and its folder go
+    row.find_element(By.CSS_SELECTOR, '[data-col="name"] a').click()
+    wait("the run page", lambda: driver.execute_script("return document.body.dataset.phase") == "Succeeded", 20)
+    driver.find_element(By.ID, "delete").click()
+    alert = driver.switch_to.alert
+    assert "Delete run identity?" in alert.text
+    alert.dismiss()
+    time.sleep(1)
+    assert driver.current_url == board.url + "/runs/identity" and (saves / "identity").is_dir()
+    driver.find_element(By.ID, "delete").click()
+    driver.switch_to.alert.accept()
+    wait("the Runs page without the run", lambda: driver.current_url == board.url + "/"
+         and driver.find_element(By.ID, "no-runs").is_displayed(), 30, on_timeout=board.tail)
+    assert not (saves / "identity").exists()
+    assert [r["name"] for r in board.api("/api/runs")["items"]] == []

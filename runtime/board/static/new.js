@@ -389,18 +389,23 @@
     const box = $("plan");
     if (!Array.isArray(plan) || !plan.length) { box.textContent = ""; return; }
     box.replaceChildren("Stages: ", ...plan.flatMap((s, i) => [i ? " → " : "",
-      el("span", {class: "mono", dataset: {planStage: s.name || ""}}, `${s.name}${s.type && s.type !== s.name ? ` (${s.type})` : ""}`)]));
+      el("span", {class: "mono", dataset: {planStage: s.name || ""}, title: s.writes ? `writes ${s.writes}` : ""},
+        `${s.name}${s.type && s.type !== s.name ? ` (${s.type})` : ""}`)]));
   }
 
   function showEstimate(est) {
     const box = $("estimate");
     if (!est) { box.replaceChildren(el("span", {class: "muted"}, "once the job is valid")); return; }
     if (est.unavailable) { box.replaceChildren(el("span", {class: "muted", id: "estimate-unavailable"}, `no estimate: ${est.unavailable}`)); return; }
-    const rows = (est.stages || []).map((s) => el("tr", {dataset: {stage: s.stage || ""}},
+    const rows = (est.stages || []).map((s) => el("tr", {dataset: {stage: s.stage || "", bytes: s.bytes ?? ""}},
       el("td", {}, s.stage || ""), el("td", {class: "mono", dataset: {col: "perDevice"}}, String(s.perDevice ?? "—")),
       el("td", {class: "muted"}, s.breakdown && typeof s.breakdown === "object"
         ? Object.entries(s.breakdown).map(([k, v]) => `${k} ${v}`).join(" · ") : String(s.breakdown ?? ""))));
-    box.replaceChildren(el("table", {id: "estimate-table"},
+    const m = est.model || {};
+    const params = typeof m.params === "number"
+      ? `model: ${m.params >= 1e9 ? `${(m.params / 1e9).toFixed(1)}B` : m.params >= 1e6 ? `${(m.params / 1e6).toFixed(1)}M` : m.params.toLocaleString()} parameters${m.source ? ` (from ${m.source})` : ""}`
+      : "";
+    box.replaceChildren(params ? el("div", {class: "muted status-line"}, params) : "", el("table", {id: "estimate-table"},
       el("thead", {}, el("tr", {}, el("th", {}, "stage"), el("th", {}, "GPU memory per device"), el("th", {}, "of which"))),
       el("tbody", {}, rows)));
   }
