@@ -69,10 +69,7 @@ def _alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a zombie (exited, not reaped yet) is not running
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return True
+    return True
 
 
 class LocalRun:
@@ -211,14 +208,17 @@ class LocalBackend:
                     run.write_state(exitCode=proc.returncode, finished=time.time())
 
     def _running(self, run: LocalRun) -> bool:
-        self._reap(run)
-        st = run.state()
-        if "exitCode" in st:
+        """A process this board started: whether it has exited (waitpid, which also records its exit
+        code); one an earlier board started: whether its pid is still there."""
+        with self._lock:
+            proc = self._procs.get(run.name)
+        if proc is not None:
+            if proc.poll() is None:
+                return True
+            self._reap(run)
             return False
-        if _alive(st.get("pid")):
-            return True
-        self._reap(run)  # it ended between the two looks: record its exit code now
-        return False
+        st = run.state()
+        return "exitCode" not in st and _alive(st.get("pid"))
 
     def _progress(self, run: LocalRun, log: str) -> dict[str, Any] | None:
         m = list(METRICS_LINE.finditer(log))
@@ -265,6 +265,9 @@ class LocalBackend:
                                             / "trainer_log.jsonl").stat().st_mtime < 120
                          for s in stages if s["phase"] != "Succeeded")
             phase = "Running" if recent else "Pending"
+            if not recent and not all_done:
+                message = ("made by `kubetune run` outside the board and not running now: run its job file again "
+                           "to resume it from its last checkpoint")
         for i, s in enumerate(stages):
             if s["phase"] == "Running" and (i != current or phase != "Running"):
                 s["phase"] = {"Failed": "Failed", "Suspended": "Suspended"}.get(phase, "Pending") if i == current else "Pending"

@@ -170,3 +170,18 @@ def test_a_run_made_by_kubetune_run_without_the_board_appears(board, tiny_model)
     assert client.get("/api/runs/outside/history").json()["source"] == "trainer_log"
     resume = client.post("/api/runs/outside/resume")
     assert resume.status_code == 409 and "not started by the board" in resume.json()["error"]
+
+
+def test_a_run_that_fails_says_why(board, tiny_model):
+    client, backend, tmp = board
+    doc = _doc(tiny_model, tmp / "missing.json", "broken", steps=4, every=2)
+    assert client.post("/api/runs", json={"job": doc}).status_code == 201
+    detail = _wait(client, "broken", lambda d: d["phase"] in ("Succeeded", "Failed"), what="the failure")
+    assert detail["phase"] == "Failed"
+    [cond] = detail["conditions"]
+    assert cond["type"] == "Failed" and "missing.json" in cond["message"]
+    assert detail["stages"][0]["phase"] == "Failed" and detail["stages"][0]["message"] == cond["message"]
+    assert backend.runs()[0].state()["exitCode"] == 42  # bad input (runtime/errors.py)
+    assert {e["reason"]: e["type"] for e in detail["events"]}["Exited"] == "Warning"
+    [row] = client.get("/api/runs").json()["items"]
+    assert row["phase"] == "Failed" and row["eta"] == "-"
