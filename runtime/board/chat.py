@@ -6,16 +6,21 @@ stack is imported here, on the first chat, never when the board starts."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any, Iterator
 
 
 class ChatModels:
     def __init__(self):
-        self._models: dict[tuple[str, str | None], tuple[Any, Any, threading.Lock]] = {}
+        self._models: dict[tuple[str, str | None, int], tuple[Any, Any, threading.Lock]] = {}
         self._lock = threading.Lock()
 
     def get(self, path: str, template: str | None):
-        key = (path, template)
+        try:  # a run deleted and made again under the same name: a new model, not the cached one
+            stamp = max(f.stat().st_mtime_ns for f in Path(path).iterdir())
+        except (OSError, ValueError):
+            stamp = 0
+        key = (path, template, stamp)
         with self._lock:
             if key not in self._models:
                 from ..chat import load_for_chat

@@ -56,6 +56,17 @@ def allowed_hosts(host: str, port: int) -> set[str]:
     return out
 
 
+def run_dashboard(base: str | None, name: str, namespace: str | None) -> str | None:
+    """--grafana-url with the kubetune dashboard's variables (dashboards/kubetune.json: `namespace`,
+    `job`) set to this run."""
+    if not base:
+        return None
+    from urllib.parse import urlencode
+
+    params = {**({"var-namespace": namespace} if namespace else {}), "var-job": name}
+    return base + ("&" if "?" in base else "?") + urlencode(params)
+
+
 def _error(err: BoardError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
@@ -146,7 +157,7 @@ def create_app(backend, host: str = "127.0.0.1", port: int = 8765, grafana_url: 
     @handles
     async def run(request: Request) -> Response:
         detail = await call(backend.get_run, request.path_params["name"])
-        return JSONResponse({**detail, "grafanaUrl": grafana_url})
+        return JSONResponse({**detail, "grafanaUrl": run_dashboard(grafana_url, detail["name"], detail.get("namespace"))})
 
     @handles
     async def history(request: Request) -> Response:

@@ -215,7 +215,8 @@ def test_detail_has_status_stages_conditions_events_and_yaml(client):
     assert d["conditions"][0]["reason"] == "StageRunning"
     assert d["events"] == [{"type": "Normal", "reason": "StageStarted", "message": "stage sft started",
                             "time": "2026-01-01T00:01:00Z", "count": 2}]
-    assert d["checkpoint"]["step"] == 20 and d["grafanaUrl"] == "http://grafana/d/kubetune"
+    assert d["checkpoint"]["step"] == 20
+    assert d["grafanaUrl"] == f"http://grafana/d/kubetune?var-namespace={NS}&var-job=llama"  # the dashboard's variables
     assert d["chatAvailable"] is False
 
 
