@@ -248,10 +248,10 @@ class LocalBackend:
         message = ""
         if running:
             phase = "Running"
+        elif all_done:  # (also when a suspend came after the last commit)
+            phase = "Succeeded"
         elif st.get("suspended"):
             phase = "Suspended"
-        elif all_done:
-            phase = "Succeeded"
         elif "exitCode" in st:
             phase = "Succeeded" if st["exitCode"] == 0 else "Failed"
             errors = ERROR_LINE.findall(log)
