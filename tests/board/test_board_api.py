@@ -208,3 +208,25 @@ def test_the_board_imports_no_training_stack():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_progress_lines_are_read_back_as_the_runtime_prints_them():
+    """Cluster mode reads the loss curve from the pod's log: the lines of runtime/progress.py."""
+    import io
+
+    from kubetune.runtime.board.common import parse_progress_lines
+    from kubetune.runtime.progress import ProgressLine, format_progress
+
+    out = io.StringIO()
+    line = ProgressLine(stream=out, min_interval=0.0, tty=False)
+    for step, loss in ((5, 2.25), (10, 1.875), (15, None)):
+        line.update({"stage": "dpo-2", "step": step, "totalSteps": 1200, "loss": loss, "tokensPerSecond": 5210.0,
+                     "etaSeconds": 1830.0, "phase": "running"})
+    line.update({"stage": "dpo-2", "step": 1200, "totalSteps": 1200, "loss": 0.5, "phase": "finished"})
+    text = "12:00:00 INFO kubetune: unrelated\n" + out.getvalue()
+    assert parse_progress_lines(text) == [{"stage": "dpo-2", "step": 5, "loss": 2.25},
+                                          {"stage": "dpo-2", "step": 10, "loss": 1.875},
+                                          {"stage": "dpo-2", "step": 1200, "loss": 0.5}]
+    assert format_progress({"stage": "s", "step": 1, "totalSteps": 0, "loss": 3.0}).startswith("s [")
+    assert parse_progress_lines(format_progress({"stage": "s", "step": 1, "totalSteps": 0, "loss": 3.0})) == [
+        {"stage": "s", "step": 1, "loss": 3.0}]
