@@ -120,6 +120,15 @@ def test_new_run_validate_start_watch_and_chat(board, driver, tiny_model, tmp_pa
     choose(driver, "spec.stages[0].hyperparameters.lrScheduler", "constant")
     choose(driver, "spec.stages[0].hyperparameters.gradientCheckpointing", "false")
 
+    # ---- stages are a list: add one (it appears with its own fields, and in the YAML), remove it
+    driver.find_element(By.CSS_SELECTOR, '[data-add="spec.stages"]').click()
+    wait("a second stage", lambda: field(driver, "spec.stages[1].name")[1].get_attribute("value") == "stage2", 10)
+    wait("two stages in the YAML", lambda: len(yaml.safe_load(validation(driver)["yaml"] or "{}")
+                                              .get("spec", {}).get("stages", [])) == 2, 30)
+    driver.find_element(By.CSS_SELECTOR, '[data-remove="spec.stages[1]"]').click()
+    wait("one stage again", lambda: not driver.find_elements(By.CSS_SELECTOR, '[data-field="spec.stages[1]"]')
+         and len(yaml.safe_load(validation(driver)["yaml"] or "{}").get("spec", {}).get("stages", [])) == 1, 30)
+
     # ---- a bad value: the error appears next to that field, with kubetune validate's message
     type_into(driver, RANK, "0")
     message = wait("the rank's error next to its field", lambda: field_error(driver, RANK), 30)
@@ -156,6 +165,8 @@ def test_new_run_validate_start_watch_and_chat(board, driver, tiny_model, tmp_pa
     assert big > small, (small, big)
     type_into(driver, "spec.stages[0].hyperparameters.batchSize", "4")
     wait("the estimate for batch 4 again", lambda: estimate_bytes() == small, 30)
+    driver.execute_script("window.scrollTo(0, 0)")
+    screenshot(driver, shots, "new-valid", full=False)  # presets, the valid verdict, plan and estimate
 
     # ---- Start: to the run page
     driver.find_element(By.ID, "start").click()
@@ -198,6 +209,9 @@ def test_new_run_validate_start_watch_and_chat(board, driver, tiny_model, tmp_pa
     assert answer.text == ANSWER, answer.text
     assert int(answer.get_attribute("data-tokens")) >= 3  # it came in pieces, not as one block
     assert console_errors(driver) == []
+    # every resource the page loaded came from the board itself (no CDN, no web fonts)
+    loaded = driver.execute_script("return performance.getEntriesByType('resource').map((r) => r.name)")
+    assert loaded and all(u.startswith(board.url + "/") for u in loaded), loaded
     screenshot(driver, shots, "run")
 
     # ---- the Runs page lists it

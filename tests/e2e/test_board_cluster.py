@@ -70,6 +70,7 @@ def test_board_shows_an_applied_job_live_and_suspends_it(control_plane, kube, op
         wait("the Suspended condition on the page",
              lambda: driver.find_elements(By.CSS_SELECTOR, '#conditions tr[data-condition="Suspended"][data-status="True"]'), 30)
         assert console_errors(driver) == []
+        screenshot(driver, shots, "run-cluster")
     finally:
         driver.quit()
         board.stop()

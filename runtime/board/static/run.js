@@ -17,6 +17,13 @@
     errorBox.textContent = msg;
   }
 
+  /** A time of today as its clock time, an older one as its date. */
+  function shortTime(t) {
+    const d = new Date(t);
+    if (!t || isNaN(d)) return t ? String(t) : "—";
+    return d.toDateString() === new Date().toDateString() ? d.toLocaleTimeString() : d.toLocaleDateString();
+  }
+
   // ------------------------------------------------------------------ the run itself
   function renderRun(r) {
     run = r;
@@ -61,10 +68,11 @@
       el("dd", {class: "mono", dataset: {loc: k}}, v || "—")]));
 
     $("conditions").tBodies[0].replaceChildren(...(r.conditions || []).map((c) => el("tr", {dataset: {condition: c.type, status: c.status}},
-      el("td", {}, c.type), el("td", {}, c.status), el("td", {}, c.reason || ""), el("td", {}, c.message || ""))));
-    $("events").tBodies[0].replaceChildren(...(r.events || []).map((e) => el("tr", {dataset: {reason: e.reason || ""}},
-      el("td", {}, e.type || ""), el("td", {}, e.reason || ""), el("td", {}, e.message || ""),
-      el("td", {}, `${fmtTime(e.time)}${e.count > 1 ? ` ×${e.count}` : ""}`))));
+      el("td", {}, c.type), el("td", {}, c.status), el("td", {}, c.reason || ""), el("td", {class: "msg"}, c.message || ""))));
+    $("events").tBodies[0].replaceChildren(...(r.events || []).map((e) => el("tr", {dataset: {reason: e.reason || "", type: e.type || ""}},
+      el("td", {class: e.type === "Warning" ? "warning" : "", title: e.type || ""}, e.reason || ""),
+      el("td", {class: "msg"}, e.message || ""),
+      el("td", {class: "when", title: fmtTime(e.time)}, `${shortTime(e.time)}${e.count > 1 ? ` ×${e.count}` : ""}`))));
     if ($("yaml").textContent !== (r.yaml || "")) $("yaml").textContent = r.yaml || "";
     $("chat-panel").hidden = !r.chatAvailable;
   }
