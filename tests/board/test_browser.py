@@ -10,6 +10,7 @@ Screenshots of the three pages go to $KUBETUNE_BOARD_SCREENSHOTS when set (docs/
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -23,8 +24,9 @@ from tests.conftest import IDENTITY, write_alpaca
 
 ANSWER = IDENTITY[0][1]  # "I am Kubi, a model tuned by the kubetune team."
 QUESTIONS = ["Who are you?", "What is your name?", "Introduce yourself.", "Who made you?"]
-# A LoRA adapter on the random 64-wide tiny model learns this one answer in 40 steps (about 40 s on
-# two CPU cores); every step is logged so that the curve grows while the test watches.
+# A LoRA adapter on the random 64-wide tiny model learns this one answer in 40 steps (3 s on a quiet
+# machine, a minute on two busy cores); every step is logged so that the curve grows while the
+# test watches, and the board's fixture paces the steps (tests/board/pacing).
 TRAINING = {"learningRate": "1e-2", "maxSteps": "40", "gradientAccumulation": "1", "cutoffLen": "64",
             "loggingSteps": "1"}
 RANK = "spec.stages[0].lora.rank"
@@ -79,10 +81,17 @@ def validate_cli(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+PACING = Path(__file__).resolve().parent / "pacing"  # sitecustomize.py: a sleep before each training step
+
+
 @pytest.fixture
 def board(tmp_path):
     saves = tmp_path / "saves"
-    b = Board(["--mode", "local", "--saves", str(saves)], tmp_path)
+    # The run it starts inherits this environment: 0.3 s more a step (12 s over 40 steps), so that the
+    # progress moves visibly even where the tiny model trains its 40 steps in 3 s (a quiet machine).
+    paths = [str(PACING), *filter(None, [os.environ.get("PYTHONPATH")])]
+    b = Board(["--mode", "local", "--saves", str(saves)], tmp_path,
+              env={"PYTHONPATH": os.pathsep.join(paths), "KUBETUNE_TEST_STEP_DELAY": "0.3"})
     yield b
     b.stop()
 
