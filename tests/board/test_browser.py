@@ -203,6 +203,7 @@ def test_new_run_validate_start_watch_and_chat(board, driver, tiny_model, tmp_pa
     assert len([p for p in percents if 0 < p < 100]) >= 2, run_state()  # the bar moved while it ran
     assert len([n for n in points if 0 < n < 40]) >= 2, run_state()  # and the curve grew point by point
     assert driver.find_element(By.ID, "progress-bar").get_attribute("data-percent") == "100"
+    assert not driver.find_element(By.ID, "grafana").is_displayed()  # no --grafana-url, no link
     stage = driver.find_element(By.CSS_SELECTOR, '#timeline .step[data-stage="sft"]')
     assert stage.get_attribute("data-phase") == "Succeeded"
     assert driver.find_element(By.CSS_SELECTOR, '#locations [data-loc="output"]').text.endswith("sft/output")

@@ -23,7 +23,9 @@ def test_board_shows_an_applied_job_live_and_suspends_it(control_plane, kube, op
     from selenium.webdriver.common.by import By
 
     shots = screenshot_dir(tmp_path)
-    board = Board(["--mode", "cluster", "--kubeconfig", control_plane.kubeconfig, "--namespace", namespace], tmp_path)
+    grafana = "http://grafana.example/d/kubetune/kubetune"
+    board = Board(["--mode", "cluster", "--kubeconfig", control_plane.kubeconfig, "--namespace", namespace,
+                   "--grafana-url", grafana], tmp_path)
     driver = chrome()
     try:
         driver.get(board.url + "/")
@@ -58,6 +60,10 @@ def test_board_shows_an_applied_job_live_and_suspends_it(control_plane, kube, op
         wait("the run page, running", lambda: driver.execute_script("return document.body.dataset.phase") == "Running", 30)
         wait("loss points on the curve", lambda: int(driver.find_element(By.ID, "loss-chart").get_attribute("data-points") or 0) >= 2,
              60, on_timeout=board.tail)
+        # the Grafana link opens the kubetune dashboard on this job
+        link = driver.find_element(By.ID, "grafana")
+        assert link.is_displayed()
+        assert link.get_attribute("href") == f"{grafana}?var-namespace={namespace}&var-job=watched"
         suspend = driver.find_element(By.ID, "suspend")
         assert suspend.is_enabled() and not driver.find_element(By.ID, "resume").is_enabled()
         suspend.click()
