@@ -25,6 +25,7 @@ EPILOG = """examples:
   kubetune convert llama3_lora_sft.yaml -o job.yaml   # from LLaMA-Factory (v0 or v1) / NeMo AutoModel
   kubetune estimate job.yaml --gpu-memory 24GB
   kubectl kubetune get; kubectl kubetune logs -f JOB  # cluster views
+  kubetune board                                 # web UI: runs, loss curves, new runs, chat
 """
 
 
@@ -184,6 +185,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=5.0, help="seconds between polls (default 5)")
     p.add_argument("--timeout", type=float, help="give up after this many seconds (exit 2)")
 
+    p = sub.add_parser(
+        "board",
+        help="a web UI over your runs: local ones (./saves) or a cluster's FineTuneJobs",
+        description="Serve a web UI: the runs list with progress, each run's loss curve, logs, events and "
+        "checkpoints, suspend/resume/delete, a form for new runs (validation, plan and memory estimate as "
+        "`kubetune validate/plan/estimate` give them) and a chat with a finished run. Cluster mode acts with "
+        "your kubeconfig's credentials; local mode on the runs `kubetune run` writes under --saves.",
+    )
+    p.add_argument("--mode", choices=["local", "cluster"],
+                   help="default: cluster when a kubeconfig is usable, else local (the board says which)")
+    p.add_argument("-n", "--namespace", help="cluster mode: the namespace (default: the context's, else default)")
+    p.add_argument("--kubeconfig", help="cluster mode: kubeconfig file (default $KUBECONFIG, ~/.kube/config)")
+    p.add_argument("--context", help="cluster mode: kubeconfig context")
+    p.add_argument("--saves", default="./saves", help="local mode: where runs live (default ./saves)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; anything "
+                   "but 127.0.0.1, ::1 or localhost needs --allow-remote)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    p.add_argument("--grafana-url", help="link each run to this Grafana dashboard URL")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow --host to be a non-loopback address: anyone who reaches the port acts as you")
+
     p = sub.add_parser("stage", help="run one resolved stage config (what runtime pods do)")
     p.add_argument("--config", required=True, help="resolved stage JSON (from the operator's ConfigMap)")
     p.add_argument("--metrics-port", type=int)
@@ -300,6 +322,12 @@ def _cmd_estimate(args) -> int:
     return estimate_main(args.file, args.overrides, args.params, args.gpu_memory)
 
 
+def _cmd_board(args) -> int:
+    from .board.server import serve
+
+    return serve(args)
+
+
 def _cmd_cluster(args) -> int:
     from . import kubectl_plugin
 
@@ -329,6 +357,7 @@ COMMANDS = {
     "describe": _cmd_cluster,
     "logs": _cmd_cluster,
     "watch": _cmd_cluster,
+    "board": _cmd_board,
 }
 
 

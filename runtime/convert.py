@@ -137,6 +137,27 @@ _CAMEL = {"role_tag": "roleTag", "content_tag": "contentTag", "user_tag": "userT
           "observation_tag": "observationTag", "function_tag": "functionTag", "system_tag": "systemTag"}
 
 
+# LLaMA-Factory key → our field (and the cast), one table per block of the FineTuneJob; the
+# conversion reads them, and so does the board's form (`llamafactory_names`).
+_LF_HYPERPARAMETERS = {
+    "learning_rate": ("learningRate", float), "num_train_epochs": ("epochs", float),
+    "per_device_train_batch_size": ("batchSize", int), "gradient_accumulation_steps": ("gradientAccumulation", int),
+    "cutoff_len": ("cutoffLen", int), "warmup_ratio": ("warmupRatio", float), "warmup_steps": ("warmupSteps", int),
+    "weight_decay": ("weightDecay", float), "max_grad_norm": ("maxGradNorm", float), "seed": ("seed", int),
+    "logging_steps": ("loggingSteps", int), "val_size": ("valSize", float), "eval_steps": ("evalSteps", int),
+    "neftune_noise_alpha": ("neftuneAlpha", float)}
+_LF_ADAM = {"adam_beta1": "adamBeta1", "adam_beta2": "adamBeta2", "adam_epsilon": "adamEpsilon"}
+_LF_LORA = {"lora_rank": ("rank", int), "lora_alpha": ("alpha", int), "lora_dropout": ("dropout", float),
+            "lora_target": ("target", list), "additional_target": ("modulesToSave", list),
+            "loraplus_lr_ratio": ("loraplusLrRatio", float)}
+_LF_LORA_SWITCHES = {"use_dora": ("useDora", True), "use_rslora": ("useRslora", True), "pissa_init": ("init", "pissa")}
+_LF_FREEZE = {"freeze_trainable_layers": "trainableLayers", "freeze_trainable_modules": "trainableModules",
+              "freeze_extra_modules": "extraModules"}
+_LF_PREF = {"pref_beta": "beta", "pref_ftx": "ftx", "dpo_label_smoothing": "labelSmoothing", "simpo_gamma": "simpoGamma",
+            "kto_chosen_weight": "desirableWeight", "kto_rejected_weight": "undesirableWeight"}
+_LF_CHECKPOINT = {"save_steps": "everySteps", "save_total_limit": "keep"}
+
+
 def _find_dataset_dir(k: _Keys, source_dir: Path, dataset_dir: str | None) -> tuple[str, Path | None]:
     """The dataset_dir string to write paths with, and the folder where dataset_info.json lives."""
     given = dataset_dir or k.get("dataset_dir", "data")
@@ -278,34 +299,17 @@ def _method(k: _Keys, warnings: list[str]) -> tuple[str, dict[str, Any]]:
             ft = "qlora"
     else:
         _not_carried(k, ("quantization_type", "double_quantization"), "no quantization_bit set", warnings)
-    lora_keys = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "additional_target", "use_dora",
-                 "use_rslora", "pissa_init", "loraplus_lr_ratio")
+    lora_keys = (*_LF_LORA, *_LF_LORA_SWITCHES)
     if ft in ("lora", "qlora"):
-        lora: dict[str, Any] = {}
-        if k.has("lora_rank"):
-            lora["rank"] = int(_num(k.get("lora_rank")))
-        if k.has("lora_alpha"):
-            lora["alpha"] = int(_num(k.get("lora_alpha")))
-        if k.has("lora_dropout"):
-            lora["dropout"] = float(_num(k.get("lora_dropout")))
-        if k.has("lora_target"):
-            lora["target"] = _split_list(k.get("lora_target"))
-        if k.has("additional_target"):
-            lora["modulesToSave"] = _split_list(k.get("additional_target"))
-        if k.get("use_dora"):
-            lora["useDora"] = True
-        if k.get("use_rslora"):
-            lora["useRslora"] = True
-        if k.get("pissa_init"):
-            lora["init"] = "pissa"
-        if k.has("loraplus_lr_ratio"):
-            lora["loraplusLrRatio"] = float(_num(k.get("loraplus_lr_ratio")))
+        lora: dict[str, Any] = _sub_keys(k, _LF_LORA)
+        for key, (field, value) in _LF_LORA_SWITCHES.items():
+            if k.get(key):
+                lora[field] = value
         if lora:
             block["lora"] = lora
     else:
         _not_carried(k, lora_keys, f"finetuning_type is {ft}, not lora", warnings)
-    freeze_keys = {"freeze_trainable_layers": "trainableLayers", "freeze_trainable_modules": "trainableModules",
-                   "freeze_extra_modules": "extraModules"}
+    freeze_keys = _LF_FREEZE
     if ft == "freeze":
         fr: dict[str, Any] = {}
         for key, field in freeze_keys.items():
@@ -321,13 +325,7 @@ def _method(k: _Keys, warnings: list[str]) -> tuple[str, dict[str, Any]]:
 
 def _hyperparameters(k: _Keys, warnings: list[str]) -> dict[str, Any]:
     hp: dict[str, Any] = {}
-    simple = {"learning_rate": ("learningRate", float), "num_train_epochs": ("epochs", float),
-              "per_device_train_batch_size": ("batchSize", int), "gradient_accumulation_steps": ("gradientAccumulation", int),
-              "cutoff_len": ("cutoffLen", int), "warmup_ratio": ("warmupRatio", float), "warmup_steps": ("warmupSteps", int),
-              "weight_decay": ("weightDecay", float), "max_grad_norm": ("maxGradNorm", float), "seed": ("seed", int),
-              "logging_steps": ("loggingSteps", int), "val_size": ("valSize", float), "eval_steps": ("evalSteps", int),
-              "neftune_noise_alpha": ("neftuneAlpha", float)}
-    for key, (field, cast) in simple.items():
+    for key, (field, cast) in _LF_HYPERPARAMETERS.items():
         if k.has(key):
             hp[field] = cast(_num(k.get(key)))
     if k.has("max_steps"):
@@ -388,7 +386,7 @@ def _sub_keys(k: _Keys, table: dict[str, tuple[str, Any]]) -> dict[str, Any]:
 
 def _optimizer(k: _Keys, hp: dict[str, Any], warnings: list[str]) -> None:
     """Adam betas/epsilon and LLaMA-Factory's use_galore / use_apollo / use_badam / use_adam_mini / use_muon."""
-    for key, field in (("adam_beta1", "adamBeta1"), ("adam_beta2", "adamBeta2"), ("adam_epsilon", "adamEpsilon")):
+    for key, field in _LF_ADAM.items():
         if k.has(key):
             hp[field] = float(_num(k.get(key)))
     chosen = [key for key in ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon") if k.get(key)]
@@ -488,9 +486,7 @@ def _pref(k: _Keys, stage: str, warnings: list[str]) -> tuple[str, dict[str, Any
             warnings.append(f"pref_loss: {loss!r} not carried over (TRL's DPO losses: {', '.join(sorted(_DPO_LOSSES))}); using sigmoid")
     elif loss is not None:
         warnings.append(f"pref_loss: not carried over — only meaningful with stage dpo (stage is {stage})")
-    knobs = {"pref_beta": "beta", "pref_ftx": "ftx", "dpo_label_smoothing": "labelSmoothing", "simpo_gamma": "simpoGamma",
-             "kto_chosen_weight": "desirableWeight", "kto_rejected_weight": "undesirableWeight"}
-    for key, field in knobs.items():
+    for key, field in _LF_PREF.items():
         if k.has(key):
             v = float(_num(k.get(key)))
             if stage in ("dpo", "kto", "orpo", "simpo"):
@@ -593,10 +589,9 @@ def convert_llamafactory(cfg: dict[str, Any], source_dir: Path, dataset_dir: str
     if out_dir:
         spec["storage"] = {"uri": str(out_dir)}
     ck: dict[str, Any] = {}
-    if k.has("save_steps"):
-        ck["everySteps"] = max(1, int(_num(k.get("save_steps"))))
-    if k.has("save_total_limit"):
-        ck["keep"] = max(1, int(_num(k.get("save_total_limit"))))
+    for key, field in _LF_CHECKPOINT.items():
+        if k.has(key):
+            ck[field] = max(1, int(_num(k.get(key))))
     if ck:
         spec["checkpoint"] = ck
     if k.has("report_to") or k.has("run_name"):

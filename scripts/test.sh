@@ -30,9 +30,11 @@ if [ "${1:-}" = "--fast" ]; then FAST=1; shift; fi
 ruff check runtime operator tests bench images dashboards scripts
 mark "lint (ruff)"
 
-# Debian packages the tests start as real processes: Prometheus (+ promtool); for the e2e tier's
-# real node, podman + mmdebstrap (the images), containerd + runc, the CNI plugins and iptables.
-bash scripts/debian-packages.sh prometheus
+# Debian packages the tests start as real processes: Prometheus (+ promtool), chromium and its
+# chromedriver (kubetune board's browser tests, both tiers; Selenium is pointed at
+# /usr/bin/chromedriver, never downloads one); for the e2e tier's real node, podman + mmdebstrap
+# (the images), containerd + runc, the CNI plugins and iptables.
+bash scripts/debian-packages.sh prometheus chromium chromium-driver
 if [ "$FAST" = 0 ] && [ "$(id -u)" = 0 ]; then
   bash scripts/debian-packages.sh podman mmdebstrap runc containerd containernetworking-plugins iptables
 fi
