@@ -323,7 +323,14 @@ def _cmd_estimate(args) -> int:
 
 
 def _cmd_board(args) -> int:
-    from .board.server import serve
+    try:
+        from .board.server import serve
+    except ModuleNotFoundError as e:
+        missing = (e.name or "").split(".")[0]
+        if missing not in ("starlette", "uvicorn", "kubernetes"):
+            raise
+        raise UserError(f"kubetune board needs the `board` extra (pip install 'kubetune[board]'): "
+                        f"no module named {missing!r}") from None
 
     return serve(args)
 

@@ -126,3 +126,21 @@ def test_cluster_mode_without_a_kubeconfig_is_a_clear_error(tmp_path):
                            str(_free_port())], capture_output=True, text=True, env=_env(tmp_path), timeout=60)
     assert done.returncode == 42, done.stderr
     assert "no usable kubeconfig" in done.stderr
+
+
+def test_without_the_board_extra_it_says_which_extra_to_install(tmp_path):
+    """A machine with only the `train` extra (the quickstart's): a clear message and the bad-input
+    exit code, not a traceback. The package is hidden the way a missing one fails to import."""
+    code = ("import sys\n"
+            "class Hide:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'starlette':\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+            "sys.meta_path.insert(0, Hide())\n"
+            "from kubetune.runtime.cli import main\n"
+            "sys.exit(main(['board', '--mode', 'local', '--port', '0']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(tmp_path),
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 42, r.stderr
+    assert "kubetune board needs the `board` extra (pip install 'kubetune[board]')" in r.stderr
+    assert "no module named 'starlette'" in r.stderr and "Traceback" not in r.stderr
