@@ -276,6 +276,9 @@ def make_timer(warmup: int, compile_layers: bool = False):
                 t = time.perf_counter()
                 compile_regions(model)
                 self.compile_s = time.perf_counter() - t  # wrapping only; the compile happens in step 1
+            from kubetune.runtime.attention import calls
+
+            self.calls0 = dict(calls)
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
@@ -297,8 +300,14 @@ def make_timer(warmup: int, compile_layers: bool = False):
             return {"timed_steps": s1 - s0, "seconds": t1 - t0, "tokens": n1 - n0, "tokens_per_s": (n1 - n0) / (t1 - t0),
                     "first_step_s": first, "step_s": step_s, "first_step_excess_s": first - step_s,
                     "gradient_checkpointing": self.gc, "optim": self.optim, "attention": self.attn,
+                    "attention_calls": self._calls(),
                     "first_loss": self.losses[0] if self.losses else None,
                     "last_loss": self.losses[-1] if self.losses else None}
+
+        def _calls(self):  # which path kubetune_varlen's calls took in this run (varlen, reference, sdpa)
+            from kubetune.runtime.attention import calls
+
+            return {k: v - self.calls0.get(k, 0) for k, v in calls.items() if v - self.calls0.get(k, 0)}
 
     return StepTimer()
 
@@ -507,7 +516,8 @@ def summarize(runs: list[dict]) -> dict:
             "spread_pct": (max(tps) - min(tps)) / statistics.median(tps) * 100,
             "peak_gib": max((p for p in peaks if p is not None), default=None),
             "first_step_excess_s": statistics.median(r["first_step_excess_s"] for r in runs if "tokens_per_s" in r),
-            "gradient_checkpointing": runs[0].get("gradient_checkpointing"), "attention": runs[0].get("attention")}
+            "gradient_checkpointing": runs[0].get("gradient_checkpointing"), "attention": runs[0].get("attention"),
+            "attention_calls": runs[0].get("attention_calls")}
 
 
 def run_case(env: dict, case: dict, repeats: int, deadline: float) -> dict:
@@ -736,7 +746,8 @@ def print_table(report: dict) -> None:
             mfu_n = f"{s['median'] * f['nemo'] / 1e12 / peak * 100:.1f}%" if peak else "-"
             mfu_o = f"{s['median'] * f['ours'] / 1e12 / peak * 100:.1f}%" if peak else "-"
             print(f"{key:<9}{arm:<15}{s['n']:>3}{s['median']:>17.0f}{s['min']:>8.0f}–{s['max']:<7.0f}{mfu_n:>10}{mfu_o:>10}"
-                  f"{(s['peak_gib'] or 0):>10.1f}{str(s['gradient_checkpointing'])[0]:>6}  {s['attention']} / "
+                  f"{(s['peak_gib'] or 0):>10.1f}{str(s['gradient_checkpointing'])[0]:>6}  {s['attention']} "
+                  f"{s.get('attention_calls') or ''} / "
                   f"{s['first_step_excess_s']:.1f}s")
         base = case["summary"]
         for b in ("trl_same_ckpt", "trl_defaults", "ours"):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections import Counter
 from typing import Any
 
 import torch
@@ -34,15 +35,37 @@ log = logging.getLogger(__name__)
 
 VARLEN = "kubetune_varlen"
 CAUSAL = (-1, 0)  # varlen_attn's window_size for causal attention; (-1, -1) is full attention
+calls: Counter = Counter()  # which path each attention call took (the bench records it per run)
 
 
 def _torch_varlen():
-    """torch's varlen_attn and whether it takes `enable_gqa` (None where this torch has none)."""
+    """torch's varlen_attn with the signature of today's (window_size, scale), and whether it takes
+    `enable_gqa`; (None, False) where this torch has none."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None, False
-    return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
+    return adapt_varlen(varlen_attn)
+
+
+def adapt_varlen(fn):
+    """The first releases (torch 2.10) took `is_causal` instead of `window_size` and no GQA."""
+    params = inspect.signature(fn).parameters
+    gqa = "enable_gqa" in params
+    if "window_size" in params:
+        return fn, gqa
+
+    def call(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), **kw):
+        if tuple(window_size) not in ((-1, -1), CAUSAL):
+            raise NotImplementedError(f"this varlen_attn has no window_size ({window_size})")
+        extra = dict(kw)
+        if "scale" in params:
+            extra["scale"] = scale
+        elif scale is not None and abs(scale - query.size(-1) ** -0.5) > 1e-12:
+            raise NotImplementedError("this varlen_attn takes no scale")
+        return fn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=tuple(window_size) == CAUSAL, **extra)
+
+    return call, gqa
 
 
 def reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
@@ -121,11 +144,13 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if attention_mask is not None or key.shape[2] != seq or seq == 1 or not causal or kwargs.get("softcap"):
         # padded batch, KV cache, bidirectional or soft-capped: SDPA with the mask transformers built
+        calls["sdpa"] += 1
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     cu, longest = document_boundaries(batch, seq, query.device, kwargs.get("position_ids"),
                                       kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
     if dropout > 0.0:  # the varlen kernels take no dropout: the block-diagonal mask, as SDPA had it
+        calls["sdpa_documents"] += 1
         out, _ = sdpa_attention_forward(module, _flat(query), _flat(key), _flat(value), _document_mask(cu, batch * seq),
                                         dropout=dropout, scaling=scaling, **_without(kwargs))
         return out.reshape(batch, seq, heads, -1), None
@@ -133,6 +158,7 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
     k = key.transpose(1, 2).reshape(batch * seq, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * seq, value.shape[1], value.shape[-1])
     fn, native = kernel_for(q)
+    calls["varlen" if fn is not reference_varlen_attn else "reference"] += 1
     out = run_varlen(fn, q, k, v, cu, longest, scaling, native_gqa=native)
     return out.reshape(batch, seq, heads, -1), None
 

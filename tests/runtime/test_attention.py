@@ -82,6 +82,7 @@ def test_packed_row_gives_the_masked_sdpa_logits_and_gradients(kv_heads, calls):
     sdpa_logits, sdpa_loss, sdpa_grads = run(load_as("sdpa", kv_heads=kv_heads), batch)
     ours_logits, ours_loss, ours_grads = run(load_as(attention.VARLEN, kv_heads=kv_heads), batch)
     assert len(calls) == 2 and set(calls) == {attention.CAUSAL}  # both layers, causal, through the kernel
+    assert attention.calls["reference"] >= 2
     d_logits = (ours_logits - sdpa_logits).abs().max().item()
     d_grads = max_diff(ours_grads, sdpa_grads)
     print(f"kv_heads={kv_heads}: max |Δ logits| {d_logits:.2e}, max |Δ grad| {d_grads:.2e}, "
@@ -164,6 +165,26 @@ def test_gqa_native_and_expanded_agree():
         q.transpose(0, 1), k.repeat_interleave(4, 1).transpose(0, 1), v.repeat_interleave(4, 1).transpose(0, 1),
         attn_mask=mask, scale=0.25).transpose(0, 1)
     assert (native - ref).abs().max().item() < 1e-6
+
+
+def old_varlen(query, key, value, cu_q, cu_k, max_q, max_k, *, is_causal=False, return_aux=None):
+    """varlen_attn as torch 2.10 had it: is_causal, no window_size, no scale, no GQA."""
+    assert query.size(1) == key.size(1)
+    return attention.reference_varlen_attn(query, key, value, cu_q, cu_k, max_q, max_k,
+                                           window_size=attention.CAUSAL if is_causal else (-1, -1))
+
+
+def test_the_first_varlen_signature_is_adapted(monkeypatch):
+    fn, native = attention.adapt_varlen(old_varlen)
+    assert native is False and fn is not old_varlen
+    assert attention.adapt_varlen(strict_varlen) == (strict_varlen, False)
+    monkeypatch.setattr(attention, "kernel_for", lambda q: (fn, native))
+    batch = packed_batch()
+    ours, _, grads = run(load_as(attention.VARLEN), batch)
+    ref, _, ref_grads = run(load_as("sdpa"), batch)
+    assert (ours - ref).abs().max().item() < TOL and max_diff(grads, ref_grads) < TOL
+    with pytest.raises(NotImplementedError):  # a scale it cannot take is refused, not ignored
+        fn(*[torch.zeros(4, 2, 16)] * 3, torch.tensor([0, 4], dtype=torch.int32), None, 4, 4, scale=0.5)
 
 
 def test_a_model_through_a_kernel_without_gqa(monkeypatch):
