@@ -25,7 +25,7 @@ def test_smoke_runs_every_case_interleaved_and_writes_the_raw_json(tmp_path):
     assert report["commit"] == head and report["exploratory"] is True and report["smoke"] is True
     assert {"torch", "transformers", "peft", "trl", "bitsandbytes"} <= set(report["versions"])
     assert report["card"]["name"] == "cpu" and "driver" in report["card"]
-    assert set(report["cases"]) == {"lora8b", "full1b", "qlora8b", "compile"}
+    assert list(report["cases"]) == ["lora8b", "full1b", "compile", "qlora8b"]  # qlora last: its memory alone
     for key, case in report["cases"].items():
         assert case["complete"], (key, case.get("stopped"), case["arms"])
         runs = []
