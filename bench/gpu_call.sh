@@ -52,9 +52,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 rc=0
 # 1. the pod entrypoint (+ the varlen kernel check on a GPU): ~1 minute
 timeout 150 "$PY" bench/pod_smoke.py "${SMOKE[@]}" 2>&1 | tee "$OUT/pod-smoke.log" | tail -40 || rc=1
-# 2. the bench: lora8b (ours | TRL same checkpointing | TRL defaults), full1b, qlora8b; 3 repeats interleaved
+# 2. the bench: lora8b (ours | TRL same checkpointing | TRL defaults), full1b, the profile, qlora8b; 3 repeats
+#    interleaved; at most 330 s + 60 s, so the whole call stays under the 560 s timeout
 BUDGET=330
 if [ ${#SMOKE[@]} -gt 0 ]; then BUDGET=900; fi
-timeout $((BUDGET + 90)) "$PY" bench/gpu.py "${SMOKE[@]}" --budget "$BUDGET" --out "$OUT" 2>&1 \
+timeout $((BUDGET + 60)) "$PY" bench/gpu.py "${SMOKE[@]}" --profile --budget "$BUDGET" --out "$OUT" 2>&1 \
   | grep -v -e "it/s\]" -e "examples/s\]" | tee "$OUT/gpu.log" | tail -60 || rc=1
 exit $rc
