@@ -237,9 +237,22 @@ def test_sliding_window_models_keep_their_mask():
     mask = attention.packed_attention_mask(1, 10, 10, config=cfg, mask_function=_sliding(4), device="cpu",
                                            allow_is_causal_skip=False)
     assert mask is not None and mask.shape[-2:] == (10, 10)
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, Qwen2Config
 
     assert attention.packed_attention_mask(1, 10, 10, config=LlamaConfig()) is None
+    assert attention._plain_causal(Qwen2Config())  # sliding window configured but off: every layer full
+    assert not attention._plain_causal(Qwen2Config(use_sliding_window=True, sliding_window=8, max_window_layers=0))
+
+
+def test_saved_models_do_not_name_the_implementation(tmp_path):
+    """An exported model or adapter loads anywhere: `kubetune_varlen` is never written to its files."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_as(attention.VARLEN)
+    model.save_pretrained(tmp_path / "full")
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
+    written = [p.read_text() for p in tmp_path.rglob("*.json")]
+    assert len(written) >= 3 and not any(attention.VARLEN in text for text in written)
 
 
 def _sliding(w):
