@@ -38,8 +38,10 @@ def compute_dtype(model: ModelSpec, precision: str = "auto") -> torch.dtype:
     return torch.float32
 
 
-def attn_implementation(model: ModelSpec) -> str:
-    return "sdpa" if model.attn_implementation == "auto" else model.attn_implementation
+def attn_implementation(model: ModelSpec, dtype: torch.dtype | None = None) -> str:
+    from .attention import choose_attention  # auto: varlen attention for packed rows where it runs (logged)
+
+    return choose_attention(model.attn_implementation, dtype)
 
 
 def _check_local_model(path: str, where: str) -> None:
@@ -112,7 +114,7 @@ def load_model(
     qconf = quantization_config(stage, dtype) if stage is not None else None
     opts: dict[str, Any] = dict(
         dtype=dtype,
-        attn_implementation=attn_implementation(model),
+        attn_implementation=attn_implementation(model, dtype),
         revision=model.revision,
         trust_remote_code=model.trust_remote_code,
         **kwargs,

@@ -119,8 +119,10 @@ class ModelSpec(Spec):
         "auto",
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = _field(
-        "Attention kernel: auto (SDPA, the fast default of PyTorch), sdpa, eager, "
-        "flash_attention_2 or flash_attention_3 (need the flash-attn package in the image).",
+        "Attention kernel: auto (on a CUDA GPU with bf16/fp16 weights, variable-length attention for "
+        "packed padding-free rows, PyTorch's varlen_attn, else flex_attention; SDPA on CPU and for padded "
+        "batches; the choice is logged), sdpa, eager, flash_attention_2 or flash_attention_3 (need the "
+        "flash-attn package in the image).",
         "auto",
     )
 
