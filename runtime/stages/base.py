@@ -40,6 +40,12 @@ class StageContext:
     def where(self, field_name: str = "") -> str:
         return f"spec.stages[{self.cfg.index}]{'.' + field_name if field_name else ''}"
 
+    def policy_paths(self) -> tuple[str, str | None]:
+        """(the model the stage starts from, the adapter an earlier stage left on it or None), local or hub ids."""
+        policy = self.cfg.io.policy
+        model = self.resolve(policy.model, "spec.model.name")
+        return model, (self.resolve(policy.adapter, self.where("adapter")) if policy.adapter else None)
+
 
 @dataclass
 class StageResult:
