@@ -142,7 +142,7 @@ def test_muon_with_adamw_saves_and_loads_like_one_optimizer():
 
 
 # Other stage types reach the optimizer through the same place: TRL configs carry the TrainingArguments
-# (GaLore), and every Trainer stage passes through stages.base.train (Muon's factory, here on a LoRA model).
+# (GaLore), and every Trainer stage passes through stages.trainer_stage.train (Muon's factory, here on a LoRA model).
 STAGE_CASES = {
     "dpo-galore": ({"type": "dpo", "method": "full", "preference": {"beta": 0.5},
                     "hyperparameters": {"optimizer": "galore_adamw", "learningRate": 1e-3, "galore": {"rank": 4}}},
@@ -169,3 +169,30 @@ def test_preference_stages_train_with_the_named_optimizer(label, tiny_model, tmp
         assert_went_up(series(out, signal), by=0.2)
     assert [_name(o) for o in built_optimizers] == [cls]
     assert json.loads((out / "run.json").read_text())["optimizer"] == cls
+
+
+def _loraplus_groups(opt, lr: float, ratio: float, rank: int, groups: int = 1) -> tuple[list, list]:
+    """(the A matrices' group at lr, the B matrices' group at ratio × lr) of a LoRA+ optimizer; `groups`
+    after the first are other modules' (ppo's value head)."""
+    at_lr = [g for g in opt.param_groups if g["params"] and g["lr"] == lr]
+    assert len(at_lr) == groups, at_lr
+    a_group = at_lr[0]
+    (b_group,) = [g for g in opt.param_groups if g["params"] and g["lr"] == pytest.approx(lr * ratio)]
+    assert all(p.shape[0] == rank for p in a_group["params"]) and all(p.shape[1] == rank for p in b_group["params"])
+    return a_group["params"], b_group["params"]
+
+
+@pytest.mark.slow
+def test_loraplus_applies_in_a_dpo_stage(tiny_model, tmp_path, built_optimizers):
+    """lora.loraplusLrRatio reaches every Trainer stage through the same place, not only sft."""
+    from tests.runtime.test_preference import FAST as PREF_FAST
+    from tests.runtime.test_preference import run_stages, write_pairs
+
+    stage = {"name": "dpo", "type": "dpo", "method": "lora", "lora": {"rank": 8, "loraplusLrRatio": 16},
+             "preference": {"beta": 0.5}, "hyperparameters": {**PREF_FAST, "maxSteps": 2, "learningRate": 1e-3}}
+    out = run_stages(tmp_path, tiny_model, [stage], write_pairs(tmp_path / "prefs.json")) / "dpo" / "output"
+    (opt,) = built_optimizers
+    a, b = _loraplus_groups(opt, 1e-3, 16, 8)
+    assert len(a) == len(b) > 0  # one B for each A, none left at the base learning rate
+    assert json.loads((out / "run.json").read_text())["steps"] == 2
+
