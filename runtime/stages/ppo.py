@@ -17,7 +17,9 @@ One iteration of the loop below:
    `VF_COEF` × the clipped value loss.
 
 Optimizer steps count as training steps (`maxSteps`); `epochs` are passes over the prompts, each
-rollout taking `PPO_EPOCHS` steps. Tokens count once per rollout (prompt + completion).
+rollout taking `PPO_EPOCHS` steps. Tokens count once per rollout (prompt + completion). The
+optimizer is `hyperparameters.optimizer` as transformers builds it for the Trainer stages (the
+spec admits the AdamW, Adafactor, SGD and Lion names here), or LoRA+'s AdamW as in those stages.
 
 Several processes (torchrun: `gpusPerNode > 1`, `nodes > 1`) train one model, data-parallel: every
 rollout's prompts are split between the ranks (`batchSize × gradientAccumulation` each, as the
@@ -50,7 +52,7 @@ from ..launcher import coordinator
 from ..models import load_model, load_policy
 from .base import StageContext, StageResult, common_args
 from .online_rl import SIGNALS, prompt_datasets, reward_sources
-from .trainer_stage import Stage
+from .trainer_stage import Stage, loraplus_optimizer, loraplus_ratio
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +358,8 @@ class PPO(Stage):
         self.params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
         self.optimizer = self.build_optimizer()
         self.scheduler = get_scheduler(hp.lr_scheduler, self.optimizer, num_training_steps=max_steps,
-                                       num_warmup_steps=args.get_warmup_steps(max_steps))
+                                       num_warmup_steps=args.get_warmup_steps(max_steps),
+                                       scheduler_specific_kwargs=args.lr_scheduler_kwargs or None)  # minLr
         self.state = TrainerState(max_steps=max_steps, logging_steps=hp.logging_steps,
                                   save_steps=cfg.checkpoint.every_steps,
                                   num_train_epochs=math.ceil(max_steps / PPO_EPOCHS / self.rollouts_per_epoch))
@@ -371,9 +374,17 @@ class PPO(Stage):
             torch.manual_seed(hp.seed + ranks.rank)  # each rank samples its own completions
 
     def build_optimizer(self):
-        """AdamW over the policy's trainable weights and the value head."""
-        return torch.optim.AdamW(self.params, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay,
-                                 betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon)
+        """hyperparameters.optimizer with its settings, as the Trainer stages build it (LoRA+: AdamW
+        with the B matrices at ratio × the learning rate); the value head trains beside the policy."""
+        from transformers import Trainer
+
+        head = list(self.value_head.parameters())
+        if ratio := loraplus_ratio(self.stage):
+            optimizer = loraplus_optimizer(self.model, self.args, ratio)
+            optimizer.add_param_group({"params": head, "lr": self.args.learning_rate, "weight_decay": self.hp.weight_decay})
+            return optimizer
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+        return optimizer_cls(self.params, weight_decay=self.hp.weight_decay, **kwargs)
 
     def save_model(self, path: str) -> None:
         if self.is_peft:
