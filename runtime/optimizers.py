@@ -9,7 +9,7 @@ Adam-mini (package adam-mini), Muon (PyTorch's `torch.optim.Muon`) and BAdam (pa
 have no transformers integration: `install` hands the Trainer a factory through its own
 `optimizer_cls_and_kwargs` hook, so the Trainer's `create_optimizer` builds them on the very
 model it trains (after peft and accelerate), and its scheduler, checkpoints and resume treat
-them like any other optimizer. `stages.base.train` calls `install` for every Trainer stage.
+them like any other optimizer. `stages.trainer_stage.train` calls `install` for every Trainer stage.
 
 The spec's CEL rules keep out the combinations these methods cannot train (GaLore, APOLLO and
 BAdam with adapters, layerwise updates with gradient accumulation or several processes, ...).

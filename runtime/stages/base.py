@@ -1,21 +1,19 @@
-"""What every training stage shares: its context, TRL config arguments, and how it finishes.
+"""What every stage is given and returns (its context, its result), the TrainingArguments of its
+hyperparameters and the summary of a training run (`run.json`).
 
-A stage module is a thin adapter: resolved stage config → a TRL trainer and its config. The
-cross-cutting parts (progress, metrics, checkpoint upload, trainer_log.jsonl) arrive as
-`TrainerCallback`s in the context, never woven into the stage.
+A stage module is a thin adapter: resolved stage config → a TRL trainer and its config, on the
+skeleton of `trainer_stage.py`. The cross-cutting parts (progress, metrics, checkpoint upload,
+trainer_log.jsonl) arrive as `TrainerCallback`s in the context, never woven into the stage.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import UserError
 from ..plan import ResolvedStage
-from ..spec import StageSpec
 
 
 @dataclass
@@ -39,6 +37,12 @@ class StageContext:
 
     def where(self, field_name: str = "") -> str:
         return f"spec.stages[{self.cfg.index}]{'.' + field_name if field_name else ''}"
+
+    def policy_paths(self) -> tuple[str, str | None]:
+        """(the model the stage starts from, the adapter an earlier stage left on it or None), local or hub ids."""
+        policy = self.cfg.io.policy
+        model = self.resolve(policy.model, "spec.model.name")
+        return model, (self.resolve(policy.adapter, self.where("adapter")) if policy.adapter else None)
 
 
 @dataclass
@@ -153,28 +157,6 @@ def _activations_fit(ctx: StageContext) -> bool:
         return False
 
 
-def check_method(stage: StageSpec, allowed: tuple[str, ...], where: str) -> None:
-    if stage.method not in allowed:
-        raise UserError(
-            f"method {stage.method!r} is not supported by {stage.type} stages; use one of {', '.join(allowed)}",
-            where,
-        )
-
-
-def train(trainer, ctx: StageContext) -> tuple[Any, float]:
-    """Run the trainer, resuming from the context's checkpoint when there is one."""
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # our progress bar and trainer_log.jsonl say it better
-    from ..optimizers import install
-
-    install(trainer, ctx.cfg.stage.hyperparameters)  # Adam-mini, Muon, BAdam: built by the Trainer's factory hook
-    started = time.time()
-    resume = str(ctx.resume_from) if ctx.resume_from else None
-    result = trainer.train(resume_from_checkpoint=resume)
-    return result, time.time() - started
-
-
 def summarize(trainer, result, duration: float, ctx: StageContext, log_records: list[dict[str, Any]]) -> dict[str, Any]:
     state = trainer.state
     losses = [r["loss"] for r in log_records if "loss" in r]
@@ -237,24 +219,3 @@ def _step_of(path: Path | None) -> int | None:
         return None
     tail = path.name.rsplit("-", 1)[-1]
     return int(tail) if tail.isdigit() else None
-
-
-def finish(trainer, tokenizer, result, duration: float, ctx: StageContext, log_cb, merge_lora: bool = False) -> StageResult:
-    """Save the model (adapter or full) in HF format with the tokenizer, the log, plot and summary."""
-    from ..outputs import plot_loss, write_run_summary
-
-    out = ctx.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    model = trainer.model
-    if merge_lora and hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-        model.save_pretrained(out)
-    else:
-        trainer.save_model(str(out))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    (out / "trainer_log.jsonl").write_text(log_cb.path.read_text() if log_cb.path.exists() else "")
-    plot_loss(log_cb.records, out / "training_loss.png", f"{ctx.cfg.job} / {ctx.cfg.name} ({ctx.cfg.stage.type}, {ctx.cfg.stage.method})")
-    summary = summarize(trainer, result, duration, ctx, log_cb.records)
-    write_run_summary(out / "run.json", summary)
-    return StageResult(out, summary)

@@ -32,8 +32,7 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     ev = cfg.stage.evaluation
     started = time.time()
-    model_path = ctx.resolve(cfg.io.policy.model, "spec.model.name")
-    adapter = ctx.resolve(cfg.io.policy.adapter, ctx.where("adapter")) if cfg.io.policy.adapter else None
+    model_path, adapter = ctx.policy_paths()
     data = load_eval_data(cfg.data, ctx.base_dir, ctx.fetch)
     pool = None
     if ev.few_shot_data:

@@ -16,22 +16,18 @@ answer is dropped); extra columns (e.g. `answer`) reach the reward functions as 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import shutil
 from typing import Any
 
 from ..data.prepare import train_eval_examples
 from ..errors import UserError
-from ..models import compute_dtype, load_policy, load_tokenizer
-from ..outputs import TrainerLogCallback
 from ..rewards import build_reward_functions, load_reward_model
-from .base import StageContext, StageResult, check_method, common_args, finish, train
+from .base import StageContext
+from .trainer_stage import TrainerStage
 
 log = logging.getLogger(__name__)
 
-# Signals copied from trainer_log.jsonl into run.json (first and last logged value).
-SIGNALS = ("reward", "kl")
+SIGNALS = ("reward", "kl")  # first and final logged value into run.json
 
 
 def prompt_datasets(ctx: StageContext):
@@ -64,83 +60,63 @@ def reward_sources(ctx: StageContext, columns: set[str], dtype) -> tuple[list[An
     return funcs, classes
 
 
-def record_signals(result: StageResult, log_cb: TrainerLogCallback, keys=SIGNALS) -> None:
-    """Add the first and last logged value of each signal to the summary (and run.json)."""
-    for key in keys:
-        values = [r[key] for r in log_cb.records if key in r]
-        if values:
-            result.summary[f"first_{key}"] = values[0]
-            result.summary[f"final_{key}"] = values[-1]
-    (result.output_dir / "run.json").write_text(json.dumps(result.summary, indent=2, sort_keys=True) + "\n")
+class GenerationStage(TrainerStage):
+    """A stage whose policy generates from the stage's prompts while it trains (grpo, rloo, distill)."""
+
+    padding_side = "left"  # generation continues the prompt's last token
+
+    def datasets(self):
+        return prompt_datasets(self.ctx)
+
+    def options(self):
+        return dict(
+            remove_unused_columns=False,  # extra columns feed the reward functions
+            include_num_input_tokens_seen="no",  # batches are prompts (lists), not token tensors
+            use_vllm=False,
+            log_completions=False,
+        )
 
 
-def drop_reference_adapter(result: StageResult) -> None:
-    """TRL keeps the starting adapter as a frozen `ref` adapter when it continues one; the
-    stage's output is the trained `default` adapter only."""
-    ref = result.output_dir / "ref"
-    if (ref / "adapter_config.json").exists():
-        shutil.rmtree(ref)
+class OnlineRL(GenerationStage):
+    signals = SIGNALS
+
+    def classes(self):
+        from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+        return (GRPOConfig, GRPOTrainer) if self.stage.type == "grpo" else (RLOOConfig, RLOOTrainer)
+
+    def datasets(self):
+        # data and reward functions fail before any model is loaded
+        train_ds, eval_ds = super().datasets()
+        self.reward_funcs, self.reward_classes = reward_sources(self.ctx, set(train_ds.column_names) - {"prompt"}, self.dtype)
+        return train_ds, eval_ds
+
+    def options(self):
+        reward, prompts = self.stage.reward, self.hp.batch_size
+        return dict(
+            super().options(),
+            per_device_train_batch_size=prompts * reward.num_generations,
+            per_device_eval_batch_size=prompts * reward.num_generations,
+            num_generations=reward.num_generations,
+            max_completion_length=reward.max_new_tokens,
+            temperature=reward.temperature,
+            beta=reward.kl_coef,
+        )
+
+    def trainer_kwargs(self):
+        return {"reward_funcs": self.reward_funcs, "reward_processing_classes": self.reward_classes}
+
+    def load_model(self):
+        model, peft_config = self.load_policy()
+        # A full stage after an adapter trains the merged weights: TRL would rebuild its reference from
+        # the base model's path, so keep the merged starting point as the reference instead.
+        merged = self.stage.reward.kl_coef > 0 and peft_config is None and self.cfg.io.merge_adapter
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if merged else None
+        return model, peft_config
+
+    def prepare(self, trainer):
+        if self.reference is not None:
+            trainer.ref_model = trainer.accelerator.prepare_model(self.reference, evaluation_mode=True)
 
 
-def run(ctx: StageContext) -> StageResult:
-    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
-
-    cfg = ctx.cfg
-    stage = cfg.stage
-    check_method(stage, ("lora", "qlora", "full", "freeze"), ctx.where("method"))
-    hp, reward = stage.hyperparameters, stage.reward
-    dtype = compute_dtype(cfg.model, hp.precision)
-
-    # Cheap checks first: data and reward functions fail before any model is loaded.
-    train_ds, eval_ds = prompt_datasets(ctx)
-    funcs, classes = reward_sources(ctx, set(train_ds.column_names) - {"prompt"}, dtype)
-
-    model_path = ctx.resolve(cfg.io.policy.model, "spec.model.name")
-    adapter = ctx.resolve(cfg.io.policy.adapter, ctx.where("adapter")) if cfg.io.policy.adapter else None
-    tokenizer = load_tokenizer(adapter or model_path, cfg.model, cfg.template)
-    tokenizer.padding_side = "left"  # generation continues the prompt's last token
-    model, peft_config = load_policy(model_path, adapter, cfg.io.merge_adapter, cfg.model, stage, dtype)
-    # A full stage after an adapter trains the merged weights: TRL would rebuild its reference from
-    # the base model's path, so keep the merged starting point as the reference instead.
-    reference = (
-        copy.deepcopy(model).eval().requires_grad_(False)
-        if reward.kl_coef > 0 and peft_config is None and cfg.io.merge_adapter
-        else None
-    )
-
-    config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if stage.type == "grpo" else (RLOOConfig, RLOOTrainer)
-    base_args = common_args(ctx, eval_enabled=eval_ds is not None)
-    base_args.update(
-        per_device_train_batch_size=hp.batch_size * reward.num_generations,
-        per_device_eval_batch_size=hp.batch_size * reward.num_generations,
-        remove_unused_columns=False,  # extra columns feed the reward functions
-        include_num_input_tokens_seen="no",  # batches are prompts (lists), not token tensors
-    )
-    args = config_cls(
-        **base_args,
-        num_generations=reward.num_generations,
-        max_completion_length=reward.max_new_tokens,
-        temperature=reward.temperature,
-        beta=reward.kl_coef,
-        use_vllm=False,
-        log_completions=False,
-    )
-    log_cb = TrainerLogCallback(ctx.trainer_dir)
-    trainer = trainer_cls(
-        model=model,
-        reward_funcs=funcs,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        reward_processing_classes=classes,
-        peft_config=peft_config,
-        callbacks=[log_cb, *ctx.callbacks],
-    )
-    if reference is not None:
-        trainer.ref_model = trainer.accelerator.prepare_model(reference, evaluation_mode=True)
-    result, duration = train(trainer, ctx)
-    out = finish(trainer, tokenizer, result, duration, ctx, log_cb)
-    drop_reference_adapter(out)
-    record_signals(out, log_cb)
-    return out
+run = OnlineRL.run

@@ -17,7 +17,9 @@ One iteration of the loop below:
    `VF_COEF` × the clipped value loss.
 
 Optimizer steps count as training steps (`maxSteps`); `epochs` are passes over the prompts, each
-rollout taking `PPO_EPOCHS` steps. Tokens count once per rollout (prompt + completion).
+rollout taking `PPO_EPOCHS` steps. Tokens count once per rollout (prompt + completion). The
+optimizer is `hyperparameters.optimizer` as transformers builds it for the Trainer stages (the
+spec admits the AdamW, Adafactor, SGD and Lion names here), or LoRA+'s AdamW as in those stages.
 
 Several processes (torchrun: `gpusPerNode > 1`, `nodes > 1`) train one model, data-parallel: every
 rollout's prompts are split between the ranks (`batchSize × gradientAccumulation` each, as the
@@ -47,10 +49,10 @@ import torch
 from torch import nn
 
 from ..launcher import coordinator
-from ..models import compute_dtype, load_model, load_policy, load_tokenizer
-from ..outputs import TrainerLogCallback
-from .base import StageContext, StageResult, check_method, common_args, finish
-from .online_rl import SIGNALS, prompt_datasets, record_signals, reward_sources
+from ..models import load_model, load_policy
+from .base import StageContext, StageResult, common_args
+from .online_rl import SIGNALS, prompt_datasets, reward_sources
+from .trainer_stage import Stage, loraplus_optimizer, loraplus_ratio
 
 log = logging.getLogger(__name__)
 
@@ -293,150 +295,180 @@ def _rotate(trainer_dir: Path, keep: int) -> None:
 # ---------------------------------------------------------------------------------------- the stage
 
 
-def run(ctx: StageContext) -> StageResult:
-    from transformers import TrainerControl, TrainerState, TrainingArguments, get_scheduler
-    from transformers.integrations import get_reporting_integration_callbacks
-    from transformers.trainer_callback import CallbackHandler
+class PPO(Stage):
+    """The loop above on the stages' preamble; it stands in for the Trainer (model, state, optimizer,
+    save_model) where the preamble saves and summarises."""
 
-    cfg = ctx.cfg
-    stage = cfg.stage
-    check_method(stage, ("lora", "qlora", "full", "freeze"), ctx.where("method"))
-    hp, reward = stage.hyperparameters, stage.reward
-    dtype = compute_dtype(cfg.model, hp.precision)
-    torch.manual_seed(hp.seed)
-    random.seed(hp.seed)
+    signals = SIGNALS
 
-    train_ds, _ = prompt_datasets(ctx)  # PPO has no eval pass; valSize only holds prompts out
-    funcs, classes = reward_sources(ctx, set(train_ds.column_names) - {"prompt"}, dtype)
+    def execute(self) -> StageResult:
+        self.setup()
+        losses, duration = self.loop()
+        result = SimpleNamespace(training_loss=sum(losses) / len(losses) if losses else None)
+        return self.finish(self, self.tokenizer, result, duration)
 
-    model_path = ctx.resolve(cfg.io.policy.model, "spec.model.name")
-    adapter = ctx.resolve(cfg.io.policy.adapter, ctx.where("adapter")) if cfg.io.policy.adapter else None
-    tokenizer = load_tokenizer(adapter or model_path, cfg.model, cfg.template)
-    resume = ctx.resume_from
-    if resume is not None and cfg.io.output_kind != "adapter":
-        # A full-model checkpoint holds the whole policy: load it instead of the start.
-        model, peft_config = load_policy(str(resume), None, False, cfg.model, stage, dtype)
-    else:
-        model, peft_config = load_policy(model_path, adapter, cfg.io.merge_adapter, cfg.model, stage, dtype)
-    from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+    def setup(self) -> None:
+        """Prompts, rewards, the policy (from the checkpoint when resuming), its reference, the
+        value head, the optimizer and scheduler and the trainer state."""
+        from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+        from transformers import TrainerState, TrainingArguments, get_scheduler
 
-    if peft_config is not None:
-        model = get_peft_model(model, peft_config)
-    is_peft = isinstance(model, PeftModel)
-    if is_peft and resume is not None:
-        from safetensors.torch import load_file
+        cfg, hp, ctx = self.cfg, self.hp, self.ctx
+        torch.manual_seed(hp.seed)
+        random.seed(hp.seed)
+        self.train_ds, _ = prompt_datasets(ctx)  # PPO has no eval pass; valSize only holds prompts out
+        self.funcs, self.classes = reward_sources(ctx, set(self.train_ds.column_names) - {"prompt"}, self.dtype)
+        self.tokenizer = self.load_tokenizer()
+        resume = ctx.resume_from
+        if resume is not None and cfg.io.output_kind != "adapter":
+            # A full-model checkpoint holds the whole policy: load it instead of the start.
+            model, peft_config = load_policy(str(resume), None, False, cfg.model, self.stage, self.dtype)
+        else:
+            model, peft_config = self.load_policy()
+        if peft_config is not None:
+            model = get_peft_model(model, peft_config)
+        self.is_peft = isinstance(model, PeftModel)
+        if self.is_peft and resume is not None:
+            from safetensors.torch import load_file
 
-        set_peft_model_state_dict(model, load_file(str(resume / "adapter_model.safetensors")), adapter_name="default")
-    ranks = Ranks()
-    device = ranks.device
-    if getattr(model, "hf_device_map", None) is None:
-        model.to(device)
-    if hp.gradient_checkpointing is not False:  # unset means on here
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if is_peft:
-            model.enable_input_require_grads()
-    reference = Reference(model, ctx, model_path, adapter, dtype, is_peft)
-    for rm in (f for f in funcs if isinstance(f, nn.Module)):
-        rm.to(device)
+            set_peft_model_state_dict(model, load_file(str(resume / "adapter_model.safetensors")), adapter_name="default")
+        self.ranks = ranks = Ranks()
+        device = ranks.device
+        if getattr(model, "hf_device_map", None) is None:
+            model.to(device)
+        if hp.gradient_checkpointing is not False:  # unset means on here
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if self.is_peft:
+                model.enable_input_require_grads()
+        self.model = model
+        self.reference = Reference(model, ctx, self.model_path, self.adapter, self.dtype, self.is_peft)
+        for rm in (f for f in self.funcs if isinstance(f, nn.Module)):
+            rm.to(device)
 
-    hidden = model.config.get_text_config().hidden_size
-    value_head = nn.Linear(hidden, 1).to(device)
-    nn.init.normal_(value_head.weight, std=1 / math.sqrt(hidden + 1))
-    nn.init.zeros_(value_head.bias)
+        hidden = model.config.get_text_config().hidden_size
+        self.value_head = value_head = nn.Linear(hidden, 1).to(device)
+        nn.init.normal_(value_head.weight, std=1 / math.sqrt(hidden + 1))
+        nn.init.zeros_(value_head.bias)
 
-    per_rank = hp.batch_size * hp.gradient_accumulation
-    prompts_per_rollout = per_rank * ranks.world
-    rollouts_per_epoch = max(1, math.ceil(len(train_ds) / prompts_per_rollout))
-    max_steps = hp.max_steps or max(1, math.ceil(rollouts_per_epoch * hp.epochs)) * PPO_EPOCHS
-    args = TrainingArguments(**{**common_args(ctx), "max_steps": max_steps})
-    params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay,
-                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    scheduler = get_scheduler(hp.lr_scheduler, optimizer, num_warmup_steps=args.get_warmup_steps(max_steps),
-                              num_training_steps=max_steps)
-    state = TrainerState(max_steps=max_steps, logging_steps=hp.logging_steps, save_steps=cfg.checkpoint.every_steps,
-                         num_train_epochs=math.ceil(max_steps / PPO_EPOCHS / rollouts_per_epoch))
-    if resume is not None:
-        value_head.load_state_dict(torch.load(resume / "value_head.pt", map_location=device))
-        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", map_location=device))
-        scheduler.load_state_dict(torch.load(resume / "scheduler.pt"))
-        state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
-    state.is_world_process_zero = state.is_local_process_zero = ranks.is_main  # logs, uploads: rank 0
-    ranks.start_from_rank0(params)
-    if ranks.distributed:
-        torch.manual_seed(hp.seed + ranks.rank)  # each rank samples its own completions
-    log_cb = TrainerLogCallback(ctx.trainer_dir)
-    trackers = [tracker() for tracker in get_reporting_integration_callbacks(args.report_to)]  # spec.tracking
-    handler = CallbackHandler([log_cb, *ctx.callbacks, *trackers], model, tokenizer, optimizer, scheduler)
-    control = TrainerControl()
-    handler.on_train_begin(args, state, control)
+        self.per_rank = hp.batch_size * hp.gradient_accumulation
+        self.prompts_per_rollout = self.per_rank * ranks.world
+        self.rollouts_per_epoch = max(1, math.ceil(len(self.train_ds) / self.prompts_per_rollout))
+        self.max_steps = max_steps = hp.max_steps or max(1, math.ceil(self.rollouts_per_epoch * hp.epochs)) * PPO_EPOCHS
+        self.args = args = TrainingArguments(**{**common_args(ctx), "max_steps": max_steps})
+        self.params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
+        self.optimizer = self.build_optimizer()
+        self.scheduler = get_scheduler(hp.lr_scheduler, self.optimizer, num_training_steps=max_steps,
+                                       num_warmup_steps=args.get_warmup_steps(max_steps),
+                                       scheduler_specific_kwargs=args.lr_scheduler_kwargs or None)  # minLr
+        self.state = TrainerState(max_steps=max_steps, logging_steps=hp.logging_steps,
+                                  save_steps=cfg.checkpoint.every_steps,
+                                  num_train_epochs=math.ceil(max_steps / PPO_EPOCHS / self.rollouts_per_epoch))
+        if resume is not None:
+            value_head.load_state_dict(torch.load(resume / "value_head.pt", map_location=device))
+            self.optimizer.load_state_dict(torch.load(resume / "optimizer.pt", map_location=device))
+            self.scheduler.load_state_dict(torch.load(resume / "scheduler.pt"))
+            self.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        self.state.is_world_process_zero = self.state.is_local_process_zero = ranks.is_main  # logs, uploads: rank 0
+        ranks.start_from_rank0(self.params)
+        if ranks.distributed:
+            torch.manual_seed(hp.seed + ranks.rank)  # each rank samples its own completions
 
-    rows = train_ds.to_list()
-    rollout_index = state.global_step // PPO_EPOCHS  # a resumed stage continues the prompt order
-    losses: list[float] = []
-    started = time.time()
-    pending: dict[str, list[float]] = {}
-    while state.global_step < max_steps and not ranks.any(control.should_training_stop):
-        epoch, at = divmod(rollout_index * prompts_per_rollout, len(rows))
-        order = list(range(len(rows)))
-        random.Random(hp.seed + epoch).shuffle(order)
-        mine = range(ranks.rank * per_rank, (ranks.rank + 1) * per_rank)  # this rank's share
-        batch_rows = [rows[order[(at + k) % len(rows)]] for k in mine]
-        batch = rollout(model, value_head, reference, tokenizer, batch_rows, funcs, classes, stage, device)
-        rollout_stats = ranks.mean(batch["stats"])
-        state.num_input_tokens_seen += ranks.total(batch["tokens"])
-        rollout_index += 1
-        model.train()
-        micro = hp.batch_size * reward.num_generations
-        n_rows = batch["input_ids"].shape[0]
-        for _ in range(PPO_EPOCHS):
-            if state.global_step >= max_steps:
-                break
-            handler.on_step_begin(args, state, control)
-            optimizer.zero_grad(set_to_none=True)
-            step_stats: dict[str, float] = {}
-            step_loss = 0.0
-            for start in range(0, n_rows, micro):
-                sl = slice(start, start + micro)
-                share = (min(n_rows, start + micro) - start) / n_rows
-                autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.bf16 else nullcontext()
-                with autocast:
-                    loss, parts = ppo_loss(model, value_head, batch, sl, reward.temperature)
-                (loss * share).backward()
-                step_loss += loss.item() * share
-                for k, v in parts.items():
-                    step_stats[k] = step_stats.get(k, 0.0) + v * share
-            ranks.average_gradients(params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm) if hp.max_grad_norm > 0 else None
-            optimizer.step()
-            scheduler.step()
-            state.global_step += 1
-            state.epoch = rollout_index / rollouts_per_epoch
-            step_stats = ranks.mean({"loss": step_loss, **step_stats})
-            losses.append(step_stats["loss"])
-            for k, v in {**step_stats, **rollout_stats}.items():
-                pending.setdefault(k, []).append(v)
-            if grad_norm is not None:
-                pending.setdefault("grad_norm", []).append(float(grad_norm))
-            handler.on_step_end(args, state, control)
-            if state.global_step == 1 or state.global_step % hp.logging_steps == 0 or state.global_step == max_steps:
-                logs = {k: sum(v) / len(v) for k, v in pending.items()}
-                logs.update(learning_rate=scheduler.get_last_lr()[0], num_input_tokens_seen=state.num_input_tokens_seen)
-                pending.clear()
-                state.log_history.append({**logs, "step": state.global_step})
-                handler.on_log(args, state, control, logs=logs)
-            if (state.global_step % cfg.checkpoint.every_steps == 0 or state.global_step == max_steps) and ranks.is_main:
-                _save_checkpoint(ctx.trainer_dir / f"checkpoint-{state.global_step}", model, value_head, optimizer,
-                                 scheduler, state, is_peft)
-                handler.on_save(args, state, control)
-                _rotate(ctx.trainer_dir, cfg.checkpoint.keep + 1)
-    duration = time.time() - started
-    handler.on_train_end(args, state, control)
+    def build_optimizer(self):
+        """hyperparameters.optimizer with its settings, as the Trainer stages build it (LoRA+: AdamW
+        with the B matrices at ratio × the learning rate); the value head trains beside the policy."""
+        from transformers import Trainer
 
-    # finish() saves through the trainer interface: a small stand-in for the loop above.
-    save = (lambda path: model.save_pretrained(path, selected_adapters=["default"])) if is_peft else model.save_pretrained
-    shim = SimpleNamespace(model=model, state=state, save_model=save)
-    result = SimpleNamespace(training_loss=sum(losses) / len(losses) if losses else None)
-    out = finish(shim, tokenizer, result, duration, ctx, log_cb)
-    record_signals(out, log_cb, SIGNALS)
-    return out
+        head = list(self.value_head.parameters())
+        if ratio := loraplus_ratio(self.stage):
+            optimizer = loraplus_optimizer(self.model, self.args, ratio)
+            optimizer.add_param_group({"params": head, "lr": self.args.learning_rate, "weight_decay": self.hp.weight_decay})
+            return optimizer
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+        return optimizer_cls(self.params, weight_decay=self.hp.weight_decay, **kwargs)
+
+    def save_model(self, path: str) -> None:
+        if self.is_peft:
+            self.model.save_pretrained(path, selected_adapters=["default"])
+        else:
+            self.model.save_pretrained(path)
+
+    def loop(self) -> tuple[list[float], float]:
+        """Rollouts and PPO updates until maxSteps (or a stop); the losses and the seconds it took."""
+        from transformers import TrainerControl
+        from transformers.integrations import get_reporting_integration_callbacks
+        from transformers.trainer_callback import CallbackHandler
+
+        cfg, hp, reward, ctx = self.cfg, self.hp, self.stage.reward, self.ctx
+        model, value_head, optimizer, scheduler, state = self.model, self.value_head, self.optimizer, self.scheduler, self.state
+        args, ranks, max_steps, device = self.args, self.ranks, self.max_steps, self.ranks.device
+        trackers = [tracker() for tracker in get_reporting_integration_callbacks(args.report_to)]  # spec.tracking
+        handler = CallbackHandler([self.log_cb, *ctx.callbacks, *trackers], model, self.tokenizer, optimizer, scheduler)
+        control = TrainerControl()
+        handler.on_train_begin(args, state, control)
+
+        rows = self.train_ds.to_list()
+        rollout_index = state.global_step // PPO_EPOCHS  # a resumed stage continues the prompt order
+        losses: list[float] = []
+        started = time.time()
+        pending: dict[str, list[float]] = {}
+        while state.global_step < max_steps and not ranks.any(control.should_training_stop):
+            epoch, at = divmod(rollout_index * self.prompts_per_rollout, len(rows))
+            order = list(range(len(rows)))
+            random.Random(hp.seed + epoch).shuffle(order)
+            mine = range(ranks.rank * self.per_rank, (ranks.rank + 1) * self.per_rank)  # this rank's share
+            batch_rows = [rows[order[(at + k) % len(rows)]] for k in mine]
+            batch = rollout(model, value_head, self.reference, self.tokenizer, batch_rows, self.funcs, self.classes,
+                            self.stage, device)
+            rollout_stats = ranks.mean(batch["stats"])
+            state.num_input_tokens_seen += ranks.total(batch["tokens"])
+            rollout_index += 1
+            model.train()
+            micro = hp.batch_size * reward.num_generations
+            n_rows = batch["input_ids"].shape[0]
+            for _ in range(PPO_EPOCHS):
+                if state.global_step >= max_steps:
+                    break
+                handler.on_step_begin(args, state, control)
+                optimizer.zero_grad(set_to_none=True)
+                step_stats: dict[str, float] = {}
+                step_loss = 0.0
+                for start in range(0, n_rows, micro):
+                    sl = slice(start, start + micro)
+                    share = (min(n_rows, start + micro) - start) / n_rows
+                    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.bf16 else nullcontext()
+                    with autocast:
+                        loss, parts = ppo_loss(model, value_head, batch, sl, reward.temperature)
+                    (loss * share).backward()
+                    step_loss += loss.item() * share
+                    for k, v in parts.items():
+                        step_stats[k] = step_stats.get(k, 0.0) + v * share
+                ranks.average_gradients(self.params)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, hp.max_grad_norm) if hp.max_grad_norm > 0 else None
+                optimizer.step()
+                scheduler.step()
+                state.global_step += 1
+                state.epoch = rollout_index / self.rollouts_per_epoch
+                step_stats = ranks.mean({"loss": step_loss, **step_stats})
+                losses.append(step_stats["loss"])
+                for k, v in {**step_stats, **rollout_stats}.items():
+                    pending.setdefault(k, []).append(v)
+                if grad_norm is not None:
+                    pending.setdefault("grad_norm", []).append(float(grad_norm))
+                handler.on_step_end(args, state, control)
+                if state.global_step == 1 or state.global_step % hp.logging_steps == 0 or state.global_step == max_steps:
+                    logs = {k: sum(v) / len(v) for k, v in pending.items()}
+                    logs.update(learning_rate=scheduler.get_last_lr()[0], num_input_tokens_seen=state.num_input_tokens_seen)
+                    pending.clear()
+                    state.log_history.append({**logs, "step": state.global_step})
+                    handler.on_log(args, state, control, logs=logs)
+                if (state.global_step % cfg.checkpoint.every_steps == 0 or state.global_step == max_steps) and ranks.is_main:
+                    _save_checkpoint(ctx.trainer_dir / f"checkpoint-{state.global_step}", model, value_head, optimizer,
+                                     scheduler, state, self.is_peft)
+                    handler.on_save(args, state, control)
+                    _rotate(ctx.trainer_dir, cfg.checkpoint.keep + 1)
+        duration = time.time() - started
+        handler.on_train_end(args, state, control)
+        return losses, duration
+
+
+run = PPO.run

@@ -16,9 +16,8 @@ from ..data.formats import to_examples
 from ..data.loaders import load_records
 from ..data.prepare import KIND_OF_STAGE, split_eval, stream_examples, tokenize_examples
 from ..errors import DataError, UserError
-from ..models import compute_dtype, load_policy, load_tokenizer
-from ..outputs import TrainerLogCallback
-from .base import StageContext, StageResult, check_method, common_args, finish, train
+from .base import StageContext
+from .trainer_stage import TrainerStage
 
 log = logging.getLogger(__name__)
 
@@ -68,61 +67,27 @@ def build_datasets(ctx: StageContext, tokenizer) -> tuple[Dataset | IterableData
     return train_ds, eval_ds
 
 
-def run(ctx: StageContext) -> StageResult:
-    from trl import SFTConfig, SFTTrainer
+class SFT(TrainerStage):
+    def classes(self):
+        from trl import SFTConfig, SFTTrainer
 
-    cfg = ctx.cfg
-    stage = cfg.stage
-    check_method(stage, ("lora", "qlora", "full", "freeze"), ctx.where("method"))
-    hp = stage.hyperparameters
-    dtype = compute_dtype(cfg.model, hp.precision)
-    model_path = ctx.resolve(cfg.io.policy.model, "spec.model.name")
-    adapter = ctx.resolve(cfg.io.policy.adapter, ctx.where("adapter")) if cfg.io.policy.adapter else None
-    # A previous stage's output folder carries the tokenizer it trained with.
-    tokenizer = load_tokenizer(adapter or model_path, cfg.model, cfg.template)
-    train_ds, eval_ds = build_datasets(ctx, tokenizer)
-    ctx.eval_examples = len(eval_ds) if eval_ds is not None else None  # SFTTrainer may pack them into fewer rows
-    model, peft_config = load_policy(model_path, adapter, cfg.io.merge_adapter, cfg.model, stage, dtype)
+        return SFTConfig, SFTTrainer
 
-    args = SFTConfig(
-        **common_args(ctx, eval_enabled=eval_ds is not None),
-        max_length=hp.cutoff_len if hp.packing else None,
-        packing=bool(hp.packing),
-        packing_strategy="bfd",
-        padding_free=True,  # flatten each batch: no pad tokens computed, with or without packing
-        neftune_noise_alpha=hp.neftune_alpha,
-        dataset_num_proc=None,
-    )
-    log_cb = TrainerLogCallback(ctx.trainer_dir)
-    model, peft_config, optimizers = _loraplus(model, peft_config, stage, args)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[log_cb, *ctx.callbacks],
-        **({"optimizers": optimizers} if optimizers else {}),
-    )
-    result, duration = train(trainer, ctx)
-    return finish(trainer, tokenizer, result, duration, ctx, log_cb)
+    def datasets(self):
+        train_ds, eval_ds = build_datasets(self.ctx, self.tokenizer)
+        self.ctx.eval_examples = len(eval_ds) if eval_ds is not None else None  # SFTTrainer may pack them into fewer rows
+        return train_ds, eval_ds
+
+    def options(self):
+        hp = self.hp
+        return dict(
+            max_length=hp.cutoff_len if hp.packing else None,
+            packing=bool(hp.packing),
+            packing_strategy="bfd",
+            padding_free=True,  # flatten each batch: no pad tokens computed, with or without packing
+            neftune_noise_alpha=hp.neftune_alpha,
+            dataset_num_proc=None,
+        )
 
 
-def _loraplus(model, peft_config, stage, args):
-    """LoRA+ (B matrices at ratio × lr) through peft's own optimizer factory. The adapter is
-    attached here, so the trainer gets the peft model and no peft_config."""
-    ratio = stage.lora.loraplus_lr_ratio
-    if not ratio or stage.method not in ("lora", "qlora"):
-        return model, peft_config, None
-    import torch
-    from peft import get_peft_model
-    from peft.optimizers import create_loraplus_optimizer
-
-    if peft_config is not None:
-        model = get_peft_model(model, peft_config)
-    optimizer = create_loraplus_optimizer(
-        model=model, optimizer_cls=torch.optim.AdamW, lr=args.learning_rate, loraplus_lr_ratio=ratio,
-        weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-    )
-    return model, None, (optimizer, None)
+run = SFT.run

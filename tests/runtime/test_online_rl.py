@@ -59,7 +59,7 @@ def assert_reward_went_up(output, early=3, late=3, gain=0.25):
     first, last = _mean(rewards[:early]), _mean(rewards[-late:])
     assert last >= first + gain, f"mean reward did not go up enough: {first:.3f} → {last:.3f} ({rewards})"
     summary = json.loads((output / "run.json").read_text())
-    assert summary["first_reward"] == rewards[0] and summary["final_reward"] == rewards[-1]
+    assert summary["signal"]["reward"] == {"first": rewards[0], "final": rewards[-1]}
     return rewards
 
 

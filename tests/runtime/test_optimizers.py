@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.conftest import job_doc, run_doc, write_alpaca
+from tests.conftest import job_doc, read_log, run_doc, write_alpaca
 from tests.runtime.test_training import FAST, assert_loss_went_down
 
 
@@ -142,7 +142,7 @@ def test_muon_with_adamw_saves_and_loads_like_one_optimizer():
 
 
 # Other stage types reach the optimizer through the same place: TRL configs carry the TrainingArguments
-# (GaLore), and every Trainer stage passes through stages.base.train (Muon's factory, here on a LoRA model).
+# (GaLore), and every Trainer stage passes through stages.trainer_stage.train (Muon's factory, here on a LoRA model).
 STAGE_CASES = {
     "dpo-galore": ({"type": "dpo", "method": "full", "preference": {"beta": 0.5},
                     "hyperparameters": {"optimizer": "galore_adamw", "learningRate": 1e-3, "galore": {"rank": 4}}},
@@ -169,3 +169,64 @@ def test_preference_stages_train_with_the_named_optimizer(label, tiny_model, tmp
         assert_went_up(series(out, signal), by=0.2)
     assert [_name(o) for o in built_optimizers] == [cls]
     assert json.loads((out / "run.json").read_text())["optimizer"] == cls
+
+
+def _loraplus_groups(opt, lr: float, ratio: float, rank: int, groups: int = 1) -> tuple[list, list]:
+    """(the A matrices' group at lr, the B matrices' group at ratio × lr) of a LoRA+ optimizer; `groups`
+    after the first are other modules' (ppo's value head)."""
+    at_lr = [g for g in opt.param_groups if g["params"] and g["lr"] == lr]
+    assert len(at_lr) == groups, at_lr
+    a_group = at_lr[0]
+    (b_group,) = [g for g in opt.param_groups if g["params"] and g["lr"] == pytest.approx(lr * ratio)]
+    assert all(p.shape[0] == rank for p in a_group["params"]) and all(p.shape[1] == rank for p in b_group["params"])
+    return a_group["params"], b_group["params"]
+
+
+@pytest.mark.slow
+def test_loraplus_applies_in_a_dpo_stage(tiny_model, tmp_path, built_optimizers):
+    """lora.loraplusLrRatio reaches every Trainer stage through the same place, not only sft."""
+    from tests.runtime.test_preference import FAST as PREF_FAST
+    from tests.runtime.test_preference import run_stages, write_pairs
+
+    stage = {"name": "dpo", "type": "dpo", "method": "lora", "lora": {"rank": 8, "loraplusLrRatio": 16},
+             "preference": {"beta": 0.5}, "hyperparameters": {**PREF_FAST, "maxSteps": 2, "learningRate": 1e-3}}
+    out = run_stages(tmp_path, tiny_model, [stage], write_pairs(tmp_path / "prefs.json")) / "dpo" / "output"
+    (opt,) = built_optimizers
+    a, b = _loraplus_groups(opt, 1e-3, 16, 8)
+    assert len(a) == len(b) > 0  # one B for each A, none left at the base learning rate
+    assert json.loads((out / "run.json").read_text())["steps"] == 2
+
+
+@pytest.mark.slow
+def test_ppo_trains_with_the_named_optimizer_and_loraplus(tiny_model, tmp_path, monkeypatch):
+    """The ppo stage's own loop builds hyperparameters.optimizer (here SGD, with a schedule down to minLr)
+    as the Trainer stages do, and LoRA+ (AdamW, B matrices at ratio × lr) with the value head beside them."""
+    from kubetune.runtime.stages.ppo import PPO
+    from tests.conftest import IDENTITY
+    from tests.runtime.test_online_rl import FAST as RL_FAST
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q, _ in IDENTITY))
+    data = [{"name": "questions", "source": str(prompts), "format": "prompt"}]
+    reward = {"functions": ["format"], "pattern": "Kubi", "numGenerations": 2, "maxNewTokens": 4}
+    built: list = []
+    build = PPO.build_optimizer
+    monkeypatch.setattr(PPO, "build_optimizer", lambda self: built.append(build(self)) or built[-1])
+    cases = {"sgd": ({"method": "full", "hyperparameters": {"optimizer": "sgd", "lrScheduler": "cosine_with_min_lr",
+                                                            "minLr": 1e-4}}, "torch.optim.sgd.SGD"),
+             "loraplus": ({"method": "lora", "lora": {"rank": 8, "loraplusLrRatio": 4}}, "torch.optim.adamw.AdamW")}
+    for name, (settings, cls) in cases.items():
+        built.clear()
+        stage = {"name": "ppo", "type": "ppo", **settings, "reward": reward,
+                 "hyperparameters": {**RL_FAST, "maxSteps": 2, "learningRate": 1e-3, **settings.get("hyperparameters", {})}}
+        doc = job_doc(name, tiny_model, data, [stage], tmp_path / name)
+        assert run_doc(doc, tmp_path) == 0
+        assert json.loads((tmp_path / name / "ppo" / "output" / "run.json").read_text())["optimizer"] == cls
+        (opt,) = built
+        assert _name(opt) == cls
+        if name == "sgd":  # and the schedule ends at minLr
+            assert read_log(tmp_path / name / "ppo" / "output")[-1]["lr"] == pytest.approx(1e-4)
+        if name == "loraplus":
+            a, b = _loraplus_groups(opt, 1e-3, 4, 8, groups=2)
+            head = opt.param_groups[-1]["params"]  # the value head, at the base learning rate
+            assert len(a) == len(b) > 0 and [p.shape for p in head] == [(1, 64), (1,)]
