@@ -283,7 +283,7 @@ BETA_OPTIMIZERS: tuple[str, ...] = (
 EPSILON_OPTIMIZERS: tuple[str, ...] = tuple(o for o in BETA_OPTIMIZERS if o != "lion_8bit")
 # Optimizers that project or orthogonalise whole weight matrices: not on FSDP's shards.
 WHOLE_MATRIX_OPTIMIZERS: tuple[str, ...] = GALORE_OPTIMIZERS + ("apollo_adamw", "muon")
-# What a ppo stage's own training loop can run (torch AdamW).
+# What a ppo stage's own training loop can build (the optimizers transformers builds from a name).
 PPO_OPTIMIZERS: tuple[str, ...] = OPTIMIZERS[:7]
 
 
@@ -650,7 +650,7 @@ class StageSpec(Spec):
         CelRule(
             rule="self.type != 'ppo' || !has(self.hyperparameters) || !has(self.hyperparameters.optimizer) || "
             f"self.hyperparameters.optimizer in {_cel_list(PPO_OPTIMIZERS)}",
-            message=f"a ppo stage trains with AdamW in its own loop: hyperparameters.optimizer must be one of "
+            message=f"a ppo stage builds its optimizer in its own loop: hyperparameters.optimizer must be one of "
             f"{', '.join(PPO_OPTIMIZERS)} or unset",
             check=lambda s: s.type != "ppo" or s.hyperparameters.optimizer is None
             or s.hyperparameters.optimizer in PPO_OPTIMIZERS,
@@ -659,7 +659,8 @@ class StageSpec(Spec):
         CelRule(
             rule="!has(self.lora) || !has(self.lora.loraplusLrRatio) || !has(self.hyperparameters) || "
             "!has(self.hyperparameters.optimizer) || self.hyperparameters.optimizer != 'muon'",
-            message="lora.loraplusLrRatio builds its own AdamW: it does not combine with optimizer muon",
+            message="lora.loraplusLrRatio puts the B matrices in parameter groups of their own, which optimizer muon "
+            "(built by kubetune: Muon on the matrices, AdamW on the rest) does not take",
             check=lambda s: s.lora.loraplus_lr_ratio is None or s.hyperparameters.optimizer != "muon",
             field_path=".lora.loraplusLrRatio",
         ),

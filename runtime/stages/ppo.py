@@ -19,7 +19,7 @@ One iteration of the loop below:
 Optimizer steps count as training steps (`maxSteps`); `epochs` are passes over the prompts, each
 rollout taking `PPO_EPOCHS` steps. Tokens count once per rollout (prompt + completion). The
 optimizer is `hyperparameters.optimizer` as transformers builds it for the Trainer stages (the
-spec admits the AdamW, Adafactor, SGD and Lion names here), or LoRA+'s AdamW as in those stages.
+spec admits the AdamW, Adafactor, SGD and Lion names here), with LoRA+'s groups as in those stages.
 
 Several processes (torchrun: `gpusPerNode > 1`, `nodes > 1`) train one model, data-parallel: every
 rollout's prompts are split between the ranks (`batchSize × gradientAccumulation` each, as the
@@ -374,8 +374,8 @@ class PPO(Stage):
             torch.manual_seed(hp.seed + ranks.rank)  # each rank samples its own completions
 
     def build_optimizer(self):
-        """hyperparameters.optimizer with its settings, as the Trainer stages build it (LoRA+: AdamW
-        with the B matrices at ratio × the learning rate); the value head trains beside the policy."""
+        """hyperparameters.optimizer with its settings, as the Trainer stages build it (LoRA+: the
+        B matrices at ratio × the learning rate); the value head trains beside the policy."""
         from transformers import Trainer
 
         head = list(self.value_head.parameters())

@@ -186,14 +186,18 @@ def loraplus_ratio(stage) -> float | None:
 
 
 def loraplus_optimizer(model, args, ratio: float):
-    """LoRA+ through peft's optimizer factory: AdamW with the B matrices at ratio × the learning rate."""
-    import torch
+    """LoRA+ through peft's optimizer factory: hyperparameters.optimizer, built with the class and
+    settings transformers gives the Trainer (AdamW by default, its betas and epsilon), the B
+    matrices' groups at ratio × the learning rate and hyperparameters.weightDecay on the decayed
+    groups (peft's own default would be none)."""
     from peft.optimizers import create_loraplus_optimizer
+    from transformers import Trainer
 
-    return create_loraplus_optimizer(
-        model=model, optimizer_cls=torch.optim.AdamW, lr=args.learning_rate, loraplus_lr_ratio=ratio,
-        weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-    )
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    kwargs = dict(kwargs)
+    lr = kwargs.pop("lr", args.learning_rate)
+    return create_loraplus_optimizer(model=model, optimizer_cls=optimizer_cls, lr=lr, loraplus_lr_ratio=ratio,
+                                     loraplus_weight_decay=args.weight_decay, **kwargs)
 
 
 def _loraplus_factory(model, *, stage, args):

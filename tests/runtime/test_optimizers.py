@@ -230,3 +230,24 @@ def test_ppo_trains_with_the_named_optimizer_and_loraplus(tiny_model, tmp_path, 
             a, b = _loraplus_groups(opt, 1e-3, 4, 8, groups=2)
             head = opt.param_groups[-1]["params"]  # the value head, at the base learning rate
             assert len(a) == len(b) > 0 and [p.shape for p in head] == [(1, 64), (1,)]
+
+
+@pytest.mark.slow
+def test_loraplus_builds_the_named_optimizer_with_its_weight_decay(tiny_model, tmp_path, built_optimizers):
+    """LoRA+ with optimizer sgd trains with SGD (it once built AdamW whatever the spec named), and
+    weightDecay reaches the decayed groups (peft's factory alone leaves them at 0)."""
+    data = write_alpaca(tmp_path / "data" / "identity.json")
+    stage = {"name": "sft", "type": "sft", "method": "lora", "lora": {"rank": 8, "loraplusLrRatio": 4},
+             "hyperparameters": {**FAST, "maxSteps": 4, "learningRate": 1e-2, "optimizer": "sgd",
+                                 "weightDecay": 0.05}}
+    doc = job_doc("t", tiny_model, [{"name": "identity", "source": str(data)}], [stage], tmp_path / "saves")
+    assert run_doc(doc, tmp_path) == 0
+    (opt,) = built_optimizers
+    assert _name(opt) == "torch.optim.sgd.SGD"
+    a, b = _loraplus_groups(opt, 1e-2, 4, 8)
+    assert len(a) == len(b) > 0
+    decayed = [g for g in opt.param_groups if g["params"] and g["lr"] == pytest.approx(1e-2 * 4)]
+    assert {g["weight_decay"] for g in opt.param_groups if g["params"] and g["lr"] == 1e-2} == {0.05}
+    assert {g["weight_decay"] for g in decayed} <= {0.05, 0.0} and 0.05 in {g["weight_decay"] for g in decayed}
+    run = json.loads((tmp_path / "saves" / "sft" / "output" / "run.json").read_text())
+    assert run["optimizer"] == "torch.optim.sgd.SGD" and run["steps"] == 4
