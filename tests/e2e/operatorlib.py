@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from cluster.controlplane import free_port
-from cluster.util import wait_for
+from cluster.util import stop_process_group, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP = "/apis/kubetune.io/v1alpha1"
@@ -169,13 +169,8 @@ class OperatorProcess:
             return r.status == 200
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.proc:
+            stop_process_group(self.proc, 15)
         self.proc = None
 
     def kill(self) -> None:

@@ -7,9 +7,7 @@ process group) at `stop()`. Install: ``apt-get install -y --no-install-recommend
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -17,6 +15,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from cluster.util import stop_process_group
 
 
 def free_port() -> int:
@@ -113,14 +113,5 @@ class Prometheus:
         return self.api("targets")["activeTargets"]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        stop_process_group(self.proc, 10)
         self._log.close()

@@ -39,7 +39,8 @@ def fake_api(monkeypatch):
     monkeypatch.setattr(kube, "observe", lambda ns, name, **_: calls.__setitem__("observe", calls["observe"] + 1) or Observed())
     monkeypatch.setattr(kube, "apply", lambda ns, action: calls["apply"].append(action.verb) or "created")
     monkeypatch.setattr(kube, "patch_status", patch)
-    monkeypatch.setattr(kube, "poll_progress", lambda *a: calls.__setitem__("poll", calls["poll"] + 1))
+    monkeypatch.setattr(kube, "probe_progress",
+                        lambda *a: calls.__setitem__("poll", calls["poll"] + 1) or (None, False))
     monkeypatch.setattr(handlers, "_own_writes", {})
     monkeypatch.setattr(handlers, "_inside", {})
     monkeypatch.setattr(kopf, "info", lambda *a, **k: None)
@@ -97,15 +98,15 @@ def _running(body, port_pod_ip="127.0.0.1"):
 
 @pytest.fixture
 def real_poll(fake_api, monkeypatch):
-    """fake_api, but kube.poll_progress is the real one and a fresh ProgressPoller."""
-    monkeypatch.setattr(kube, "poll_progress", _real_poll)
+    """fake_api, but kube.probe_progress is the real one and a fresh ProgressPoller."""
+    monkeypatch.setattr(kube, "probe_progress", _real_poll)
     monkeypatch.setattr(handlers, "poller", handlers.ProgressPoller(workers=2))
     monkeypatch.setattr(handlers, "_cleaned", set())
     monkeypatch.setattr(metrics, "_phase", {})
     return fake_api
 
 
-_real_poll = kube.poll_progress
+_real_poll = kube.probe_progress
 
 
 def test_a_dripping_progress_server_never_holds_a_reconcile(real_poll, config, monkeypatch):
