@@ -27,7 +27,11 @@ class OperatorConfig:
     metrics_port: int = 8080  # the operator's own Prometheus /metrics (0 = off)
     health_port: int = 8081  # kopf liveness endpoint /healthz (0 = off)
     runtime_metrics_port: int = METRICS_PORT  # where runtime pods serve /metrics and /progress
-    poll_interval: float = 5.0  # seconds between reconciles (and /progress polls) of a job
+    poll_interval: float = 5.0  # seconds between /progress polls of a running job, at the fastest
+    max_poll_interval: float = 60.0  # ... and at the slowest (slow steps, many running jobs)
+    resync_interval: float | None = None  # seconds between looks at a waiting job; None: 10 × poll, at most 30
+    status_writes_per_second: float = 10.0  # progress updates of all running jobs together, at most
+    workers: int = 16  # reconcile threads
     progress_timeout: float = 2.0  # seconds one /progress request may take
     peering: str = "kubetune"  # kopf peering object; two replicas never both act
     priority: int | None = None  # peering priority; None: random, so exactly one replica leads
@@ -46,6 +50,11 @@ class OperatorConfig:
     # the chart's modelCache values; None: no cache unless the spec asks (manifests.model_cache)
     model_cache_claim: str | None = None
     model_cache_sub_path: str | None = None
+
+    @property
+    def resync_seconds(self) -> float:
+        """Seconds between looks at a job that waits (handlers.next_tick)."""
+        return self.resync_interval or min(30.0, 10 * self.poll_interval)
 
 
 def _env(name: str, default: str) -> str:
@@ -80,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="port runtime pods serve /metrics and /progress on (env KUBETUNE_OPERATOR_RUNTIME_METRICS_PORT)")
     p.add_argument("--poll-interval", type=float, default=float(_env("POLL_INTERVAL", str(d.poll_interval))),
                    help="seconds between reconciles and progress polls of each job (env KUBETUNE_OPERATOR_POLL_INTERVAL)")
+    p.add_argument("--max-poll-interval", type=float, default=float(_env("MAX_POLL_INTERVAL", str(d.max_poll_interval))),
+                   help="the slowest a running job is polled: jobs are polled once per training step, at least every "
+                        "--poll-interval, and slower when many run (env KUBETUNE_OPERATOR_MAX_POLL_INTERVAL)")
+    p.add_argument("--resync-interval", type=float, default=float(_env("RESYNC_INTERVAL", "0")) or None,
+                   help="seconds between looks at a job that waits (queued, suspended, pods not created); default "
+                        "10 × --poll-interval, at most 30 (env KUBETUNE_OPERATOR_RESYNC_INTERVAL)")
+    p.add_argument("--status-writes-per-second", type=float,
+                   default=float(_env("STATUS_WRITES_PER_SECOND", str(d.status_writes_per_second))),
+                   help="progress updates written to the status of all running jobs together, at most "
+                        "(env KUBETUNE_OPERATOR_STATUS_WRITES_PER_SECOND)")
+    p.add_argument("--workers", type=int, default=int(_env("WORKERS", str(d.workers))),
+                   help="reconcile threads (env KUBETUNE_OPERATOR_WORKERS)")
     p.add_argument("--peering", default=_env("PEERING", d.peering),
                    help="kopf peering name; replicas with the same name never act together (env KUBETUNE_OPERATOR_PEERING)")
     p.add_argument("--priority", type=int, default=None,
@@ -134,6 +155,11 @@ def parse_config(argv: list[str] | None = None) -> tuple[OperatorConfig, argpars
             namespaces = tuple(n.strip() for n in _env("NAMESPACES", "").split(",") if n.strip())
     if args.poll_interval <= 0:
         raise SystemExit("kubetune operator: --poll-interval must be > 0")
+    for flag, value in (("--max-poll-interval", args.max_poll_interval), ("--status-writes-per-second",
+                        args.status_writes_per_second), ("--workers", args.workers),
+                        ("--resync-interval", args.resync_interval if args.resync_interval is not None else 1)):
+        if value <= 0:
+            raise SystemExit(f"kubetune operator: {flag} must be > 0")
     selector, tolerations = _json_arg(args.default_node_selector, dict, "--default-node-selector"), \
         _json_arg(args.default_tolerations, list, "--default-tolerations")
     try:
@@ -149,6 +175,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[OperatorConfig, argpars
         health_port=args.health_port,
         runtime_metrics_port=args.runtime_metrics_port,
         poll_interval=args.poll_interval,
+        max_poll_interval=args.max_poll_interval,
+        resync_interval=args.resync_interval,
+        status_writes_per_second=args.status_writes_per_second,
+        workers=args.workers,
         peering=args.peering,
         priority=args.priority,
         standalone=args.standalone,

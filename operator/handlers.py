@@ -1,23 +1,33 @@
 """kopf handlers: thin triggers around one level-based reconcile.
 
-Every trigger — a FineTuneJob event, a child Job event, the periodic timer — ends in
-`reconcile_object()`: read the FineTuneJob and its children fresh from the API, ask the pure
-`reconcile()` what should exist, make it so, post the events, write the status. Only the timer
-asks for the rank-0 pod's /progress (so our own status writes never start a polling loop), and
-the poll runs off the reconcile threads (`ProgressPoller`): a tenant's pod that answers slowly
-holds one poller thread for at most `progress_timeout` seconds, never a kopf worker or an
-object's lock. A lock per object keeps concurrent triggers from interleaving; a status patch
-carries the resourceVersion it was computed from, so a stale decision is refused (409) and retried.
+Every trigger ends in `reconcile_object()`: read the FineTuneJob and its children, ask the pure
+`reconcile()` what should exist, make it so, post the events, write the status. At scale
+(thousands of FineTuneJobs, most finished or queued) nothing here costs in proportion to the
+objects that are quiet:
 
-Per-object state in this process lives only as long as its object: the lock exists while a
-trigger of the object is inside `reconcile_object`; the echo table, the TTL clean-up marks, the
-progress cache and the phase gauge's entry are dropped by `forget()` when the object is deleted
-(its DELETED event, or a reconcile that finds it gone). `state_sizes()` counts them (exported
-as kubetune_operator_object_state_entries{table}).
+- Triggers only queue work (`workqueue.WorkQueue`, `--workers` threads): a FineTuneJob event
+  (kopf's watch), a child's event (`cache.ChildCache`: Jobs, pods, ConfigMaps, Services watched
+  with a server-side label selector, so the operator never receives other teams' Jobs), a new
+  /progress report, or the job's tick.
+- Reads come from memory: the FineTuneJob as its last event (or our last write) showed it, the
+  children from the watch-fed cache. A reconcile's API requests are its writes.
+- Each job's next tick is decided after each reconcile (`next_tick`): a running stage at the pace
+  of its training steps, a waiting one at the resync interval, a finished one only when its TTL
+  clean-up is due. The ticks are driven by one kopf daemon per FineTuneJob (an idle asyncio task),
+  so they stop with the object and while a peering replica of higher priority leads.
+- Only a tick asks for the rank-0 pod's /progress (our own status writes never start a polling
+  loop), and the poll runs off the reconcile threads (`ProgressPoller`): a tenant's pod that
+  answers slowly holds one poller thread for at most `progress_timeout` seconds. A status patch
+  carries the resourceVersion it was computed from, so a decision made on a stale view is refused
+  (409) and retried.
+
+Per-object state in this process lives only as long as its object; `forget()` drops it when the
+object is deleted, and `state_sizes()` counts it (kubetune_operator_object_state_entries{table}).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -30,10 +40,12 @@ from kubernetes.client.rest import ApiException
 from kubetune.runtime.spec import API_GROUP, API_VERSION, PLURAL
 
 from . import kube, metrics
-from . import manifests as m
 from . import status as s
+from .cache import ChildCache
 from .config import OperatorConfig
+from .events import EventLimiter
 from .reconcile import Decision, _terminal, merge_patch, next_check_seconds, reconcile, stage_names
+from .workqueue import Ticks, WorkQueue
 
 log = logging.getLogger("kubetune.operator")
 
@@ -48,6 +60,15 @@ _inside: dict[Key, list] = {}
 # The resourceVersion of each object's last status write by this process: its watch event is the
 # echo of our own decision, and reconciling it again would only repeat that decision.
 _own_writes: dict[Key, str] = {}
+# The FineTuneJobs as their last watch event or our last status write showed them (the newer).
+_bodies: dict[Key, dict[str, Any]] = {}
+_polled: set[Key] = set()  # jobs whose stage is running (their ticks poll /progress)
+_from_event: set[Key] = set()  # queued by kopf's own FineTuneJob watch (which pauses with peering)
+
+ticks = Ticks()
+events = EventLimiter()
+queue: WorkQueue | None = None  # started by the operator's startup handler
+children: ChildCache | None = None  # ditto; None (tests, tools): children are LISTed
 
 
 class ProgressPoller:
@@ -141,8 +162,13 @@ def forget(namespace: str, name: str, uid: str | None = None) -> None:
     key = (namespace, name)
     metrics.forget(namespace, name)
     poller.forget(key)
+    ticks.forget(key)
+    events.forget(key)
     with _locks_guard:
         _own_writes.pop(key, None)
+        _bodies.pop(key, None)
+        _polled.discard(key)
+        _from_event.discard(key)
         if uid:
             _cleaned.discard(uid)
 
@@ -150,8 +176,11 @@ def forget(namespace: str, name: str, uid: str | None = None) -> None:
 def state_sizes() -> dict[str, int]:
     """Entries in each per-object table of this process (0 everywhere once all objects are gone)."""
     with _locks_guard:
-        out = {"locks": len(_inside), "own_writes": len(_own_writes), "ttl_cleaned": len(_cleaned)}
+        out = {"locks": len(_inside), "own_writes": len(_own_writes), "ttl_cleaned": len(_cleaned),
+               "bodies": len(_bodies), "polled": len(_polled)}
     out.update(poller.sizes())
+    out.update(ticks.sizes())
+    out["event_limits"] = len(events)
     out["phases"] = metrics.tracked()
     return out
 
@@ -201,16 +230,55 @@ def reconcile_object(namespace: str, name: str, *, poll: bool, config: OperatorC
                 _inside.pop(key, None)
 
 
+def _newer(rv: str | None, than: str | None) -> bool:
+    """Whether resourceVersion `rv` is newer than `than` (etcd's are integers; else trust the newcomer)."""
+    if not than:
+        return True
+    if rv and rv.isdigit() and than.isdigit():
+        return int(rv) >= int(than)
+    return True
+
+
+def remember(body: dict[str, Any]) -> None:
+    """Keep a FineTuneJob as an event or our own write showed it, unless we hold a newer one."""
+    meta = body.get("metadata") or {}
+    key = (meta.get("namespace") or "", meta.get("name") or "")
+    body = copy.deepcopy(body)
+    body["metadata"].pop("managedFields", None)
+    with _locks_guard:
+        held = _bodies.get(key)
+        if held is None or _newer(meta.get("resourceVersion"), held["metadata"].get("resourceVersion")):
+            _bodies[key] = body
+
+
+def _read(namespace: str, name: str) -> dict[str, Any] | None:
+    """The FineTuneJob from memory (a private copy: reconcile may change it), else from the API."""
+    with _locks_guard:
+        held = _bodies.get((namespace, name))
+    if held is not None:
+        return copy.deepcopy(held)
+    body = kube.get_finetunejob(namespace, name)
+    if body is not None and queue is not None:
+        remember(body)
+    return body
+
+
+def _drop_body(key: Key) -> None:
+    with _locks_guard:
+        _bodies.pop(key, None)
+
+
 def _reconcile_locked(namespace: str, name: str, *, poll: bool, config: OperatorConfig) -> Decision | None:
     started = time.monotonic()
-    body = kube.get_finetunejob(namespace, name)
+    body = _read(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         forget(namespace, name, (body or {}).get("metadata", {}).get("uid"))
         return None
-    observed = kube.observe(namespace, name, network_policies=bool(config.network_policy))
+    observed = kube.observe(namespace, name, network_policies=bool(config.network_policy), cache=children)
     stage = ((body.get("status") or {}).get("stage") or {}).get("name")
+    pod = None
     if stage and not _terminal(body.get("status") or {}):
-        # the last report of the rank-0 pod (polled off this thread); a timer tick asks for a new one
+        # the last report of the rank-0 pod (polled off this thread); a tick asks for a new one
         uid = body["metadata"].get("uid") or ""
         pod = s.rank0_pod(observed.pods.get(stage_names(observed, name, stage, uid)[0], []))
         if pod is not None:
@@ -242,6 +310,8 @@ def _reconcile_locked(namespace: str, name: str, *, poll: bool, config: Operator
                       extra={**ctx, "verb": action.verb, "kind": action.kind, "child": action.name})
             continue
         metrics.ACTIONS.labels(action.verb, action.kind, result).inc()
+        if children is not None and result in ("created", "patched", "deleted", "gone"):
+            children.wrote(namespace, action.verb, action.kind, action.name, action.body)
         log.info("%s %s %s: %s (%s)", action.verb, action.kind, action.name, result, action.why,
                  extra={**ctx, "verb": action.verb, "kind": action.kind, "child": action.name, "result": result})
     if conflicts:
@@ -250,11 +320,14 @@ def _reconcile_locked(namespace: str, name: str, *, poll: bool, config: Operator
         observed.conflicts = conflicts
         decision = reconcile(body, observed, config)
     ref = _ref(body)
-    for ev in decision.events:
-        (kopf.info if ev.type == "Normal" else kopf.warn)(ref, reason=ev.reason, message=ev.message)
-        log.info("event %s: %s", ev.reason, ev.message, extra={**ctx, "reason": ev.reason, "eventType": ev.type})
-    for err in errors:
-        kopf.warn(ref, reason="ChildError", message=err)
+    key = (namespace, name)
+    posts = [(ev.type, ev.reason, ev.message) for ev in decision.events] + [("Warning", "ChildError", e) for e in errors]
+    for type_, reason, message in posts:
+        log.info("event %s: %s", reason, message, extra={**ctx, "reason": reason, "eventType": type_})
+        if events.allow(key, reason, message):
+            kube.post_event(namespace, ref, type_, reason, message)
+        else:
+            metrics.EVENTS_DROPPED.inc()
 
     old = dict(body.get("status") or {})
     old.pop("kopf", None)
@@ -266,7 +339,10 @@ def _reconcile_locked(namespace: str, name: str, *, poll: bool, config: Operator
             if rv:
                 with _locks_guard:
                     _own_writes[(namespace, name)] = rv
+                if queue is not None and (written or {}).get("metadata", {}).get("name"):
+                    remember(written)
         except ApiException as e:
+            _drop_body(key)  # read it fresh next time
             if e.status in (404, 409):
                 raise kopf.TemporaryError(f"status not written ({e.status}); will reconcile again", delay=1)
             raise
@@ -275,6 +351,8 @@ def _reconcile_locked(namespace: str, name: str, *, poll: bool, config: Operator
                      extra={**ctx, "phase": decision.status.get("phase")})
     metrics.observe(namespace, name, decision.status, time.monotonic() - started,
                     old=old, created=body["metadata"].get("creationTimestamp"))
+    delay, wants_poll = next_tick(body, decision.status, has_pod=pod is not None, config=config)
+    ticks.set(key, delay, wants_poll)
     if errors:
         metrics.ERRORS.inc()
         raise kopf.TemporaryError("; ".join(errors), delay=max(5.0, config.poll_interval))
@@ -283,31 +361,141 @@ def _reconcile_locked(namespace: str, name: str, *, poll: bool, config: Operator
 
 def _after_report(key: Key, config: OperatorConfig) -> None:
     """A new /progress report arrived (on a poller thread): put it into the status now."""
+    if queue is not None:
+        queue.add(key)
+        return
     try:
         reconcile_object(*key, poll=False, config=config)
     except kopf.TemporaryError as e:
         log.debug("reconcile of %s/%s after a progress report deferred: %s", *key, e)
 
 
+def seconds_per_step(progress: dict[str, Any] | None) -> float | None:
+    """One training step's seconds, from the status' progress (ETA over the steps left)."""
+    p = progress or {}
+    step, total, eta = p.get("step"), p.get("totalSteps"), p.get("etaSeconds")
+    if not isinstance(eta, (int, float)) or not total or step is None or total <= step or eta <= 0:
+        return None
+    return float(eta) / (total - step)
+
+
+def next_tick(body: dict[str, Any], status: dict[str, Any], *, has_pod: bool,
+              config: OperatorConfig) -> tuple[float | None, bool]:
+    """When to reconcile a job again without an event (seconds, or None: only on an event), and
+    whether that tick polls the rank-0 pod's /progress.
+
+    - finished: only when its runPolicy.ttlSecondsAfterFinished clean-up is due (once);
+    - a stage running with a pod: every step's seconds, at least the poll interval, and slower
+      when many run — together they write at most `status_writes_per_second` progress updates —,
+      at most the max poll interval;
+    - a stage whose pod is starting: the poll interval (its first report is shown at once);
+    - anything else (queued, suspended, waiting for a Job to go, a pod that cannot be created):
+      the resync interval, for what no watch event announces (a Job's FailedCreate events).
+    """
+    key = ((body.get("metadata") or {}).get("namespace") or "", (body.get("metadata") or {}).get("name") or "")
+    uid = (body.get("metadata") or {}).get("uid") or ""
+    with _locks_guard:
+        _polled.discard(key)
+    if _terminal(status):
+        left = next_check_seconds({**body, "status": status})
+        with _locks_guard:
+            if left is None or uid in _cleaned:
+                return None, False
+            if left > 0:
+                return left + 0.5, False
+            _cleaned.add(uid)  # due: one more reconcile runs the clean-up (a restart runs it again, harmlessly)
+        return 0.0, False
+    phase = status.get("phase")
+    if phase != "Suspended" and has_pod:
+        if phase != "Running":
+            return config.poll_interval, True
+        with _locks_guard:
+            _polled.add(key)
+            running = len(_polled)
+        pace = max(config.poll_interval, seconds_per_step(status.get("progress")) or 0.0,
+                   running / config.status_writes_per_second)
+        return min(pace, max(config.poll_interval, config.max_poll_interval)), True
+    return config.resync_seconds, False
+
+
+def _work(key: Key, poll: bool, config: OperatorConfig) -> None:
+    """A queue worker's reconcile of one job (only while the job's daemon runs: not while a
+    peering replica of higher priority leads, nor after the object went away)."""
+    if children is not None and not children.synced and not children.wait_synced(60):
+        log.warning("the child caches are not filled after 60 s; reconciling %s/%s later", *key)
+        if queue is not None:
+            queue.add_after(key, 5.0, poll)
+        return
+    with _locks_guard:
+        announced = key in _from_event
+        _from_event.discard(key)
+    if not announced and not ticks.attached(key):
+        return
+    try:
+        reconcile_object(*key, poll=poll, config=config)
+    except kopf.TemporaryError as e:
+        if queue is not None:
+            queue.add_after(key, float(e.delay or 1.0), poll)
+    except ApiException as e:
+        log.warning("reconcile of %s/%s failed (%s %s); again in 5s", *key, e.status, e.reason)
+        _drop_body(key)
+        if queue is not None:
+            queue.add_after(key, 5.0, poll)
+    except Exception:  # noqa: BLE001 — a bug or a broken connection: logged, tried again later
+        log.exception("reconcile of %s/%s failed; again in 10s", *key)
+        _drop_body(key)
+        if queue is not None:
+            queue.add_after(key, 10.0, poll)
+    finally:
+        if queue is not None:
+            metrics.QUEUE_DEPTH.set(queue.depth())
+
+
+def _child_changed(namespace: str, job: str, kind: str, typ: str) -> None:
+    """A child's watch event: a Job or pod changed, or anything was deleted → reconcile its job."""
+    if queue is not None and (kind in ("Job", "Pod") or typ == "DELETED"):
+        queue.add((namespace, job))
+
+
+def start(config: OperatorConfig) -> None:
+    """Start the child caches and the queue workers (the operator's startup)."""
+    global children, queue
+    if queue is not None:
+        return
+    children = ChildCache(config.namespaces, network_policies=bool(config.network_policy), on_change=_child_changed)
+    children.start()
+    queue = WorkQueue(lambda key, poll: _work(key, poll, config), workers=config.workers)
+    queue.start()
+
+
+def stop() -> None:
+    global queue, children
+    if queue is not None:
+        queue.stop()
+    if children is not None:
+        children.stop()
+    queue = children = None
+
+
 def configure_settings(settings: kopf.OperatorSettings) -> None:
     """kopf's settings for this operator (called at startup)."""
     settings.persistence.finalizer = "kubetune.io/finalizer"
-    settings.posting.enabled = True  # kopf.info/kopf.warn: one event per transition
+    settings.posting.enabled = True  # kopf's own events (a handler that failed); ours: kube.post_event
     settings.posting.level = logging.INFO
     settings.posting.loggers = False  # ...and not every log line
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    settings.execution.max_workers = 8
-    # The timer puts kopf's finalizer on every FineTuneJob; on deletion kopf stops the timer and
-    # removes it. A timer call still queued for a worker thread does not stop at once, and kopf
-    # then looks again only after cancellation_polling (60 s by default): `kubectl delete` hung
-    # for a minute on a busy operator. Look again within a second.
+    settings.execution.max_workers = 4  # only login/startup/probe run on kopf's threads
+    # The daemon puts kopf's finalizer on every FineTuneJob; on deletion kopf stops the daemon
+    # (it returns at once) and removes it. Should one not return at once, kopf would look again
+    # only after cancellation_polling (60 s by default): `kubectl delete` hung for a minute on a
+    # busy operator when the ticks were kopf timers. Look again within a second.
     settings.background.cancellation_polling = 1.0
     settings.background.instant_exit_timeout = 0.1
 
 
 def register(config: OperatorConfig, registry: kopf.OperatorRegistry | None = None) -> kopf.OperatorRegistry:
-    """Register the handlers for `config` (the timer's interval comes from it)."""
+    """Register the handlers for `config`."""
     registry = registry if registry is not None else kopf.get_default_registry()
 
     @kopf.on.login(registry=registry)
@@ -324,46 +512,42 @@ def register(config: OperatorConfig, registry: kopf.OperatorRegistry | None = No
         configure_settings(settings)
         if config.metrics_port:
             metrics.serve(config.metrics_port)
+        start(config)
+
+    @kopf.on.cleanup(registry=registry)
+    def shutdown(**_: Any) -> None:
+        stop()
 
     @kopf.on.probe(id="finetunejobs", registry=registry)
     def probe(**_: Any) -> int:
         return metrics.tracked()
 
     @kopf.on.event(API_GROUP, API_VERSION, PLURAL, registry=registry)
-    def finetunejob_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+    async def finetunejob_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        ns, name = body.metadata.namespace, body.metadata.name
         if type == "DELETED":
-            forget(body.metadata.namespace, body.metadata.name, body.metadata.uid)
+            forget(ns, name, body.metadata.uid)
             return
-        if own_echo(body.metadata.namespace, body.metadata.name, body.metadata.get("resourceVersion")):
-            return  # the echo of our own status write
-        reconcile_object(body.metadata.namespace, body.metadata.name, poll=False, config=config)
-
-    @kopf.timer(API_GROUP, API_VERSION, PLURAL, interval=config.poll_interval, registry=registry)
-    def finetunejob_timer(body: kopf.Body, **_: Any) -> None:
-        b = dict(body)
-        st = b.get("status") or {}
-        uid = body.metadata.uid
-        if _terminal(st) and st.get("observedGeneration") == body.metadata.get("generation"):
-            left = next_check_seconds(b)
-            if left is None or left > 0 or uid in _cleaned:
-                return  # finished and nothing (more) scheduled: no API traffic
-            reconcile_object(body.metadata.namespace, body.metadata.name, poll=False, config=config)
+        if own_echo(ns, name, body.metadata.get("resourceVersion")):
+            return  # the echo of our own status write (already remembered)
+        remember(dict(body))
+        if queue is not None:
             with _locks_guard:
-                _cleaned.add(uid)  # the TTL clean-up ran; a restart runs it once more, harmlessly
-            return
-        reconcile_object(body.metadata.namespace, body.metadata.name, poll=True, config=config)
+                _from_event.add((ns, name))
+            queue.add((ns, name))
 
-    @kopf.on.event("batch", "v1", "jobs", labels={m.LABEL_JOB: kopf.PRESENT}, registry=registry)
-    def child_job_event(body: kopf.Body, **_: Any) -> None:
-        owners = [r for r in body.metadata.get("ownerReferences") or [] if r.get("kind") == "FineTuneJob"]
-        parent = owners[0]["name"] if owners else body.metadata.labels.get(m.LABEL_JOB)
-        if parent:
-            try:
-                reconcile_object(body.metadata.namespace, parent, poll=False, config=config)
-            except kopf.TemporaryError as e:
-                log.debug("reconcile of %s after a Job event deferred: %s", parent, e)
+    @kopf.daemon(API_GROUP, API_VERSION, PLURAL, cancellation_timeout=5.0, registry=registry)
+    async def finetunejob_ticks(stopped: kopf.DaemonStopped, body: kopf.Body, **_: Any) -> None:
+        # an idle asyncio task per FineTuneJob: wakes at the job's next tick (next_tick), or
+        # never for a finished one; kopf stops it on deletion and while the operator is paused
+        def enqueue(key: Key, poll: bool) -> None:
+            if queue is not None:
+                queue.add(key, poll)
+
+        await ticks.run((body.metadata.namespace, body.metadata.name), stopped, enqueue)
 
     return registry
 
 
-__all__ = ["ProgressPoller", "forget", "register", "reconcile_object", "state_sizes"]
+__all__ = ["ProgressPoller", "forget", "next_tick", "register", "reconcile_object", "remember", "start",
+           "state_sizes", "stop"]

@@ -55,11 +55,6 @@ def _custom() -> kubernetes.client.CustomObjectsApi:
     return kubernetes.client.CustomObjectsApi(api_client())
 
 
-def _plain(obj: Any) -> Any:
-    """A client model → the API's own JSON shape (camelCase, no None)."""
-    return api_client().sanitize_for_serialization(obj)
-
-
 def _json(api_call, *args, **kw) -> Any:
     """Call a client method and return the raw JSON (skips the client's model deserialisation)."""
     resp = api_call(*args, _preload_content=False, _request_timeout=TIMEOUT, **kw)
@@ -76,15 +71,23 @@ def get_finetunejob(namespace: str, name: str) -> dict[str, Any] | None:
         raise
 
 
-def observe(namespace: str, job_name: str, network_policies: bool = False) -> Observed:
+def observe(namespace: str, job_name: str, network_policies: bool = False, cache=None) -> Observed:
     """The children labelled kubetune.io/job=<name>, and their pods grouped by Job (NetworkPolicies
-    only when the operator makes them)."""
+    only when the operator makes them): from the watch-fed `cache` (cache.ChildCache) when given,
+    else LISTed."""
     sel = f"{m.LABEL_JOB}={job_name}"
-    jobs = _json(_batch().list_namespaced_job, namespace, label_selector=sel)["items"]
-    cms = _json(_core().list_namespaced_config_map, namespace, label_selector=sel)["items"]
-    svcs = _json(_core().list_namespaced_service, namespace, label_selector=sel)["items"]
-    # pods are read by their Job: none to read before the first stage Job exists (a new job)
-    pods = _json(_core().list_namespaced_pod, namespace, label_selector=sel)["items"] if jobs else []
+    if cache is not None:
+        kids = cache.children(namespace, job_name)
+        jobs, cms, svcs, pods = kids["Job"], kids["ConfigMap"], kids["Service"], kids["Pod"]
+        nps = kids.get("NetworkPolicy", [])
+    else:
+        jobs = _json(_batch().list_namespaced_job, namespace, label_selector=sel)["items"]
+        cms = _json(_core().list_namespaced_config_map, namespace, label_selector=sel)["items"]
+        svcs = _json(_core().list_namespaced_service, namespace, label_selector=sel)["items"]
+        # pods are read by their Job: none to read before the first stage Job exists (a new job)
+        pods = _json(_core().list_namespaced_pod, namespace, label_selector=sel)["items"] if jobs else []
+        nps = (_json(_networking().list_namespaced_network_policy, namespace, label_selector=sel)["items"]
+               if network_policies else [])
     by_job: dict[str, list[dict[str, Any]]] = {}
     for p in pods:
         labels = (p.get("metadata") or {}).get("labels") or {}
@@ -113,15 +116,45 @@ def observe(namespace: str, job_name: str, network_policies: bool = False) -> Ob
             if name:
                 events.setdefault(name, []).append(e)
     return Observed(
+        workloads=kueue_workloads(namespace, [j for j in jobs if (j.get("spec") or {}).get("suspend")
+                                              and m.KUEUE_QUEUE_LABEL in ((j.get("metadata") or {}).get("labels") or {})]),
         jobs={j["metadata"]["name"]: j for j in jobs},
         configmaps={c["metadata"]["name"]: c for c in cms},
         services={v["metadata"]["name"]: v for v in svcs},
-        network_policies={n["metadata"]["name"]: n for n in (_json(
-            _networking().list_namespaced_network_policy, namespace, label_selector=sel)["items"]
-            if network_policies else [])},
+        network_policies={n["metadata"]["name"]: n for n in nps},
         pods=by_job,
         job_events=events,
     )
+
+
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+_kueue_missing_until = 0.0  # Kueue's Workload API was not there: do not ask again before this
+
+
+def kueue_workloads(namespace: str, jobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The Kueue Workload of each queued (suspended) Job, by Job name: only asked for Jobs that
+    wait, one LIST by Kueue's job-uid label each. Without Kueue's API (not installed, or no right
+    to read it) the reason stays unknown: nothing breaks, and it is asked again in 5 minutes."""
+    global _kueue_missing_until
+    if not jobs or time.monotonic() < _kueue_missing_until:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for j in jobs:
+        meta = j.get("metadata") or {}
+        try:
+            items = _custom().list_namespaced_custom_object(
+                "kueue.x-k8s.io", "v1beta2", namespace, "workloads",
+                label_selector=f"{KUEUE_JOB_UID_LABEL}={meta.get('uid')}", _request_timeout=TIMEOUT)["items"]
+        except ApiException as e:
+            if e.status in (403, 404):
+                log.info("cannot read Kueue Workloads in %s (%s): the Queued status will not say Kueue's reason",
+                         namespace, e.status)
+                _kueue_missing_until = time.monotonic() + 300
+                return {}
+            raise
+        if items:
+            out[meta["name"]] = max(items, key=lambda w: (w.get("metadata") or {}).get("creationTimestamp") or "")
+    return out
 
 
 PROGRESS_MAX_BYTES = 64 * 1024  # a /progress report is ~1 KiB; anything past this is not one
@@ -348,6 +381,32 @@ def apply(namespace: str, action: Action) -> str:
         if action.verb == "delete" and e.status == 404:
             return "gone"
         raise
+
+
+REPORTING_COMPONENT = "kubetune-operator"
+
+
+def post_event(namespace: str, ref: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    """One core/v1 Event about `ref`, posted now (before the status that goes with it is written,
+    so an operator that dies right after a transition has told it). A failure is logged, never
+    raised: an event is never worth a failed reconcile."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    body = {
+        "metadata": {"generateName": f"{(ref.get('metadata') or {}).get('name', 'kubetune')}."[:200],
+                     "namespace": namespace},
+        "type": type_, "reason": reason, "message": message[:1024], "action": "Reconcile",
+        "involvedObject": {"apiVersion": ref.get("apiVersion"), "kind": ref.get("kind"),
+                           "name": (ref.get("metadata") or {}).get("name"), "namespace": namespace,
+                           "uid": (ref.get("metadata") or {}).get("uid")},
+        "source": {"component": REPORTING_COMPONENT}, "reportingComponent": REPORTING_COMPONENT,
+        "reportingInstance": socket.gethostname()[:128],
+        "firstTimestamp": now + "Z", "lastTimestamp": now + "Z", "eventTime": now + ".000000Z", "count": 1,
+    }
+    try:
+        _json(_core().create_namespaced_event, namespace, body)
+    except ApiException as e:
+        log.warning("event %s about %s/%s not posted: %s %s", reason, namespace,
+                    (ref.get("metadata") or {}).get("name"), e.status, e.reason)
 
 
 def patch_status(namespace: str, name: str, resource_version: str | None, patch: dict[str, Any]) -> dict[str, Any]:

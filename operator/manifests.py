@@ -317,12 +317,19 @@ def pod_failure_policy(gang: bool = False) -> dict[str, Any]:
     }
 
 
+def kueue_queue(job: FineTuneJob) -> str | None:
+    """The Kueue LocalQueue of a FineTuneJob's stage Jobs: spec.queueName, else its queue label."""
+    return job.spec.queue_name or job.metadata.labels.get(KUEUE_QUEUE_LABEL) or None
+
+
 def build_job(
     job: FineTuneJob, stage: ResolvedStage, uid: str, config: OperatorConfig, suspend: bool = False
 ) -> dict[str, Any]:
     """The batch/v1 Job of one stage: one pod per node, Indexed, never restarted in place."""
     name = child_name(job.metadata.name, stage.name)
     extra_labels = {k: v for k, v in job.metadata.labels.items() if k in (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL)}
+    if kueue_queue(job):
+        extra_labels[KUEUE_QUEUE_LABEL] = kueue_queue(job)
     meta = _metadata(job, stage, uid, name, **extra_labels)
     meta["annotations"] = {ANNOTATION_CONFIG_HASH: config_hash(stage)}
     r = stage.resources

@@ -6,6 +6,8 @@ kubetune_operator_stage_transitions_total{phase} (a stage entering a phase),
 kubetune_operator_pod_restarts_total (failed training pods retried),
 kubetune_operator_first_pod_running_seconds (creation → first running pod), and
 kubetune_finetunejobs{phase} (how many FineTuneJobs this replica sees in each phase), and
+kubetune_operator_events_dropped_total (events held back: repeats, or over an object's rate
+limit), kubetune_operator_workqueue_depth (FineTuneJobs waiting for a reconcile), and
 kubetune_operator_object_state_entries{table} (entries of each per-object table of the process:
 all 0 once every FineTuneJob is gone, or the process leaks).
 """
@@ -29,6 +31,9 @@ FIRST_RUNNING = Histogram(
     "Seconds from a FineTuneJob's creation to its first running training pod.",
     buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
 )
+EVENTS_DROPPED = Counter("kubetune_operator_events_dropped_total",
+                         "Kubernetes events not posted: a repeat, or over one object's rate limit.")
+QUEUE_DEPTH = Gauge("kubetune_operator_workqueue_depth", "FineTuneJobs waiting for a reconcile.")
 PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
 JOBS = Gauge("kubetune_finetunejobs", "FineTuneJobs by phase.", ["phase"])
 

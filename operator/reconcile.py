@@ -69,6 +69,8 @@ class Observed:
     progress: dict[str, Any] | None = None  # the rank-0 /progress report, when polled
     # FailedCreate events of the Job controller by Job name (only read for Jobs without pods)
     job_events: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    # the Kueue Workload of each stage Job that waits for admission, by Job name
+    workloads: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     # child names taken by an object this FineTuneJob does not own: name → what is there
     conflicts: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -256,7 +258,7 @@ def reconcile(
     stages = plan(job, run=uid)  # the uid: a stage's pods and retries are one run, a re-applied job a new one
     records = _records(prev.get("stages") or [], stages)
     status["stages"] = records
-    kueue = m.KUEUE_QUEUE_LABEL in job.metadata.labels
+    kueue = m.kueue_queue(job) is not None
     suspend = job.spec.suspend
     flow = " → ".join(st.name for st in stages)
     validated = (True, "Valid", f"{len(stages)} stage(s): {flow}")
@@ -479,9 +481,16 @@ def _current_stage(
     conds["Failed"] = (False, "NoFailure", "")
 
     if child is not None and kueue and bool((child.get("spec") or {}).get("suspend")):
-        queue = job.metadata.labels.get(m.KUEUE_QUEUE_LABEL)
-        _pending(status, rec, conds, d, gen, now, "Pending", "Queued",
-                 f"Job {jname} waits for Kueue to admit it (queue {queue})")
+        queue = m.kueue_queue(job)
+        why = s.kueue_reason(observed.workloads.get(jname))
+        text = f"Job {jname} waits for Kueue to admit it (queue {queue})" + (f": {why[1]}" if why else "")
+        if rec.get("phase") == "Running":
+            # Kueue took the quota back (preempted by a job of higher priority, or evicted): the
+            # pods were stopped like a suspend (checkpoint), and the stage resumes when admitted
+            d.warn("Preempted", f"Stage {_label(st)} was stopped by Kueue" + (f" ({why[0]}: {why[1]})" if why else "")
+                   + "; it resumes from its last checkpoint when admitted again")
+        rec["phase"] = "Pending"
+        _pending(status, rec, conds, d, gen, now, "Pending", "Queued", text)
         return
     finishing = rec.get("phase") == "Running" and s.pods_succeeded(pods) > 0  # Complete is on its way
     if child is not None and (s.pods_running(pods) > 0 or finishing):

@@ -319,6 +319,19 @@ def pods_disrupted(pods: list[dict[str, Any]]) -> bool:
                for p in pods for c in (p.get("status") or {}).get("conditions") or [])
 
 
+def kueue_reason(workload: dict[str, Any] | None) -> tuple[str, str] | None:
+    """Why Kueue has not (or no longer) admitted a Job, from its Workload's conditions:
+    (reason, message) of Evicted=True (preempted, the queue stopped, ...) if there is one, else of
+    QuotaReserved=False (e.g. "insufficient unused quota for nvidia.com/gpu ..."); None when the
+    Workload says nothing yet (or there is none)."""
+    conds = {c.get("type"): c for c in ((workload or {}).get("status") or {}).get("conditions") or []}
+    evicted, reserved = conds.get("Evicted"), conds.get("QuotaReserved")
+    for cond, status in ((evicted, "True"), (reserved, "False")):
+        if cond and cond.get("status") == status and (cond.get("message") or cond.get("reason")):
+            return str(cond.get("reason") or ""), str(cond.get("message") or cond.get("reason"))[:MAX_MESSAGE]
+    return None
+
+
 def pending_reason(pods: list[dict[str, Any]]) -> str | None:
     """Why a pod is not running yet: Unschedulable message or a container's waiting reason."""
     for p in pods:

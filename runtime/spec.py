@@ -1004,6 +1004,17 @@ class FineTuneJobSpec(Spec):
         "last checkpoint.",
         False,
     )
+    queue_name: str | None = _field(
+        "Kueue LocalQueue (in this namespace) that admits the stage Jobs: they carry the "
+        "kueue.x-k8s.io/queue-name label, are created suspended, and start when Kueue admits them "
+        "against its ClusterQueue's quota; the status shows Queued with Kueue's reason until then. "
+        "Kueue preempting a stage is a suspend: the pods save a checkpoint and the stage resumes "
+        "from it when admitted again. Default: the FineTuneJob's own kueue.x-k8s.io/queue-name "
+        "label, if any (see docs/kueue.md).",
+        None,
+        pattern=DNS_SUBDOMAIN,
+        max_length=253,
+    )
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule(

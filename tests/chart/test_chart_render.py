@@ -19,6 +19,7 @@ NAMESPACED = {  # operator/README.md, per namespace
     *{("", "pods", v) for v in ("get", "list", "watch")},
     ("", "events", "create"),
     ("", "events", "list"),  # a Job's FailedCreate events
+    ("kueue.x-k8s.io", "workloads", "list"),  # why Kueue has not admitted a queued stage Job
 }
 NETWORK_POLICIES = {("networking.k8s.io", "networkpolicies", v)
                     for v in ("create", "get", "list", "watch", "patch", "delete")}

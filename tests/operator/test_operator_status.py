@@ -364,6 +364,42 @@ def test_kueue_jobs_start_suspended_and_user_suspend_deletes_them(config):
     assert [e.reason for e in d.events] == ["Resumed"]
 
 
+def test_spec_queue_name_queues_the_jobs_and_the_status_says_kueues_reason(config):
+    body = ftj({"queueName": "team-a"})
+    d = reconcile(body, Observed(), config, now=NOW)
+    job = [a for a in d.actions if a.kind == "Job"][0].body
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    body = ftj({"queueName": "team-a"}, status=d.status)
+    cms = {"llama-sft": _cm(body, config)}
+    waiting = {"status": {"conditions": [{"type": "QuotaReserved", "status": "False", "reason": "Pending",
+               "message": "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu "
+                          "in flavor gpu, 1 more needed"}]}}
+    queued = Observed(jobs={"llama-sft": k8s_job("llama-sft", suspend=True)}, configmaps=cms,
+                      workloads={"llama-sft": waiting})
+    body, d = step(body, queued, config)
+    running = cond(d.status, "Running")
+    assert d.actions == [] and d.status["phase"] == "Pending" and running["reason"] == "Queued"
+    assert running["message"].endswith("(queue team-a): couldn't assign flavors to pod set main: insufficient "
+                                       "unused quota for nvidia.com/gpu in flavor gpu, 1 more needed")
+    # admitted: Kueue unsuspends the Job, its pod runs
+    body, d = step(body, Observed(jobs={"llama-sft": k8s_job("llama-sft")}, configmaps=cms,
+                                  pods={"llama-sft": [pod("llama-sft", "Running")]}), config)
+    assert d.status["phase"] == "Running" and d.actions == []
+    # preempted: Kueue suspends the Job again (its pods save a checkpoint on SIGTERM)
+    evicted = {"status": {"conditions": [
+        {"type": "Evicted", "status": "True", "reason": "Preempted",
+         "message": "Preempted to accommodate a workload (UID: 1) due to prioritization in the ClusterQueue"},
+        {"type": "QuotaReserved", "status": "False", "reason": "Pending", "message": "waiting"}]}}
+    body, d = step(body, Observed(jobs={"llama-sft": k8s_job("llama-sft", suspend=True)}, configmaps=cms,
+                                  workloads={"llama-sft": evicted}), config)
+    assert d.actions == [] and d.status["phase"] == "Pending" and cond(d.status, "Running")["reason"] == "Queued"
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "Preempted")]
+    assert "Preempted: Preempted to accommodate" in d.events[0].message and "resumes" in d.events[0].message
+    _, d = step(body, Observed(jobs={"llama-sft": k8s_job("llama-sft", suspend=True)}, configmaps=cms,
+                               workloads={"llama-sft": evicted}), config)
+    assert d.events == []  # said once
+
+
 @pytest.mark.parametrize("spec,reason,needle", [
     ({"storage": {}}, "StorageRequired", "spec.storage.uri"),
     ({"stages": [{"name": "sft", "type": "sft", "method": "qlora"}]}, "InvalidSpec", "quantization"),

@@ -65,6 +65,9 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "list"]  # list: a Job's FailedCreate events (pods that cannot be created)
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list"]  # why Kueue has not admitted a queued stage Job (harmless without Kueue)
 {{- if .Values.trainingNetworkPolicy.enabled }}
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
