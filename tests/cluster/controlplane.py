@@ -150,8 +150,11 @@ def kubeconfig_yaml(server: str, ca: bytes, cert: bytes, key: bytes, user: str) 
 
 class ControlPlane:
     def __init__(self, bin_dir: str | Path | None = None, workdir: str | Path | None = None,
-                 start_timeout: float = 120.0, bind_address: str = "127.0.0.1"):
+                 start_timeout: float = 120.0, bind_address: str = "127.0.0.1",
+                 extra_args: dict[str, list[str]] | None = None):
         self.bin_dir = Path(bin_dir) if bin_dir else None
+        # more flags for a component, by process name (e.g. a benchmark's audit log, client QPS)
+        self.extra_args = dict(extra_args or {})
         self.bind_address = bind_address
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kubetune-cp-"))
@@ -308,6 +311,7 @@ class ControlPlane:
         self.start_seconds = time.monotonic() - t0
 
     def _spawn(self, name: str, argv: list[str]) -> None:
+        argv = [*argv, *self.extra_args.get(name, [])]
         self.procs[name] = ManagedProcess(name, argv, self.workdir / f"{name}.log", cwd=str(self.workdir))
 
     def _https_ok(self, port: int, path: str, client: bool = False, host: str = "127.0.0.1") -> bool:
