@@ -26,7 +26,7 @@ Kueue (``sigs.k8s.io/kueue``, wrapper ``gomod/kueue``) is built apart and only o
 in ``targets()``, so the e2e tier's cold build does not grow unless a test asks for it.
 ``ensure_kueue()`` builds its controller manager into a folder of its own,
 ``~/.cache/kubetune-test/kueue/<version + go version + hash of gomod/kueue>/``, and copies Kueue's
-CRDs, webhook configurations and manager ClusterRole from the module (``go list -m``) beside it
+CRDs, webhook configurations and the manager's RBAC roles from the module (``go list -m``) beside it
 (``kueue.py`` reads them there).
 
 Usage: ``python tests/cluster/build.py`` (prints progress, then the bin dir), ``--kueue`` for
@@ -254,7 +254,11 @@ KUEUE_MODULE = "sigs.k8s.io/kueue"
 KUEUE_CRDS = "crds"  # every CRD of config/components/crd/bases
 KUEUE_FILES = {
     "config/components/webhook/manifests.yaml": "webhook-manifests.yaml",
-    "config/components/rbac/role.yaml": "manager-role.yaml",
+    # the manager's RBAC: its ClusterRole, the Secrets of its namespace, the metrics endpoint's
+    # TokenReviews and SubjectAccessReviews
+    "config/components/rbac/role.yaml": "rbac-manager-role.yaml",
+    "config/components/rbac/manager_secrets_role.yaml": "rbac-manager-secrets-role.yaml",
+    "config/components/rbac/metrics_auth_role.yaml": "rbac-metrics-auth-role.yaml",
 }
 
 
