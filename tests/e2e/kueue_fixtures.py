@@ -36,7 +36,7 @@ KUEUE_PATH = f"/apis/{API}"
 @pytest.fixture(scope="module")
 def kueue(control_plane):
     with Kueue(control_plane) as kq:
-        print(f"\nKueue up in {kq.start_seconds:.1f}s (log {kq.log_path})")
+        print(f"\nKueue up in {kq.start_seconds:.1f}s {kq.timings} (log {kq.log_path})")
         yield kq
 
 
@@ -92,7 +92,7 @@ def kueue_queues(kueue, kube, namespace):
 
 
 def _active(obj: dict) -> bool:
-    return any(c["type"] == "Active" and c["status"] == "True" for c in (obj.get("status") or {}).get("conditions", []))
+    return any(c["type"] == "Active" and c["status"] == "True" for c in (obj.get("status") or {}).get("conditions") or [])
 
 
 def _delete(kube: KubeClient, path: str, **params) -> None:
