@@ -8,8 +8,9 @@ What ``start()`` does (the binary, CRDs, webhook configurations and RBAC roles c
 ``build.ensure_kueue()``, built from ``gomod/kueue`` and copied from the module on first use):
 
 1. applies Kueue's CRDs (server-side apply, as every object here: the Workload CRD is too large
-   for client-side apply's annotation), with the v1beta1 <-> v1beta2 conversion webhook a real install configures on the
-   CRDs that have one, pointed at the manager, and waits until every CRD is Established;
+   for client-side apply's annotation), with the v1beta1 <-> v1beta2 conversion webhook that a
+   real install configures on the CRDs that have one, pointed at the manager, and waits until
+   every CRD is Established;
 2. gives the manager an identity of its own: a client certificate for the user
    ``kueue-controller-manager`` (no groups), bound to the roles of Kueue's
    ``config/components/rbac``: the manager's ClusterRole, its Role on the Secrets of
@@ -23,9 +24,11 @@ What ``start()`` does (the binary, CRDs, webhook configurations and RBAC roles c
 4. starts the manager (``ManagedProcess``: own process group, ``kueue.log`` in the control plane's
    workdir) and waits for its ``/readyz`` (which includes the webhook server);
 5. applies Kueue's Mutating/ValidatingWebhookConfigurations (from the release's
-   ``config/components/webhook``), keeping the webhooks for the ``batch`` Jobs and Kueue's own
-   kinds (the others name integrations that are off here, and a ``Fail`` webhook the manager does
-   not serve would block e.g. every Pod) and pointing each at ``https://127.0.0.1:<port>/<path>``
+   ``config/components/webhook``), keeping the webhooks for ``batch`` Jobs and Kueue's own kinds
+   (the manager serves the paths of every integration, but the others are for integrations that
+   are off here; leaving out the Pod, Deployment and StatefulSet ones, all ``failurePolicy:
+   Fail``, keeps Kueue out of the admission of every other pod of the session) and pointing each
+   at ``https://127.0.0.1:<port>/<path>``
    with the cluster CA as caBundle; then waits until the apiserver calls them (a dry-run Job
    with a queue name comes back suspended, Kueue's Job defaulting).
 
@@ -34,10 +37,10 @@ calls a manager that is gone), then stops the process. Kueue's objects and CRDs 
 
 One oddity of Kueue v0.17's ``cmd/kueue``: with internal certificate management off it reads the
 metrics server's certificate from the fixed path ``/etc/kueue/metrics/certs/tls.{crt,key}`` and
-exits without it. The manager therefore runs in a mount namespace of its own (``unshare``) where
+exits when it is missing (``certwatcher.New`` in ``main``; the metrics bind address does not matter). The manager therefore runs in a mount namespace of its own (``unshare``) where
 ``/etc`` is an overlay of the host's ``/etc`` with that one folder added; the host's ``/etc`` is
-never written. Root (or unprivileged user namespaces, then ``--map-root-user``) is needed, as for
-the rest of the e2e tier.
+never written. Root is needed, as for the rest of the e2e tier (as a user, ``unshare`` is given
+``--user --map-root-user``; untested, this machine runs as root).
 """
 
 from __future__ import annotations
