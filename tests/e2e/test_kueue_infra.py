@@ -176,7 +176,12 @@ def test_gpu_quota_of_two_admits_two_of_three_jobs_then_the_third(kube, kubelet,
 
 def test_job_webhook_suspends_a_queued_job_on_creation(kube, kubelet, kueue_queues, namespace):
     """Kueue's mutating webhook, called by the apiserver: a Job with a queue name created without
-    `suspend` is stored suspended, then Kueue admits it and it runs to completion."""
+    `suspend` is stored suspended, then Kueue admits it and it runs to completion. And its
+    conversion webhook: the queues, stored as v1beta2, read as v1beta1."""
+    old_api = KUEUE_PATH.replace("v1beta2", "v1beta1")
+    assert kube.get(f"{old_api}/clusterqueues/{kueue_queues.cluster_queue}")["apiVersion"].endswith("/v1beta1")
+    assert kube.get(f"{old_api}/namespaces/{namespace}/localqueues/{kueue_queues.local_queue}")["spec"][
+        "clusterQueue"] == kueue_queues.cluster_queue
     created = kube.post(f"/apis/batch/v1/namespaces/{namespace}/jobs",
                         gpu_job("unsuspended", kueue_queues.local_queue, seconds=0, suspend=None))
     assert created["spec"]["suspend"] is True
