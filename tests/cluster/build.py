@@ -22,8 +22,15 @@ encodes the pinned versions, the Go version and a hash of the wrapper modules; a
 already there is not rebuilt; the folder counts as done once its ``.complete`` marker is written.
 A file lock keeps two concurrent builders from racing.
 
-Usage: ``python tests/cluster/build.py`` (prints progress, then the bin dir), or
-``ensure_binaries()`` from Python.
+Kueue (``sigs.k8s.io/kueue``, wrapper ``gomod/kueue``) is built apart and only on demand: it is not
+in ``targets()``, so the e2e tier's cold build does not grow unless a test asks for it.
+``ensure_kueue()`` builds its controller manager into a folder of its own,
+``~/.cache/kubetune-test/kueue/<version + go version + hash of gomod/kueue>/``, and copies Kueue's
+CRDs, webhook configurations and the manager's RBAC roles from the module (``go list -m``) beside it
+(``kueue.py`` reads them there).
+
+Usage: ``python tests/cluster/build.py`` (prints progress, then the bin dir), ``--kueue`` for
+Kueue's folder, or ``ensure_binaries()`` / ``ensure_kueue()`` from Python.
 """
 
 from __future__ import annotations
@@ -39,11 +46,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 KUBERNETES_VERSION = "v1.34.4"
 ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.19.5"
 COREDNS_VERSION = "v1.15.0"
+KUEUE_VERSION = "v0.17.0"  # also in gomod/kueue/go.mod
 # Bump when the way the binaries are built (flags, ldflags) changes, to invalidate caches.
 BUILD_REVISION = "1"
 
@@ -74,27 +83,34 @@ def go_version() -> str:
     return out.stdout.strip()
 
 
-def cache_key() -> str:
+def _modules_hash(modules: tuple[str, ...]) -> str:
     h = hashlib.sha256()
-    for sub in MODULES:
+    for sub in modules:
         for name in sorted(os.listdir(GOMOD / sub)):
             p = GOMOD / sub / name
             if p.is_file():
                 h.update(f"{sub}/{name}\0".encode())
                 h.update(p.read_bytes())
     h.update(BUILD_REVISION.encode())
+    return h.hexdigest()[:10]
+
+
+def cache_key() -> str:
     return (
         f"k8s-{KUBERNETES_VERSION}_etcd-{ETCD_VERSION}_helm-{HELM_VERSION}_coredns-{COREDNS_VERSION}"
-        f"_{go_version()}_{h.hexdigest()[:10]}"
+        f"_{go_version()}_{_modules_hash(MODULES)}"
     )
+
+
+def _cache_base() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kubetune-test"
 
 
 def bin_dir() -> Path:
     override = os.environ.get("KUBETUNE_TEST_BIN_DIR")
     if override:
         return Path(override)
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kubetune-test" / "bin"
-    return base / cache_key()
+    return _cache_base() / "bin" / cache_key()
 
 
 def _kube_ldflags() -> str:
@@ -181,12 +197,13 @@ def targets() -> list[GoTarget]:
 COMPLETE = ".complete"
 
 
-def ensure_binaries(verbose: bool = True, plan: list[GoTarget] | None = None, target: Path | None = None) -> Path:
+def ensure_binaries(verbose: bool = True, plan: list[GoTarget] | None = None, target: Path | None = None,
+                    finish: Callable[[Path], None] | None = None) -> Path:
     """Return the directory holding every output of `plan` (default: `targets()` in `bin_dir()`),
     building what is missing.
 
     The directory counts as done only once its `.complete` marker is written, after every binary
-    is in place; each binary is built into a staging folder and moved in with one rename, so an
+    is in place and `finish(target)` (files that are not built, e.g. Kueue's CRDs) has run; each binary is built into a staging folder and moved in with one rename, so an
     interrupted build leaves no half-written binary, and the next run builds only what is missing.
     A file lock keeps concurrent builders (two pytest sessions, CI and a developer) apart."""
     plan = targets() if plan is None else plan
@@ -221,6 +238,8 @@ def ensure_binaries(verbose: bool = True, plan: list[GoTarget] | None = None, ta
                 for o in t.outputs:
                     os.replace(out / o, target / o)
             shutil.rmtree(staging, ignore_errors=True)
+            if finish is not None:
+                finish(target)
             (target / COMPLETE).write_text(json.dumps({"outputs": outputs, "go": go_version()}) + "\n")
         finally:
             stop.set()
@@ -228,5 +247,79 @@ def ensure_binaries(verbose: bool = True, plan: list[GoTarget] | None = None, ta
     return target
 
 
+# -- Kueue: built only when a test asks for it -------------------------------------------------
+
+KUEUE_MODULE = "sigs.k8s.io/kueue"
+# What ensure_kueue copies from the module into its folder, for kueue.py to read at run time.
+KUEUE_CRDS = "crds"  # every CRD of config/components/crd/bases
+KUEUE_FILES = {
+    "config/components/webhook/manifests.yaml": "webhook-manifests.yaml",
+    # the manager's RBAC: its ClusterRole, the Secrets of its namespace, the metrics endpoint's
+    # TokenReviews and SubjectAccessReviews
+    "config/components/rbac/role.yaml": "rbac-manager-role.yaml",
+    "config/components/rbac/manager_secrets_role.yaml": "rbac-manager-secrets-role.yaml",
+    "config/components/rbac/metrics_auth_role.yaml": "rbac-metrics-auth-role.yaml",
+}
+
+
+def kueue_target() -> GoTarget:
+    ldflags = " ".join([
+        "-s", "-w",
+        f"-X {KUEUE_MODULE}/pkg/version.GitVersion={KUEUE_VERSION}",
+        f"-X {KUEUE_MODULE}/pkg/version.BuildDate=1970-01-01T00:00:00Z",
+    ])
+    return GoTarget("kueue", GOMOD / "kueue", ldflags, (f"{KUEUE_MODULE}/cmd/kueue",), ("kueue",))
+
+
+def kueue_dir() -> Path:
+    """Kueue's cache folder: its version, the Go version and a hash of gomod/kueue (and of the
+    build revision) name it; ``KUBETUNE_TEST_KUEUE_DIR`` overrides it."""
+    override = os.environ.get("KUBETUNE_TEST_KUEUE_DIR")
+    if override:
+        return Path(override)
+    return _cache_base() / "kueue" / f"kueue-{KUEUE_VERSION}_{go_version()}_{_modules_hash(('kueue',))}"
+
+
+def kueue_module_dir() -> Path:
+    """Where the Go module cache holds the Kueue release the wrapper requires."""
+    out = subprocess.run(["go", "list", "-m", "-json", KUEUE_MODULE], cwd=GOMOD / "kueue", env=go_env(),
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"go list -m {KUEUE_MODULE} failed:\n{out.stderr}")
+    info = json.loads(out.stdout)
+    if info.get("Version") != KUEUE_VERSION or not info.get("Dir"):
+        raise RuntimeError(f"gomod/kueue resolves {KUEUE_MODULE} {info.get('Version')} (Dir {info.get('Dir')!r}), "
+                           f"build.py pins {KUEUE_VERSION}")
+    return Path(info["Dir"])
+
+
+def _copy_kueue_manifests(target: Path) -> None:
+    src = kueue_module_dir()
+    staging = target / (KUEUE_CRDS + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    crds = sorted((src / "config/components/crd/bases").glob("*.yaml"))
+    if not crds:
+        raise RuntimeError(f"no CRDs in {src}/config/components/crd/bases")
+    for f in crds:  # copyfile, not copy: the module cache's files are read-only
+        shutil.copyfile(f, staging / f.name)
+    shutil.rmtree(target / KUEUE_CRDS, ignore_errors=True)
+    staging.rename(target / KUEUE_CRDS)
+    for rel, name in KUEUE_FILES.items():
+        shutil.copyfile(src / rel, target / (name + ".partial"))
+        os.replace(target / (name + ".partial"), target / name)
+
+
+def ensure_kueue(verbose: bool = True) -> Path:
+    """Return Kueue's folder: the ``kueue`` manager binary, ``crds/*.yaml`` and the files of
+    ``KUEUE_FILES``, building and copying what is missing (the first call: minutes)."""
+    target = kueue_dir()
+    if (target / COMPLETE).is_file() and (target / KUEUE_CRDS).is_dir() and all(
+            (target / n).is_file() for n in KUEUE_FILES.values()):
+        return ensure_binaries(verbose, plan=[kueue_target()], target=target)
+    (target / COMPLETE).unlink(missing_ok=True)
+    return ensure_binaries(verbose, plan=[kueue_target()], target=target, finish=_copy_kueue_manifests)
+
+
 if __name__ == "__main__":
-    print(ensure_binaries())
+    print(ensure_kueue() if "--kueue" in sys.argv[1:] else ensure_binaries())

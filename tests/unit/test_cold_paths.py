@@ -104,6 +104,64 @@ def test_the_real_plan_builds_what_the_control_plane_starts():
         assert "require" not in gomod or (t.module / "go.sum").is_file(), t.module
 
 
+@needs_go
+def test_kueue_builds_into_its_own_folder_with_its_manifests_then_recopies_only_what_is_missing(tmp_path, monkeypatch):
+    """ensure_kueue's first run: the manager built (a tiny module stands in for Kueue) and the
+    release's CRDs and files copied from the module folder (read-only, as Go's module cache
+    keeps them) before `.complete`; a folder that lost a copied file gets it back without a
+    rebuild."""
+    mod = tmp_path / "kueue-module"
+    for rel in ("config/components/crd/bases/kueue.x-k8s.io_workloads.yaml", *build.KUEUE_FILES):
+        (mod / rel).parent.mkdir(parents=True, exist_ok=True)
+        (mod / rel).write_text(f"# {rel}\n")
+        (mod / rel).chmod(0o444)
+    tiny = tiny_module(tmp_path / "gomod" / "kueue", "kueue")
+    monkeypatch.setattr(build, "kueue_target", lambda: build.GoTarget("kueue", tiny, "-s -w", (".",), ("kueue",)))
+    monkeypatch.setattr(build, "kueue_module_dir", lambda: mod)
+    monkeypatch.setenv("KUBETUNE_TEST_KUEUE_DIR", str(tmp_path / "cache" / "kueue-x"))
+    assert "kueue" not in {o for t in build.targets() for o in t.outputs}, "Kueue stays out of the default build"
+
+    got = build.ensure_kueue(verbose=False)
+
+    assert got == tmp_path / "cache" / "kueue-x" and (got / build.COMPLETE).is_file()
+    assert subprocess.run([str(got / "kueue")], capture_output=True, text=True, check=True).stdout.startswith("hello")
+    assert [f.name for f in (got / build.KUEUE_CRDS).iterdir()] == ["kueue.x-k8s.io_workloads.yaml"]
+    for rel, name in build.KUEUE_FILES.items():
+        assert (got / name).read_text() == f"# {rel}\n"
+    assert not list(got.glob("*.partial")), "no staging leftovers"
+
+    monkeypatch.setattr(build, "_go_build", lambda *a, **k: pytest.fail("rebuilt a complete folder"))
+    lost = got / next(iter(build.KUEUE_FILES.values()))
+    lost.unlink()
+    assert build.ensure_kueue(verbose=False) == got
+    assert lost.is_file() and (got / build.COMPLETE).is_file()
+
+
+def test_kueue_folder_follows_its_wrapper_module_only(tmp_path, monkeypatch):
+    monkeypatch.delenv("KUBETUNE_TEST_KUEUE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    for sub in (*build.MODULES, "kueue"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "go.mod").write_text(f"module example.com/{sub}\n")
+    monkeypatch.setattr(build, "GOMOD", tmp_path)
+    monkeypatch.setattr(build, "go_version", lambda: "go1.99")
+    first = build.kueue_dir()
+    assert first.parent == tmp_path / "xdg" / "kubetune-test" / "kueue"
+    assert first.name.startswith(f"kueue-{build.KUEUE_VERSION}_go1.99_")
+    (tmp_path / "kube" / "go.sum").write_text("x\n")
+    assert build.kueue_dir() == first, "a change to the control plane's modules keeps Kueue's folder"
+    bins = build.bin_dir()
+    (tmp_path / "kueue" / "go.sum").write_text("x\n")
+    assert build.kueue_dir() != first
+    assert build.bin_dir() == bins, "and Kueue's module is not part of the control plane's key"
+
+
+def test_kueue_wrapper_pins_the_release_build_py_names():
+    gomod = build.GOMOD / "kueue"
+    assert f"require sigs.k8s.io/kueue {build.KUEUE_VERSION}\n" in (gomod / "go.mod").read_text()
+    assert (gomod / "go.sum").is_file() and build.kueue_target().module == gomod
+
+
 def _source_env(env: dict[str, str], cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "-c", f'source "{REPO}/scripts/env.sh" && {cmd}'], env=env, capture_output=True,
                           text=True, timeout=600)
