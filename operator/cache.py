@@ -252,10 +252,14 @@ class ChildCache:
     cluster-wide watch per kind)."""
 
     def __init__(self, namespaces: tuple[str, ...] = (), network_policies: bool = False,
-                 on_change: OnChange | None = None, api=None):
+                 on_change: OnChange | None = None):
+        import kubernetes
+
         from . import kube
 
-        core, batch, net = kube._core(), kube._batch(), kube._networking()
+        client = kube.watch_client()
+        core, batch = kubernetes.client.CoreV1Api(client), kubernetes.client.BatchV1Api(client)
+        net = kubernetes.client.NetworkingV1Api(client)
         kinds: dict[str, tuple[Callable, Callable]] = {
             "Job": (batch.list_namespaced_job, batch.list_job_for_all_namespaces),
             "Pod": (core.list_namespaced_pod, core.list_pod_for_all_namespaces),

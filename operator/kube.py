@@ -24,7 +24,18 @@ from .reconcile import Action, Observed
 log = logging.getLogger("kubetune.operator")
 
 TIMEOUT = 30  # seconds per API request: a stuck connection must not stall a handler forever
+# HTTP connections kept per client: one per reconcile worker and progress poller, and more (the
+# client's default is 5 × CPUs; 16 workers sharing 10 connections opened a new TLS connection for
+# most requests under load)
+POOL_SIZE = 48
 _api_client: kubernetes.client.ApiClient | None = None
+_watch_client: kubernetes.client.ApiClient | None = None
+
+
+def _client() -> kubernetes.client.ApiClient:
+    cfg = kubernetes.client.Configuration.get_default_copy()
+    cfg.connection_pool_maxsize = POOL_SIZE
+    return kubernetes.client.ApiClient(cfg)
 
 
 def api_client() -> kubernetes.client.ApiClient:
@@ -35,8 +46,18 @@ def api_client() -> kubernetes.client.ApiClient:
             kubernetes.config.load_incluster_config()
         except kubernetes.config.ConfigException:
             kubernetes.config.load_kube_config()
-        _api_client = kubernetes.client.ApiClient()
+        _api_client = _client()
     return _api_client
+
+
+def watch_client() -> kubernetes.client.ApiClient:
+    """A client of its own for the caches' long-lived watches, which would otherwise hold
+    connections of the reconcile workers' pool."""
+    global _watch_client
+    if _watch_client is None:
+        api_client()  # loads the configuration
+        _watch_client = _client()
+    return _watch_client
 
 
 def _core() -> kubernetes.client.CoreV1Api:
