@@ -17,7 +17,6 @@ from kubetune.runtime.contract import FINAL_PROGRESS_KEY
 from kubetune.runtime.errors import BY_EXIT_CODE, EXIT_KILLED, FAILURES
 
 CONDITION_TYPES = ("Validated", "Running", "Succeeded", "Failed", "Suspended")
-TERMINAL_PHASES = ("Succeeded", "Failed")
 
 # Job condition reasons → our Failed reasons.
 _JOB_FAILURE_REASONS = {
