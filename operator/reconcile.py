@@ -14,10 +14,12 @@ Lifecycle rules (the documented behaviour):
   runtime resumes from the stage's LATEST checkpoint); a child without an owner is adopted; a
   child owned by another FineTuneJob of the same name (an old incarnation) is deleted first.
 - `spec.suspend: true` suspends the current stage's Job (its pods go away; progress and
-  checkpoints stay); false resumes it. Jobs of a FineTuneJob labelled
-  `kueue.x-k8s.io/queue-name` are created suspended and left for Kueue to start; for those, a
-  user suspend deletes the stage Job instead (Kueue owns the Job's suspend field) and resume
-  recreates it, queued again.
+  checkpoints stay); false resumes it. Jobs of a FineTuneJob with `spec.queueName` (or the label
+  `kueue.x-k8s.io/queue-name`) are created suspended and left for Kueue to start; while one
+  waits, the status is Pending/Queued with the reason its Kueue Workload gives; when Kueue
+  suspends a running one (preemption), a Preempted warning says so and the stage resumes from
+  its checkpoint once admitted again. For those, a user suspend deletes the stage Job instead
+  (Kueue owns the Job's suspend field) and resume recreates it, queued again.
 - A spec change while a job runs applies from the next pod start on (a retry, a resume, or the
   next stage): the ConfigMap follows the spec, the running pod is not restarted.
 - A finished FineTuneJob (Succeeded, or Failed for any reason but an invalid spec) is final: a
