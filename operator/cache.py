@@ -178,19 +178,14 @@ class Informer:
     def _apply(self, typ: str, obj: dict[str, Any]) -> None:
         meta = obj["metadata"]
         key = (meta.get("namespace") or "", meta["name"])
-        with self._guard:
-            old = self._objects.get(key)
-            if old is not None:
-                self._index(key, old, add=False)
-            if typ == "DELETED":
-                self._objects.pop(key, None)
-            else:
-                self._objects[key] = obj
-                self._index(key, obj, add=True)
+        if typ == "DELETED":
+            self.drop(*key)
+        else:
+            self.put(obj)
         self._notify(key, obj, typ)
 
     def put(self, obj: dict[str, Any]) -> None:
-        """Our own write, before its watch event arrives (which then replaces it)."""
+        """Store `obj` (a watch event's, or our own write before its watch event arrives)."""
         meta = obj["metadata"]
         key = (meta.get("namespace") or "", meta["name"])
         with self._guard:
@@ -201,7 +196,7 @@ class Informer:
             self._index(key, obj, add=True)
 
     def drop(self, namespace: str, name: str) -> None:
-        """Our own delete, before its watch event arrives."""
+        """Forget an object (a watch event's delete, or our own before it arrives)."""
         with self._guard:
             old = self._objects.pop((namespace, name), None)
             if old is not None:
