@@ -58,9 +58,10 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from cluster.controlplane import ControlPlane, free_port  # noqa: E402
 from cluster.util import wait_for  # noqa: E402
-from operator_scale import GROUP, Operator, RssSampler, Watcher, ftj_doc, pct, proc_tree_cpu_s, proc_tree_rss_kb  # noqa: E402
+from operator_scale import (  # noqa: E402
+    GROUP, NS, Operator, RssSampler, Watcher, ftj_doc, ftj_watcher, job_watcher, pct, prepare_cluster, proc_tree_cpu_s,
+    proc_tree_rss_kb, start_watchers)
 
-NS = "bench"
 NODE = "bench-node"
 GOALS = {"burst_max_s": 60.0, "burst_p50_s": 15.0, "rss_mb": 300.0, "steady_cores": 0.2, "steady_rps": 20.0}
 AUDIT_POLICY = """apiVersion: audit.k8s.io/v1
@@ -293,10 +294,7 @@ def run_kueue(args, work: Path) -> dict:
     try:
         cp.start()
         client = cp.client()
-        r = cp.kubectl("apply", "-f", str(REPO / "crds" / "finetunejob.yaml"))
-        assert r.returncode == 0, r.stderr
-        cp.kubectl("create", "namespace", NS, check=True)
-        wait_for(lambda: client.get(f"/api/v1/namespaces/{NS}/serviceaccounts/default"), 60, "default SA")
+        prepare_cluster(cp)
         kq = Kueue(cp)
         kq.start()
         base = f"/apis/{API}"
@@ -310,12 +308,9 @@ def run_kueue(args, work: Path) -> dict:
                     {"name": "nvidia.com/gpu", "nominalQuota": str(args.kueue_gpus)}]}]}]}})
         client.post(f"{base}/namespaces/{NS}/localqueues", {"apiVersion": API, "kind": "LocalQueue",
                                                              "metadata": {"name": "team"}, "spec": {"clusterQueue": "gpus"}})
-        jobs_w = Watcher(cp.client(), f"/apis/batch/v1/namespaces/{NS}/jobs",
-                         lambda o: (o.get("metadata", {}).get("labels") or {}).get("kubetune.io/job"),
-                         labelSelector="kubetune.io/job")
-        jobs_w.start()
+        jobs_w = job_watcher(cp)
         watchers.append(jobs_w)
-        assert jobs_w.ready.wait(30)
+        start_watchers(watchers)
         op = BenchOperator(cp, vdir, args.poll_interval, free_port(), None)
         wait_for(op.healthy, 90, "operator /healthz")
         kubelet = KueueKubelet(cp.client(), args.kueue_seconds)
@@ -448,21 +443,10 @@ def run_variant(label: str, pythonpath: Path | None, args, work: Path) -> dict:
     try:
         cp.start()
         client = cp.client()
-        r = cp.kubectl("apply", "-f", str(REPO / "crds" / "finetunejob.yaml"))
-        assert r.returncode == 0, r.stderr
-        wait_for(lambda: any(c["type"] == "Established" and c["status"] == "True" for c in client.get(
-            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/finetunejobs.kubetune.io")
-            .get("status", {}).get("conditions", [])), 60, "CRD established")
-        cp.kubectl("create", "namespace", NS, check=True)
-        wait_for(lambda: client.get(f"/api/v1/namespaces/{NS}/serviceaccounts/default"), 60, "default SA")
-        jobs_w = Watcher(cp.client(), f"/apis/batch/v1/namespaces/{NS}/jobs",
-                         lambda o: (o.get("metadata", {}).get("labels") or {}).get("kubetune.io/job"),
-                         labelSelector="kubetune.io/job")
-        ftj_w = Watcher(cp.client(), f"{GROUP}/namespaces/{NS}/finetunejobs", lambda o: o.get("metadata", {}).get("name"))
+        prepare_cluster(cp)
+        jobs_w, ftj_w = job_watcher(cp), ftj_watcher(cp)
         watchers = [jobs_w, ftj_w]
-        for w in watchers:
-            w.start()
-            assert w.ready.wait(30), "watch did not open"
+        start_watchers(watchers)
         progress_port = free_port()
         progress = ProgressServer(progress_port, args.step_seconds)
         threading.Thread(target=progress.serve_forever, daemon=True).start()

@@ -171,6 +171,36 @@ class Watcher(threading.Thread):
         return True
 
 
+def prepare_cluster(cp: ControlPlane) -> None:
+    """The FineTuneJob CRD, established, and the namespace NS with its default ServiceAccount."""
+    kube = cp.client()
+    r = cp.kubectl("apply", "-f", str(REPO / "crds" / "finetunejob.yaml"))
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: any(c["type"] == "Established" and c["status"] == "True" for c in kube.get(
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/finetunejobs.kubetune.io")
+        .get("status", {}).get("conditions", [])), 60, "CRD established")
+    cp.kubectl("create", "namespace", NS, check=True)
+    wait_for(lambda: kube.get(f"/api/v1/namespaces/{NS}/serviceaccounts/default"), 60, "default SA")
+
+
+def job_watcher(cp: ControlPlane) -> "Watcher":
+    """A watch of NS's stage Jobs, keyed by their FineTuneJob (label kubetune.io/job)."""
+    return Watcher(cp.client(), f"/apis/batch/v1/namespaces/{NS}/jobs",
+                   lambda o: (o.get("metadata", {}).get("labels") or {}).get("kubetune.io/job"),
+                   labelSelector="kubetune.io/job")
+
+
+def ftj_watcher(cp: ControlPlane) -> "Watcher":
+    """A watch of NS's FineTuneJobs, keyed by name."""
+    return Watcher(cp.client(), f"{GROUP}/namespaces/{NS}/finetunejobs", lambda o: o.get("metadata", {}).get("name"))
+
+
+def start_watchers(watchers: list["Watcher"]) -> None:
+    for w in watchers:
+        w.start()
+        assert w.ready.wait(30), "watch did not open"
+
+
 class Operator:
     def __init__(self, cp: ControlPlane, workdir: Path, poll_interval: float):
         self.log_path = workdir / "operator.log"
@@ -309,24 +339,10 @@ def main() -> int:
         cp = ControlPlane()
         cp.start()  # stops what it started if it fails
         print(f"control plane up in {cp.start_seconds:.1f}s", flush=True)
-        kube = cp.client()
-        r = cp.kubectl("apply", "-f", str(REPO / "crds" / "finetunejob.yaml"))
-        assert r.returncode == 0, r.stderr
-        wait_for(lambda: any(c["type"] == "Established" and c["status"] == "True" for c in kube.get(
-            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/finetunejobs.kubetune.io")
-            .get("status", {}).get("conditions", [])), 60, "CRD established")
-        cp.kubectl("create", "namespace", NS, check=True)
-        wait_for(lambda: kube.get(f"/api/v1/namespaces/{NS}/serviceaccounts/default"), 60, "default SA")
-
-        jobs_w = Watcher(cp.client(), f"/apis/batch/v1/namespaces/{NS}/jobs",
-                         lambda o: (o.get("metadata", {}).get("labels") or {}).get("kubetune.io/job"),
-                         labelSelector="kubetune.io/job")
-        ftj_w = Watcher(cp.client(), f"{GROUP}/namespaces/{NS}/finetunejobs",
-                        lambda o: o.get("metadata", {}).get("name"))
+        prepare_cluster(cp)
+        jobs_w, ftj_w = job_watcher(cp), ftj_watcher(cp)
         watchers = [jobs_w, ftj_w]
-        for w in watchers:
-            w.start()
-            assert w.ready.wait(30), "watch did not open"
+        start_watchers(watchers)
 
         op = Operator(cp, work, args.poll_interval)
         t = time.monotonic()
