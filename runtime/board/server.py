@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import ipaddress
 import json
 import sys
@@ -23,7 +24,7 @@ from urllib.parse import urlsplit
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -105,6 +106,16 @@ class HostGuard:
         return await self.app(scope, receive, send)
 
 
+def render_page(name: str, title: str, scripts: tuple[str, ...]) -> str:
+    """The HTML of one page: static/page.html (head, top bar, common.js) around static/<name>.part.html
+    (the page's <main>) and the page's own scripts."""
+    frame = (STATIC / "page.html").read_text()
+    main = (STATIC / f"{name}.part.html").read_text()
+    tags = "".join(f'  <script src="/static/{s}"></script>\n' for s in scripts)
+    return (frame.replace("<!--title-->", html.escape(title)).replace("<!--page-->", name)
+            .replace("<!--scripts-->", tags).replace("<!--main-->", main))
+
+
 def create_app(backend, host: str = "127.0.0.1", port: int = 8765, grafana_url: str | None = None,
                hosts: set[str] | None | str = "auto", chat=None) -> Any:
     """The board's ASGI app over `backend` (LocalBackend or ClusterBackend). `hosts`: the `Host`
@@ -113,12 +124,13 @@ def create_app(backend, host: str = "127.0.0.1", port: int = 8765, grafana_url: 
 
     chat_models = chat or ChatModels()
 
-    def page(name: str):
+    def page(name: str, title: str, scripts: tuple[str, ...]):
         async def handler(request: Request) -> Response:
-            path = STATIC / name
-            if not path.is_file():
-                return JSONResponse({"error": f"{name} is missing from {STATIC}", "field": None}, status_code=404)
-            return FileResponse(path, media_type="text/html")
+            try:
+                return HTMLResponse(render_page(name, title, scripts))
+            except FileNotFoundError as err:
+                return JSONResponse({"error": f"{Path(err.filename).name} is missing from {STATIC}", "field": None},
+                                    status_code=404)
         return handler
 
     async def call(fn, *args):
@@ -251,9 +263,9 @@ def create_app(backend, host: str = "127.0.0.1", port: int = 8765, grafana_url: 
                             status_code=status)
 
     routes = [
-        Route("/", page("index.html")),
-        Route("/runs/{name}", page("run.html")),
-        Route("/new", page("new.html")),
+        Route("/", page("runs", "Runs", ("runs.js",))),
+        Route("/runs/{name}", page("run", "Run", ("chart.js", "run.js"))),
+        Route("/new", page("new", "New run", ("new.js",))),
         Mount("/static", app=StaticFiles(directory=str(STATIC), check_dir=False), name="static"),
         Route("/api/info", info),
         Route("/api/runs", runs, methods=["GET"]),

@@ -4,6 +4,7 @@ validate` says it, plan, estimate), the JSON error shape, pages, and the Host/Or
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -165,16 +166,25 @@ def test_errors_are_json_with_a_field(client):
     assert client.get("/api/runs/x/logs?tail=lots").json()["field"] == "tail"
 
 
-def test_pages_are_served_from_static(client):
-    from kubetune.runtime.board.server import STATIC
+def test_pages_are_one_frame_around_their_main(client, monkeypatch, tmp_path):
+    from kubetune.runtime.board import server
 
-    for path, name in (("/", "index.html"), ("/runs/abc", "run.html"), ("/new", "new.html")):
+    for path, name, title, scripts in (("/", "runs", "Runs", ["common.js", "runs.js"]),
+                                       ("/runs/abc", "run", "Run", ["common.js", "chart.js", "run.js"]),
+                                       ("/new", "new", "New run", ["common.js", "new.js"])):
         answer = client.get(path)
-        if (STATIC / name).is_file():
-            assert answer.status_code == 200 and answer.text == (STATIC / name).read_text()
-            assert answer.headers["content-type"].startswith("text/html")
-        else:  # the front end not written yet: a JSON error that says so
-            assert answer.status_code == 404 and name in answer.json()["error"]
+        assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
+        page = answer.text
+        assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>") and "<!--" not in page
+        assert f"<title>{title} · kubetune board</title>" in page and f'<body data-page="{name}">' in page
+        assert (server.STATIC / f"{name}.part.html").read_text() in page.split("<main>\n")[1].split("  </main>")[0]
+        assert re.findall(r'<script src="/static/([\w.]+)"></script>', page) == scripts
+        assert all(client.get(f"/static/{s}").status_code == 200 for s in scripts)
+    # a missing part: a JSON error that names the file
+    monkeypatch.setattr(server, "STATIC", tmp_path)
+    (tmp_path / "page.html").write_text((server.Path(server.__file__).parent / "static" / "page.html").read_text())
+    answer = client.get("/new")
+    assert answer.status_code == 404 and "new.part.html is missing" in answer.json()["error"]
 
 
 def test_a_cross_origin_post_is_refused(client, tmp_path):
