@@ -167,24 +167,14 @@ def parse_config(argv: list[str] | None = None) -> tuple[OperatorConfig, argpars
     except ValueError as err:
         raise SystemExit(f"kubetune operator: {err}") from None
     cache_claim, cache_sub_path = _model_cache_arg(args.model_cache_claim, args.model_cache_sub_path)
+    # the flags whose value is the setting as it is; the others are parsed first
+    as_given = ("runtime_image", "image_pull_policy", "metrics_port", "health_port", "runtime_metrics_port",
+                "poll_interval", "max_poll_interval", "resync_interval", "status_writes_per_second", "workers",
+                "peering", "priority", "standalone", "service_account", "default_runtime_class_name")
     cfg = OperatorConfig(
-        runtime_image=args.runtime_image,
-        image_pull_policy=args.image_pull_policy,
+        **{name: getattr(args, name) for name in as_given},
         namespaces=namespaces,
-        metrics_port=args.metrics_port,
-        health_port=args.health_port,
-        runtime_metrics_port=args.runtime_metrics_port,
-        poll_interval=args.poll_interval,
-        max_poll_interval=args.max_poll_interval,
-        resync_interval=args.resync_interval,
-        status_writes_per_second=args.status_writes_per_second,
-        workers=args.workers,
-        peering=args.peering,
-        priority=args.priority,
-        standalone=args.standalone,
-        service_account=args.service_account,
         runtime_command=tuple(shlex.split(args.runtime_command)),
-        default_runtime_class_name=args.default_runtime_class_name,
         default_node_selector=tuple(sorted((str(k), str(v)) for k, v in selector.items())),
         default_tolerations=tuple(json.dumps(t, sort_keys=True) for t in tolerations),
         policy=policy,
