@@ -447,18 +447,3 @@ def build_network_policy(job: FineTuneJob, stage: ResolvedStage, uid: str, confi
         spec["egress"] = [{"to": [gang]}, dns, *np["egress"]]
     meta = _metadata(job, stage, uid, child_name(job.metadata.name, stage.name))
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta, "spec": spec}
-
-
-def build_children(
-    job: FineTuneJob, stage: ResolvedStage, uid: str, config: OperatorConfig, suspend: bool = False
-) -> list[dict[str, Any]]:
-    """ConfigMap, Service (multi-node only) and Job of a stage, in creation order."""
-    out = [build_configmap(job, stage, uid)]
-    netpol = build_network_policy(job, stage, uid, config)
-    if netpol is not None:
-        out.append(netpol)
-    svc = build_service(job, stage, uid)
-    if svc is not None:
-        out.append(svc)
-    out.append(build_job(job, stage, uid, config, suspend=suspend))
-    return out

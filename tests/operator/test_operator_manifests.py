@@ -20,7 +20,10 @@ from kubetune.runtime.spec import parse_job
 def build(body, config, index=0, suspend=False):
     job = parse_job(job_document(body))
     stage = plan(job)[index]
-    return job, stage, m.build_children(job, stage, UID, config, suspend=suspend)
+    # the children in the order reconcile creates them: ConfigMap, NetworkPolicy, Service, Job
+    children = [m.build_configmap(job, stage, UID), m.build_network_policy(job, stage, UID, config),
+                m.build_service(job, stage, UID), m.build_job(job, stage, UID, config, suspend=suspend)]
+    return job, stage, [c for c in children if c is not None]
 
 
 def test_children_of_a_one_node_stage(config):
