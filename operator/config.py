@@ -12,11 +12,12 @@ import dataclasses
 import os
 import shlex
 
+from kubetune.runtime import __version__
 from kubetune.runtime.contract import METRICS_PORT
 
 from .policy import Policy, parse_policy
 
-DEFAULT_RUNTIME_IMAGE = "ghcr.io/kubetune/runtime:0.1.0"
+DEFAULT_RUNTIME_IMAGE = f"ghcr.io/kubetune/runtime:{__version__}"
 
 
 @dataclasses.dataclass(frozen=True)

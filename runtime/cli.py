@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import EXIT_BAD_INPUT, EXIT_FAILED, UserError
 
 EPILOG = """examples:
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version="kubetune 0.1.0")
+    parser.add_argument("--version", action="version", version=f"kubetune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="run every stage of a FineTuneJob on this machine")

@@ -28,12 +28,12 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from .. import __version__
 from ..errors import UserError
 from . import forms
 from .common import BoardError
 
 STATIC = Path(__file__).resolve().parent / "static"
-VERSION = "0.1.0"
 LOOPBACK_NAMES = ("127.0.0.1", "::1", "localhost")
 STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
 
@@ -160,7 +160,7 @@ def create_app(backend, host: str = "127.0.0.1", port: int = 8765, grafana_url: 
 
     @handles
     async def info(request: Request) -> Response:
-        return JSONResponse({**backend.info(), "grafanaUrl": grafana_url, "version": VERSION})
+        return JSONResponse({**backend.info(), "grafanaUrl": grafana_url, "version": __version__})
 
     @handles
     async def runs(request: Request) -> Response:

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from starlette.testclient import TestClient
 
+from kubetune.runtime import __version__
 from kubetune.runtime.board import forms
 from kubetune.runtime.board.local import LocalBackend
 from kubetune.runtime.board.server import allowed_hosts, create_app
@@ -43,7 +44,7 @@ def _cli_validate(tmp_path: Path, doc: dict) -> subprocess.CompletedProcess:
 def test_info_says_local_mode_and_the_saves_folder(client, tmp_path):
     info = client.get("/api/info").json()
     assert info == {"mode": "local", "namespace": None, "context": None, "saves": str(tmp_path / "saves"),
-                    "grafanaUrl": None, "version": "0.1.0"}
+                    "grafanaUrl": None, "version": __version__}
 
 
 def test_validate_names_the_field_with_kubetune_validates_message(client, tmp_path):

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from kubetune.runtime import __version__
 from kubetune.runtime.board.cluster import ClusterBackend, kubeconfig_usable
 from kubetune.runtime.board.server import create_app
 
@@ -191,7 +192,7 @@ def client(apiserver, kubeconfig):
 
 def test_info_names_the_context_and_its_namespace(client):
     assert client.get("/api/info").json() == {"mode": "cluster", "namespace": NS, "context": "dev", "saves": None,
-                                              "grafanaUrl": "http://grafana/d/kubetune", "version": "0.1.0"}
+                                              "grafanaUrl": "http://grafana/d/kubetune", "version": __version__}
 
 
 def test_runs_list_has_the_columns_of_kubectl_get(client, apiserver):

@@ -4,10 +4,14 @@ dashboard (dashboards/kubetune.json). No helm needed."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from kubetune.runtime.crd import crd_yaml
@@ -45,3 +49,22 @@ def test_chart_metadata():
     schema = json.loads((CHART / "values.schema.json").read_text())
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert set(values) == set(schema["properties"]), "every top-level value is in the schema and back"
+
+
+def test_the_version_is_written_once():
+    """pyproject.toml holds it; the code asks the installed distribution, the Makefile reads pyproject, the
+    Dockerfiles take it as a build argument."""
+    from kubetune.operator.config import DEFAULT_RUNTIME_IMAGE
+    from kubetune.runtime import __version__
+    from kubetune.runtime.cli import build_parser
+
+    written = re.search(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    assert __version__ == written and DEFAULT_RUNTIME_IMAGE.endswith(f":{written}")
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
+        build_parser().parse_args(["--version"])
+    assert out.getvalue().strip() == f"kubetune {written}"
+    for dockerfile in ("images/runtime/Dockerfile", "images/operator/Dockerfile"):
+        assert re.search(r"^ARG VERSION$", (REPO / dockerfile).read_text(), re.M), f"{dockerfile}: ARG VERSION, no default"
+    copies = [str(p.relative_to(REPO)) for p in (REPO / "runtime").rglob("*.py") if f'"{written}"' in p.read_text()]
+    copies += [str(p.relative_to(REPO)) for p in (REPO / "operator").rglob("*.py") if f'"{written}"' in p.read_text()]
+    assert not copies, f"the version written again in {copies}"
