@@ -287,15 +287,9 @@ WHOLE_MATRIX_OPTIMIZERS: tuple[str, ...] = GALORE_OPTIMIZERS + ("apollo_adamw", 
 PPO_OPTIMIZERS: tuple[str, ...] = OPTIMIZERS[:7]
 
 
-class GaloreSpec(Spec):
-    """GaLore: gradient low-rank projection of the linear layers' weights (LLaMA-Factory galore_* keys)."""
+class _ProjectedLayers(Spec):
+    """What GaLore and APOLLO share: which linear layers they project, and the layer-wise update."""
 
-    rank: int = _field("Rank of the projected gradients. Default 16.", 16, ge=1, le=65536)
-    update_interval: int = _field("Recompute the projection every N optimizer steps. Default 200.", 200, ge=1)
-    scale: float = _field("Scale of the projected update. Default 2.", 2.0, gt=0)
-    proj_type: Literal["std", "reverse_std", "right", "left", "full"] = _field(
-        "Which side to project: std (the smaller one, default), reverse_std, right, left, full.", "std"
-    )
     target: list[Annotated[str, Field(max_length=200)]] = _field(
         "Linear layers to project: `all` (every linear layer, transformers' all-linear) or module "
         "names such as q_proj, v_proj, mlp. Default all.",
@@ -310,7 +304,18 @@ class GaloreSpec(Spec):
     )
 
 
-class ApolloSpec(Spec):
+class GaloreSpec(_ProjectedLayers):
+    """GaLore: gradient low-rank projection of the linear layers' weights (LLaMA-Factory galore_* keys)."""
+
+    rank: int = _field("Rank of the projected gradients. Default 16.", 16, ge=1, le=65536)
+    update_interval: int = _field("Recompute the projection every N optimizer steps. Default 200.", 200, ge=1)
+    scale: float = _field("Scale of the projected update. Default 2.", 2.0, gt=0)
+    proj_type: Literal["std", "reverse_std", "right", "left", "full"] = _field(
+        "Which side to project: std (the smaller one, default), reverse_std, right, left, full.", "std"
+    )
+
+
+class ApolloSpec(_ProjectedLayers):
     """APOLLO: AdamW with a low-rank auxiliary space for the learning-rate scaling (LLaMA-Factory apollo_* keys)."""
 
     rank: int = _field("Rank of the auxiliary space. Default 16.", 16, ge=1, le=65536)
@@ -319,18 +324,6 @@ class ApolloSpec(Spec):
     proj: Literal["random", "svd"] = _field("Projection: random (default) or svd.", "random")
     proj_type: Literal["std", "right", "left"] = _field("Which side to project: std (default), right, left.", "std")
     scale_type: Literal["channel", "tensor"] = _field("Scaling per channel (default) or per tensor.", "channel")
-    target: list[Annotated[str, Field(max_length=200)]] = _field(
-        "Linear layers to project: `all` (every linear layer, transformers' all-linear) or module "
-        "names such as q_proj, v_proj, mlp. Default all.",
-        default_factory=lambda: ["all"],
-        min_length=1,
-        max_length=64,
-    )
-    layerwise: bool = _field(
-        "Step each layer's optimizer right after its gradient is ready (needs gradientAccumulation 1 "
-        "and a single training process).",
-        False,
-    )
 
 
 class BadamSpec(Spec):
