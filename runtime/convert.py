@@ -384,6 +384,12 @@ def _sub_keys(k: _Keys, table: dict[str, tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _adamw_base(base: str | None, why: str, warnings: list[str]) -> None:
+    """APOLLO and BAdam run AdamW: another `optim` is not carried over."""
+    if base and base not in ("adamw_torch", "adamw_torch_fused"):
+        warnings.append(f"optim: {base!r} not carried over — {why}")
+
+
 def _optimizer(k: _Keys, hp: dict[str, Any], warnings: list[str]) -> None:
     """Adam betas/epsilon and LLaMA-Factory's use_galore / use_apollo / use_badam / use_adam_mini / use_muon."""
     for key, field in _LF_ADAM.items():
@@ -402,14 +408,12 @@ def _optimizer(k: _Keys, hp: dict[str, Any], warnings: list[str]) -> None:
             hp["galore"] = galore
     elif use == "use_apollo":
         hp["optimizer"] = "apollo_adamw"
-        if base and base not in ("adamw_torch", "adamw_torch_fused"):
-            warnings.append(f"optim: {base!r} not carried over — APOLLO is an AdamW")
+        _adamw_base(base, "APOLLO is an AdamW", warnings)
         if apollo := _sub_keys(k, _LF_APOLLO):
             hp["apollo"] = apollo
     elif use == "use_badam":
         hp["optimizer"] = "badam"
-        if base and base not in ("adamw_torch", "adamw_torch_fused"):
-            warnings.append(f"optim: {base!r} not carried over — kubetune's BAdam runs AdamW on each block")
+        _adamw_base(base, "kubetune's BAdam runs AdamW on each block", warnings)
         badam = _sub_keys(k, _LF_BADAM)
         if badam.get("switchInterval", 1) < 1:  # LLaMA-Factory: -1 never switches blocks
             del badam["switchInterval"]
