@@ -336,6 +336,18 @@ class BadamSpec(Spec):
     start_block: int | None = _field("Index of the layer to start with (default: by switchMode).", None, ge=0)
 
 
+def _settings_of_optimizers(field: str, optimizers: tuple[str, ...], whom: str) -> CelRule:
+    """hyperparameters.<field> (galore, apollo, badam) is set only with an optimizer it configures."""
+    names = ", ".join(optimizers)
+    return CelRule(
+        rule=f"!has(self.{field}) || (has(self.optimizer) && self.optimizer in {_cel_list(optimizers)})",
+        message=f"hyperparameters.{field} applies to {whom} only: set hyperparameters.optimizer"
+        f"{' to ' if len(optimizers) > 1 else ': '}{names}, or remove {field}",
+        check=lambda s: getattr(s, field) is None or s.optimizer in optimizers,
+        field_path=f".{field}",
+    )
+
+
 class Hyperparameters(Spec):
     learning_rate: float | None = _field(
         "Peak learning rate. Default 1e-4 for lora/qlora and 1e-5 for full/freeze; 5e-5 and 5e-6 "
@@ -419,27 +431,9 @@ class Hyperparameters(Spec):
             check=lambda s: (s.lr_scheduler == "cosine_with_min_lr") == (s.min_lr is not None),
             field_path=".minLr",
         ),
-        CelRule(
-            rule=f"!has(self.galore) || (has(self.optimizer) && self.optimizer in {_cel_list(GALORE_OPTIMIZERS)})",
-            message=f"hyperparameters.galore applies to the GaLore optimizers only: set hyperparameters.optimizer to "
-            f"{', '.join(GALORE_OPTIMIZERS)}, or remove galore",
-            check=lambda s: s.galore is None or s.optimizer in GALORE_OPTIMIZERS,
-            field_path=".galore",
-        ),
-        CelRule(
-            rule="!has(self.apollo) || (has(self.optimizer) && self.optimizer == 'apollo_adamw')",
-            message="hyperparameters.apollo applies to optimizer apollo_adamw only: set hyperparameters.optimizer: "
-            "apollo_adamw, or remove apollo",
-            check=lambda s: s.apollo is None or s.optimizer == "apollo_adamw",
-            field_path=".apollo",
-        ),
-        CelRule(
-            rule="!has(self.badam) || (has(self.optimizer) && self.optimizer == 'badam')",
-            message="hyperparameters.badam applies to optimizer badam only: set hyperparameters.optimizer: badam, "
-            "or remove badam",
-            check=lambda s: s.badam is None or s.optimizer == "badam",
-            field_path=".badam",
-        ),
+        _settings_of_optimizers("galore", GALORE_OPTIMIZERS, "the GaLore optimizers"),
+        _settings_of_optimizers("apollo", ("apollo_adamw",), "optimizer apollo_adamw"),
+        _settings_of_optimizers("badam", ("badam",), "optimizer badam"),
         CelRule(
             rule="!((has(self.galore) && has(self.galore.layerwise) && self.galore.layerwise) || "
             "(has(self.apollo) && has(self.apollo.layerwise) && self.apollo.layerwise)) || "
