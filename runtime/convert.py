@@ -27,7 +27,7 @@ import yaml
 
 from .errors import UserError
 from .spec import API_GROUP, API_VERSION, KIND, LR_SCHEDULERS, NAMED_OPTIMIZERS, TEMPLATE_NAMES, parse_job
-from .stage_types import DPO_LOSS_TYPES, STAGE_TYPES
+from .stage_types import DPO_LOSS_TYPES, GATED_HYPERPARAMETERS, STAGE_TYPES
 
 # LLaMA-Factory keys with no kubetune counterpart, and why (anything else unknown gets a generic line).
 _LF_NOTES = {
@@ -496,6 +496,15 @@ def _pref(k: _Keys, stage: str, warnings: list[str]) -> tuple[str, dict[str, Any
     return stage, pref
 
 
+def drop_unhonoured(hp: dict[str, Any], stage: str, warnings: list[str]) -> None:
+    """Hyperparameters a stage of type `stage` does not honour (the spec would reject them): dropped, with a warning."""
+    keys = {field: key for key, (field, _) in _LF_HYPERPARAMETERS.items()}
+    for field in GATED_HYPERPARAMETERS:
+        if field in hp and field not in STAGE_TYPES[stage].accepts:
+            del hp[field]
+            _warn(warnings, keys.get(field, field), f"a {stage} stage does not honour hyperparameters.{field}")
+
+
 _TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
@@ -534,6 +543,7 @@ def convert_llamafactory(cfg: dict[str, Any], source_dir: Path, dataset_dir: str
     method, blocks = _method(k, warnings)
     hp = _hyperparameters(k, warnings)
     stage, pref = _pref(k, stage, warnings)
+    drop_unhonoured(hp, stage, warnings)
     st: dict[str, Any] = {"name": stage, "type": stage, "method": method, **blocks}
     if hp:
         st["hyperparameters"] = hp
