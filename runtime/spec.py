@@ -426,12 +426,13 @@ class Hyperparameters(Spec):
     )
     eval_steps: int | None = _field("Evaluate every N steps (default: at the end of each epoch).", None, ge=1)
     neftune_alpha: float | None = _field(
-        "NEFTune noise alpha for the embeddings (SFTTrainer's neftune_noise_alpha): pt and sft stages only.", None, gt=0
+        "NEFTune noise alpha for the embeddings (SFTTrainer's neftune_noise_alpha): "
+        f"{_and(types_where(lambda i: 'neftuneAlpha' in i.accepts))} stages only.", None, gt=0
     )
     torch_compile: bool = _field(
         "Compile the model with torch.compile (transformers' torch_compile, Inductor backend). The "
-        "first steps pay the compilation; on CPU it needs a C++ compiler in the image. Not in ppo, export "
-        "or eval stages. Default false.",
+        "first steps pay the compilation; on CPU it needs a C++ compiler in the image. Not in "
+        f"{_and(types_where(lambda i: 'torchCompile' not in i.accepts), 'or')} stages. Default false.",
         False,
     )
     torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = _field(
