@@ -215,10 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_validate(args) -> int:
     from .spec import load_job
+    from .stage_types import STAGE_TYPES
 
     job = load_job(args.file, args.overrides)
     if not args.quiet:
-        stages = " → ".join(f"{s.name} ({s.type}/{s.method})" if s.type not in ("export", "eval") else f"{s.name} ({s.type})"
+        stages = " → ".join(f"{s.name} ({s.type}/{s.method})" if STAGE_TYPES[s.type].trains else f"{s.name} ({s.type})"
                             for s in job.spec.stages)
         print(f"{args.file}: valid FineTuneJob {job.metadata.name!r}: {stages}")
     return 0
@@ -227,6 +228,7 @@ def _cmd_validate(args) -> int:
 def _cmd_plan(args) -> int:
     from .plan import plan
     from .spec import load_job
+    from .stage_types import STAGE_TYPES
 
     stages = plan(load_job(args.file, args.overrides), args.output_root)
     if args.output == "json":
@@ -235,7 +237,7 @@ def _cmd_plan(args) -> int:
     for s in stages:
         io = s.io
         src = io.policy.model + (f" + adapter {io.policy.adapter}" if io.policy.adapter else "")
-        kind = s.stage.type if s.stage.type in ("export", "eval") else f"{s.stage.type}/{s.stage.method}"
+        kind = f"{s.stage.type}/{s.stage.method}" if STAGE_TYPES[s.stage.type].trains else s.stage.type
         print(f"[{s.index + 1}/{s.count}] {s.name}: {kind}")
         print(f"    reads   {src}{' (merged first)' if io.merge_adapter else ''}")
         if io.reference:

@@ -26,7 +26,8 @@ from typing import Any
 import yaml
 
 from .errors import UserError
-from .spec import API_GROUP, API_VERSION, KIND, TEMPLATE_NAMES, parse_job
+from .spec import API_GROUP, API_VERSION, KIND, LR_SCHEDULERS, NAMED_OPTIMIZERS, TEMPLATE_NAMES, parse_job
+from .stage_types import DPO_LOSS_TYPES, GATED_HYPERPARAMETERS, STAGE_TYPES
 
 # LLaMA-Factory keys with no kubetune counterpart, and why (anything else unknown gets a generic line).
 _LF_NOTES = {
@@ -125,12 +126,11 @@ class _Keys:
 _LF_TEMPLATES = {"llama3": "llama3", "qwen": "qwen", "qwen2_vl": "qwen", "gemma": "gemma", "gemma2": "gemma",
                  "mistral": "mistral", "phi": "phi3", "phi3": "phi3", "alpaca": "alpaca", "chatml": "chatml",
                  "chatml_de": "chatml"}
-_SCHEDULERS = {"cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"}
-_OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_hf": "adamw_torch", "adamw_torch_fused": "adamw_torch_fused",
-               "adamw_8bit": "adamw_8bit", "adamw_bnb_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
-               "adafactor": "adafactor", "sgd": "sgd", "lion_8bit": "lion_8bit"}
-_DPO_LOSSES = {"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"}
+# a cosine_with_min_lr schedule needs minLr, which LLaMA-Factory's lr_scheduler_type alone does not give
+_SCHEDULERS = set(LR_SCHEDULERS) - {"cosine_with_min_lr"}
+# LLaMA-Factory's `optim` (transformers' names) → ours: the ones transformers builds from a name, and its aliases
+_OPTIMIZERS = {**{o: o for o in NAMED_OPTIMIZERS}, "adamw_hf": "adamw_torch", "adamw_bnb_8bit": "adamw_8bit"}
+_LF_STAGES = ("pt", "sft", "rm", "dpo", "kto", "ppo")  # LLaMA-Factory's stages, each one of our stage types
 _LF_COLUMNS = {"prompt", "query", "response", "history", "messages", "system", "tools", "chosen", "rejected", "kto_tag"}
 _LF_TAGS = {"role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag"}
 _CAMEL = {"role_tag": "roleTag", "content_tag": "contentTag", "user_tag": "userTag", "assistant_tag": "assistantTag",
@@ -483,21 +483,30 @@ def _pref(k: _Keys, stage: str, warnings: list[str]) -> tuple[str, dict[str, Any
     if stage == "dpo" and loss in ("orpo", "simpo"):
         stage = str(loss)
     elif loss is not None and stage == "dpo":
-        if loss in _DPO_LOSSES:
+        if loss in DPO_LOSS_TYPES:
             if loss != "sigmoid":
                 pref["lossType"] = loss
         else:
-            warnings.append(f"pref_loss: {loss!r} not carried over (TRL's DPO losses: {', '.join(sorted(_DPO_LOSSES))}); using sigmoid")
+            warnings.append(f"pref_loss: {loss!r} not carried over (TRL's DPO losses: {', '.join(sorted(DPO_LOSS_TYPES))}); using sigmoid")
     elif loss is not None:
         warnings.append(f"pref_loss: not carried over — only meaningful with stage dpo (stage is {stage})")
     for key, field in _LF_PREF.items():
         if k.has(key):
             v = float(_num(k.get(key)))
-            if stage in ("dpo", "kto", "orpo", "simpo"):
+            if STAGE_TYPES[stage].preference:
                 pref[field] = v
             else:
                 warnings.append(f"{key}: not carried over — stage {stage} has no preference settings")
     return stage, pref
+
+
+def drop_unhonoured(hp: dict[str, Any], stage: str, warnings: list[str]) -> None:
+    """Hyperparameters a stage of type `stage` does not honour (the spec would reject them): dropped, with a warning."""
+    keys = {field: key for key, (field, _) in _LF_HYPERPARAMETERS.items()}
+    for field in GATED_HYPERPARAMETERS:
+        if field in hp and field not in STAGE_TYPES[stage].accepts:
+            del hp[field]
+            _warn(warnings, keys.get(field, field), f"a {stage} stage does not honour hyperparameters.{field}")
 
 
 _TRACKERS = ("tensorboard", "mlflow", "wandb")
@@ -532,12 +541,13 @@ def convert_llamafactory(cfg: dict[str, Any], source_dir: Path, dataset_dir: str
     warnings = [] if warnings is None else warnings
     k = _Keys(cfg)
     stage = str(k.get("stage", "sft"))
-    if stage not in ("pt", "sft", "rm", "dpo", "kto", "ppo"):
-        raise UserError(f"unknown LLaMA-Factory stage {stage!r} (pt, sft, rm, ppo, dpo, kto)", "stage")
+    if stage not in _LF_STAGES:
+        raise UserError(f"unknown LLaMA-Factory stage {stage!r} ({', '.join(_LF_STAGES)})", "stage")
     model = _model(k, warnings)
     method, blocks = _method(k, warnings)
     hp = _hyperparameters(k, warnings)
     stage, pref = _pref(k, stage, warnings)
+    drop_unhonoured(hp, stage, warnings)
     st: dict[str, Any] = {"name": stage, "type": stage, "method": method, **blocks}
     if hp:
         st["hyperparameters"] = hp

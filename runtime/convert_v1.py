@@ -36,6 +36,7 @@ from .convert import (
     _num,
     _pref,
     _warn,
+    drop_unhonoured,
 )
 from .errors import UserError
 from .spec import API_GROUP, API_VERSION, KIND, TEMPLATE_NAMES
@@ -325,6 +326,7 @@ def convert_v1(cfg: dict[str, Any], source_dir: Path, warnings: list[str] | None
     method, blocks = _v1_method(k, warnings)
     hp = _v1_hyperparameters(k, warnings)
     stage, pref = _pref(k, stage, warnings)
+    drop_unhonoured(hp, stage, warnings)
     st: dict[str, Any] = {"name": stage, "type": stage, "method": method, **blocks, "hyperparameters": hp}
     if pref:
         st["preference"] = pref

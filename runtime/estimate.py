@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .stage_types import STAGE_TYPES
 
 GIB = 1024**3
 CUDA_OVERHEAD = 0.8 * GIB  # CUDA context + allocator fragmentation, typical for one training process
@@ -244,6 +245,7 @@ def estimate_memory(arch: Arch, *, method: str, stage_type: str = "sft", bits: i
                     optimizer: str | None = None, shards: int = 1, stage: str = "", reference: bool = False,
                     double_quant: bool = True) -> Estimate:
     """Bytes per device, by part."""
+    info = STAGE_TYPES[stage_type]
     e = Estimate(stage=stage or stage_type, method=method)
     state_bytes = 2.0 if optimizer and "8bit" in optimizer else 2 * weight_bytes
     if optimizer == "sgd":
@@ -263,7 +265,7 @@ def estimate_memory(arch: Arch, *, method: str, stage_type: str = "sft", bits: i
     if trainable and optimizer in ("adamw_torch", "adafactor", "sgd"):
         # the foreach (non-fused) step allocates about one more copy of the trained weights
         e.parts["optimizer"] += trainable * weight_bytes
-    if method in ("lora", "qlora") and stage_type not in ("export", "eval"):
+    if method in ("lora", "qlora") and info.trains:
         lp = arch.lora_params(lora_rank, lora_target or ["all"])
         e.parts["lora"] = lp * (4 + 4 + (2 if optimizer and "8bit" in optimizer else 8))
     if shards > 1:
@@ -292,12 +294,13 @@ def estimate_memory(arch: Arch, *, method: str, stage_type: str = "sft", bits: i
             acts = arch.layers * tokens * arch.hidden * 2 + per_layer
         else:
             acts = arch.layers * per_layer
-        if stage_type in ("dpo", "orpo", "simpo", "rm"):
+        if info.paired:
             acts *= 2  # chosen + rejected in one forward pass
         acts += tokens * arch.vocab * 4 * 2
         e.parts["activations"] = acts
-        if stage_type in ("grpo", "rloo", "ppo"):
-            e.notes.append("generation KV cache and reward model not counted: a floor, not an estimate")
+        if info.generates:
+            e.notes.append(f"generation KV cache{' and reward model' if info.needs_reward else ''} not counted: "
+                           "a floor, not an estimate")
     e.parts["overhead"] = CUDA_OVERHEAD
     return e
 
@@ -412,7 +415,8 @@ def estimate_stage(arch: Arch, stage, model, resources, grad_ckpt: bool | None =
         grad_ckpt=(hp.gradient_checkpointing is not False) if grad_ckpt is None else grad_ckpt,
         lora_rank=stage.lora.rank, lora_target=stage.lora.target, trainable_layers=stage.freeze.trainable_layers,
         optimizer=hp.optimizer, shards=shards,
-        reference=stage.type in ("dpo", "kto", "ppo", "grpo", "rloo", "distill"),
+        # a frozen second model: the reference policy, or a distill stage's teacher (counted as a copy)
+        reference=STAGE_TYPES[stage.type].reference_model or STAGE_TYPES[stage.type].needs_teacher,
     )
 
 

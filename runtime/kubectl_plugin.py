@@ -19,6 +19,9 @@ from .contract import CONTAINER_NAME as CONTAINER
 from .contract import LABEL_JOB, LABEL_STAGE
 from .errors import UserError
 from .spec import API_GROUP, API_VERSION, PLURAL
+from .stage_types import types_where
+
+TRAIN_NOTHING = types_where(lambda i: not i.trains)  # stage types shown without a method
 
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"
 DONE = ("Succeeded", "Failed")
@@ -174,7 +177,7 @@ def describe_text(obj: dict[str, Any], events: list[Any], now: float | None = No
            f"Model:        {(spec.get('model') or {}).get('name', '')}"]
     stages = spec.get("stages") or []
     out.append("Stages:       " + " → ".join(
-        f"{s.get('name')} ({s.get('type')}" + (f"/{s.get('method', 'lora')})" if s.get("type") not in ("export", "eval") else ")")
+        f"{s.get('name')} ({s.get('type')}" + (f"/{s.get('method', 'lora')})" if s.get("type") not in TRAIN_NOTHING else ")")
         for s in stages))
     if (spec.get("storage") or {}).get("uri"):
         out.append(f"Storage:      {spec['storage']['uri']}")

@@ -21,6 +21,7 @@ from typing import Any
 from .contract import FINAL_PROGRESS_KEY, TERMINATION_MESSAGE_PATH, use_scratch
 from .errors import Interrupted, OutOfMemory, UserError, classify, is_out_of_memory, termination_text
 from .plan import ResolvedStage
+from .stage_types import types_where
 
 log = logging.getLogger("kubetune")
 
@@ -107,8 +108,8 @@ def storage_wait_seconds() -> float:
     return value
 
 
-# stages without a trainer: one process (rank 0) does the work, the others wait for its commit
-RANK0_STAGES = ("export", "eval")
+# stages that train nothing (export, eval): one process (rank 0) does the work, the others wait for its commit
+RANK0_STAGES = types_where(lambda i: not i.trains)
 
 
 def execute_stage(

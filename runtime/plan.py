@@ -9,7 +9,8 @@ Chaining (what each stage reads):
 - The *policy* flows through the stages: it starts as the base model. A lora/qlora stage that
   follows an adapter keeps training that adapter; a full/freeze stage merges it first. A stage's
   output becomes the policy of the next one.
-- Preference and RL stages use the policy they start from as their reference model.
+- Stage types with a reference model (runtime/stage_types.py: dpo, kto, ppo, grpo, rloo) use the
+  policy they start from as it; orpo and simpo are reference-free.
 - `rm` stages train a reward model from the current policy, but do not change the policy;
   grpo/rloo/ppo stages name one in `reward.modelStage`.
 - `export` merges the policy's adapter into its model and writes a standalone model.
@@ -35,9 +36,8 @@ from .spec import (
     TrackingSpec,
     default_learning_rate,
 )
+from .stage_types import STAGE_TYPES
 
-PREFERENCE_TYPES = ("dpo", "kto", "orpo", "simpo")
-ONLINE_RL_TYPES = ("ppo", "grpo", "rloo")
 ADAPTER_METHODS = ("lora", "qlora")
 
 
@@ -102,19 +102,19 @@ def resolve_stage_defaults(stage: StageSpec) -> StageSpec:
     """Fill in defaults that depend on the stage type or method."""
     hp = stage.hyperparameters
     updates = {}
-    if hp.learning_rate is None:
+    if hp.learning_rate is None and STAGE_TYPES[stage.type].trains:
         updates["learning_rate"] = default_learning_rate(stage)
     if hp.packing is None:
-        updates["packing"] = stage.type == "pt"
+        updates["packing"] = STAGE_TYPES[stage.type].packing
     lora = stage.lora.model_copy(update={"alpha": stage.lora.resolved_alpha})
     return stage.model_copy(update={"hyperparameters": hp.model_copy(update=updates), "lora": lora})
 
 
 def eval_data_of(stage: StageSpec, job_eval_data: list[DatasetSpec]) -> list[DatasetSpec]:
     """A stage's evaluation data: its own `evalData`, else the job's when it trains on the job's
-    `data` (evaluation data belongs with the training data it measures). ppo and export stages have
-    no evaluation pass."""
-    if stage.type in ("ppo", "export"):
+    `data` (evaluation data belongs with the training data it measures). Some types (ppo, export)
+    have no evaluation pass."""
+    if not STAGE_TYPES[stage.type].evaluates:
         return []
     if stage.eval_data is not None:
         return stage.eval_data
@@ -137,7 +137,8 @@ def plan(job: FineTuneJob, default_root: str | None = None, run: str | None = No
         stage = resolve_stage_defaults(raw)
         stage_root = _join(root, stage.name)
         output = _join(stage_root, "output")
-        lora_like = stage.type not in ("export", "eval") and stage.method in ADAPTER_METHODS
+        info = STAGE_TYPES[stage.type]
+        lora_like = info.trains and stage.method in ADAPTER_METHODS
         if stage.type == "eval":
             merge, output_kind = False, "results"
         elif stage.type == "rm":
@@ -157,7 +158,7 @@ def plan(job: FineTuneJob, default_root: str | None = None, run: str | None = No
             checkpoints=_join(stage_root, "checkpoints"),
             stage_root=stage_root,
         )
-        if stage.type in PREFERENCE_TYPES + ONLINE_RL_TYPES + ("distill",):
+        if info.reference_model:
             io.reference = policy
         if stage.reward is not None and stage.reward.model_stage:
             io.reward = outputs[stage.reward.model_stage]
@@ -183,6 +184,6 @@ def plan(job: FineTuneJob, default_root: str | None = None, run: str | None = No
         )
         made = ModelRef(model=policy.model, adapter=output) if output_kind == "adapter" else ModelRef(model=output)
         outputs[stage.name] = made
-        if stage.type not in ("rm", "eval"):
+        if info.changes_policy:
             policy = made
     return resolved

@@ -24,17 +24,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from . import stage_types
 from .errors import SpecError
+from .stage_types import types_where
 
 API_GROUP = "kubetune.io"
 API_VERSION = "v1alpha1"
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
 
-StageType = Literal[
-    "pt", "sft", "rm", "dpo", "kto", "orpo", "simpo", "ppo", "grpo", "rloo", "distill", "export", "eval"
-]
-STAGE_TYPES: tuple[str, ...] = StageType.__args__  # type: ignore[attr-defined]
+STAGE_TYPES: tuple[str, ...] = tuple(stage_types.STAGE_TYPES)
+StageType = Literal[STAGE_TYPES]  # type: ignore[valid-type]
 Method = Literal["lora", "qlora", "full", "freeze"]
 DatasetFormat = Literal["alpaca", "sharegpt", "messages", "text", "preference", "kto", "prompt", "choice"]
 TemplateName = Literal["chatml", "llama3", "alpaca", "qwen", "gemma", "mistral", "phi3"]
@@ -263,6 +263,20 @@ def _cel_list(items) -> str:
     return "[" + ", ".join(f"'{i}'" for i in items) + "]"
 
 
+def _type_is(names: tuple[str, ...], obj: str = "self") -> str:
+    """CEL: the stage `obj` has one of the types `names`."""
+    return f"{obj}.type == '{names[0]}'" if len(names) == 1 else f"{obj}.type in {_cel_list(names)}"
+
+
+def _type_is_not(names: tuple[str, ...], obj: str = "self") -> str:
+    return f"{obj}.type != '{names[0]}'" if len(names) == 1 else f"!({obj}.type in {_cel_list(names)})"
+
+
+def _and(names, last: str = "and") -> str:
+    """`a, b and c`."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {last} {names[-1]}"
+
+
 # Optimizers (hyperparameters.optimizer). The GaLore and APOLLO ones are transformers' own
 # integrations; adam_mini, muon and badam are built by runtime/optimizers.py. The packages they need
 # come with the `optimizers` extra (runtime/optimizers.py names them).
@@ -283,8 +297,13 @@ BETA_OPTIMIZERS: tuple[str, ...] = (
 EPSILON_OPTIMIZERS: tuple[str, ...] = tuple(o for o in BETA_OPTIMIZERS if o != "lion_8bit")
 # Optimizers that project or orthogonalise whole weight matrices: not on FSDP's shards.
 WHOLE_MATRIX_OPTIMIZERS: tuple[str, ...] = GALORE_OPTIMIZERS + ("apollo_adamw", "muon")
-# What a ppo stage's own training loop can build (the optimizers transformers builds from a name).
-PPO_OPTIMIZERS: tuple[str, ...] = OPTIMIZERS[:7]
+# The optimizers transformers builds from a name: all a stage with a training loop of its own (ppo)
+# can build.
+NAMED_OPTIMIZERS: tuple[str, ...] = OPTIMIZERS[:7]
+LR_SCHEDULERS: tuple[str, ...] = (
+    "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt",
+    "cosine_with_min_lr",
+)
 
 
 class _ProjectedLayers(Spec):
@@ -366,10 +385,7 @@ class Hyperparameters(Spec):
         "(padding-free). Default true for pt, false for other stages.",
         None,
     )
-    lr_scheduler: Literal[
-        "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt",
-        "cosine_with_min_lr",
-    ] = _field(
+    lr_scheduler: Literal[LR_SCHEDULERS] = _field(  # type: ignore[valid-type]
         "Learning-rate schedule. Default cosine. cosine_with_min_lr decays to `minLr` instead of 0 "
         "(NeMo AutoModel's lr_scheduler.min_lr).",
         "cosine",
@@ -414,10 +430,14 @@ class Hyperparameters(Spec):
         "Hold out this share (0–1) or number (≥ 1) of samples for evaluation; 0 = no eval.", 0.0, ge=0
     )
     eval_steps: int | None = _field("Evaluate every N steps (default: at the end of each epoch).", None, ge=1)
-    neftune_alpha: float | None = _field("NEFTune noise alpha for SFT embeddings.", None, gt=0)
+    neftune_alpha: float | None = _field(
+        "NEFTune noise alpha for the embeddings (SFTTrainer's neftune_noise_alpha): "
+        f"{_and(types_where(lambda i: 'neftuneAlpha' in i.accepts))} stages only.", None, gt=0
+    )
     torch_compile: bool = _field(
         "Compile the model with torch.compile (transformers' torch_compile, Inductor backend). The "
-        "first steps pay the compilation; on CPU it needs a C++ compiler in the image. Default false.",
+        "first steps pay the compilation; on CPU it needs a C++ compiler in the image. Not in "
+        f"{_and(types_where(lambda i: 'torchCompile' not in i.accepts), 'or')} stages. Default false.",
         False,
     )
     torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = _field(
@@ -472,14 +492,6 @@ class Hyperparameters(Spec):
     )
 
 
-# The loss variants DPOTrainer accepts in TRL 1.16 (DPOConfig.loss_type / DPOTrainer._compute_loss);
-# tests/runtime/test_preference.py checks this tuple against the installed TRL's own list.
-DPO_LOSS_TYPES: tuple[str, ...] = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-)
-# KTOConfig.loss_type choices; our spec's default `sigmoid` means KTO's own loss in a kto stage.
-KTO_LOSS_TYPES: tuple[str, ...] = ("kto", "apo_zero_unpaired")
 # Built-in reward functions of the online RL stages, and the form of a custom one's import path.
 REWARD_BUILTINS: tuple[str, ...] = ("exact_match", "format", "length")
 REWARD_IMPORT_PATH = r"^[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"  # RE2 and re alike
@@ -568,6 +580,33 @@ class EvaluationSpec(Spec):
     batch_size: int = _field("Prompts generated or scored together. Default 8.", 8, ge=1, le=4096)
 
 
+# Type-dependent facts the rules below read (runtime/stage_types.py declares them).
+_LOSS_VARIANTS = {t: i.loss_types for t, i in stage_types.STAGE_TYPES.items() if i.loss_types != ("sigmoid",)}
+_OWN_LOOP = types_where(lambda i: i.own_loop)
+_CHOICE = types_where(lambda i: i.choice_data)
+_TEACHER = types_where(lambda i: i.needs_teacher)
+_REWARD = types_where(lambda i: i.needs_reward)
+_NO_EVAL = types_where(lambda i: not i.evaluates)
+_NO_DATA = types_where(lambda i: i.data_kind is None)
+
+
+def _gated_hyperparameter(field: str) -> CelRule:
+    """hyperparameters.<field> (a GATED_HYPERPARAMETERS one) only on the types that accept it."""
+    attr = re.sub(r"[A-Z]", lambda m: "_" + m.group().lower(), field)
+    takes = types_where(lambda i: field in i.accepts)
+    ignores = tuple(t for t in stage_types.STAGE_TYPES if t not in takes)
+    is_set = f"has(self.hyperparameters.{field})"
+    if field == "torchCompile":  # a bool, default false: only true asks for something
+        is_set += f" && self.hyperparameters.{field}"
+    return CelRule(
+        rule=f"!has(self.hyperparameters) || !({is_set}) || {_type_is(takes)}",
+        message=(f"hyperparameters.{field} applies to {_and(takes)} stages only" if len(takes) <= len(ignores)
+                 else f"hyperparameters.{field} has no effect in {_and(ignores, 'or')} stages") + ": remove it there",
+        check=lambda s: s.type in takes or getattr(s.hyperparameters, attr) in (None, False),
+        field_path=f".hyperparameters.{field}",
+    )
+
+
 class StageSpec(Spec):
     name: str = _field(
         "Stage name, unique in the job; becomes part of child object names.", pattern=DNS_LABEL, max_length=40
@@ -605,16 +644,13 @@ class StageSpec(Spec):
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule(
-            rule="!has(self.preference) || !has(self.preference.lossType) || "
-            f"((self.type != 'dpo' || self.preference.lossType in {_cel_list(DPO_LOSS_TYPES)}) && "
-            f"(self.type != 'kto' || self.preference.lossType in {_cel_list(('sigmoid',) + KTO_LOSS_TYPES)}) && "
-            "(self.type in ['dpo', 'kto'] || self.preference.lossType == 'sigmoid'))",
-            message=f"a dpo stage takes one of {', '.join(DPO_LOSS_TYPES)}; a kto stage "
-            f"sigmoid (KTO's own loss), {' or '.join(KTO_LOSS_TYPES)}; other stage types have no loss variants "
-            "(leave it unset)",
-            check=lambda s: (s.type != "dpo" or s.preference.loss_type in DPO_LOSS_TYPES)
-            and (s.type != "kto" or s.preference.loss_type in ("sigmoid",) + KTO_LOSS_TYPES)
-            and (s.type in ("dpo", "kto") or s.preference.loss_type == "sigmoid"),
+            rule="!has(self.preference) || !has(self.preference.lossType) || ("
+            + " && ".join(f"({_type_is_not((t,))} || self.preference.lossType in {_cel_list(losses)})"
+                          for t, losses in _LOSS_VARIANTS.items())
+            + f" && ({_type_is(tuple(_LOSS_VARIANTS))} || self.preference.lossType == 'sigmoid'))",
+            message="; ".join(f"a {t} stage takes one of {', '.join(losses)}" for t, losses in _LOSS_VARIANTS.items())
+            + "; other stage types have no loss variants (leave it unset)",
+            check=lambda s: s.preference.loss_type in stage_types.STAGE_TYPES[s.type].loss_types,
             field_path=".preference.lossType",
         ),
         CelRule(
@@ -635,12 +671,12 @@ class StageSpec(Spec):
             field_path=".method",
         ),
         CelRule(
-            rule="self.type != 'ppo' || !has(self.hyperparameters) || !has(self.hyperparameters.optimizer) || "
-            f"self.hyperparameters.optimizer in {_cel_list(PPO_OPTIMIZERS)}",
-            message=f"a ppo stage builds its optimizer in its own loop: hyperparameters.optimizer must be one of "
-            f"{', '.join(PPO_OPTIMIZERS)} or unset",
-            check=lambda s: s.type != "ppo" or s.hyperparameters.optimizer is None
-            or s.hyperparameters.optimizer in PPO_OPTIMIZERS,
+            rule=f"{_type_is_not(_OWN_LOOP)} || !has(self.hyperparameters) || !has(self.hyperparameters.optimizer) || "
+            f"self.hyperparameters.optimizer in {_cel_list(NAMED_OPTIMIZERS)}",
+            message=f"a {_and(_OWN_LOOP, 'or')} stage builds its optimizer in its own loop: hyperparameters.optimizer "
+            f"must be one of {', '.join(NAMED_OPTIMIZERS)} or unset",
+            check=lambda s: s.type not in _OWN_LOOP or s.hyperparameters.optimizer is None
+            or s.hyperparameters.optimizer in NAMED_OPTIMIZERS,
             field_path=".hyperparameters.optimizer",
         ),
         CelRule(
@@ -652,31 +688,32 @@ class StageSpec(Spec):
             field_path=".lora.loraplusLrRatio",
         ),
         CelRule(
-            rule="self.type == 'eval' || !has(self.data) || self.data.all(d, !has(d.format) || d.format != 'choice')",
-            message="format choice (multiple-choice questions) is read by eval stages only",
-            check=lambda s: s.type == "eval" or not any(d.format == "choice" for d in s.data or []),
+            rule=f"{_type_is(_CHOICE)} || !has(self.data) || self.data.all(d, !has(d.format) || d.format != 'choice')",
+            message=f"format choice (multiple-choice questions) is read by {_and(_CHOICE)} stages only",
+            check=lambda s: s.type in _CHOICE or not any(d.format == "choice" for d in s.data or []),
             field_path=".data",
         ),
         CelRule(
-            rule="self.type != 'distill' || has(self.teacher)",
-            message="a distill stage needs `teacher` (the teacher model)",
-            check=lambda s: s.type != "distill" or s.teacher is not None,
+            rule=f"{_type_is_not(_TEACHER)} || has(self.teacher)",
+            message=f"a {_and(_TEACHER, 'or')} stage needs `teacher` (the teacher model)",
+            check=lambda s: s.type not in _TEACHER or s.teacher is not None,
             field_path=".type",
         ),
         CelRule(
-            rule="!(self.type in ['grpo', 'rloo', 'ppo']) || (has(self.reward) && "
+            rule=f"{_type_is_not(_REWARD)} || (has(self.reward) && "
             "(has(self.reward.modelStage) || (has(self.reward.functions) && size(self.reward.functions) > 0)))",
-            message="grpo, rloo and ppo stages need reward.modelStage (an earlier rm stage) or reward.functions",
-            check=lambda s: s.type not in ("grpo", "rloo", "ppo")
+            message=f"{_and(_REWARD)} stages need reward.modelStage (an earlier rm stage) or reward.functions",
+            check=lambda s: s.type not in _REWARD
             or (s.reward is not None and (s.reward.model_stage is not None or len(s.reward.functions) > 0)),
             field_path=".reward",
         ),
         CelRule(
-            rule="!has(self.evalData) || size(self.evalData) == 0 || !(self.type in ['ppo', 'export'])",
-            message="evalData: ppo and export stages have no evaluation pass",
-            check=lambda s: not s.eval_data or s.type not in ("ppo", "export"),
+            rule=f"!has(self.evalData) || size(self.evalData) == 0 || {_type_is_not(_NO_EVAL)}",
+            message=f"evalData: {_and(_NO_EVAL)} stages have no evaluation pass",
+            check=lambda s: not s.eval_data or s.type not in _NO_EVAL,
             field_path=".evalData",
         ),
+        *(_gated_hyperparameter(field) for field in stage_types.GATED_HYPERPARAMETERS),
     )
 
 
@@ -1017,9 +1054,10 @@ class FineTuneJobSpec(Spec):
             field_path=".stages",
         ),
         CelRule(
-            rule="self.stages.all(s, s.type == 'export' || (has(self.data) && size(self.data) > 0) || (has(s.data) && size(s.data) > 0))",
+            rule=f"self.stages.all(s, {_type_is(_NO_DATA, 's')} || (has(self.data) && size(self.data) > 0) || "
+            "(has(s.data) && size(s.data) > 0))",
             message="every training stage needs data: set spec.data or the stage's data",
-            check=lambda s: all(st.type == "export" or s.data or st.data for st in s.stages),
+            check=lambda s: all(st.type in _NO_DATA or s.data or st.data for st in s.stages),
             field_path=".data",
         ),
         CelRule(
@@ -1050,21 +1088,21 @@ class FineTuneJobSpec(Spec):
         ),
         CelRule(
             rule="!has(self.data) || !self.data.exists(d, has(d.format) && d.format == 'choice') || "
-            "self.stages.all(s, s.type == 'eval' || (has(s.data) && size(s.data) > 0))",
-            message="format choice (multiple-choice questions) is read by eval stages only: give the other "
+            f"self.stages.all(s, {_type_is(_CHOICE, 's')} || (has(s.data) && size(s.data) > 0))",
+            message=f"format choice (multiple-choice questions) is read by {_and(_CHOICE)} stages only: give the other "
             "stages data of their own",
             check=lambda s: not any(d.format == "choice" for d in s.data)
-            or all(st.type == "eval" or st.data for st in s.stages),
+            or all(st.type in _CHOICE or st.data for st in s.stages),
             field_path=".data",
         ),
         CelRule(
-            rule="self.stages.all(s, s.type == 'export' || (has(s.hyperparameters) && has(s.hyperparameters.maxSteps)) || "
+            rule=f"self.stages.all(s, {_type_is(_NO_DATA, 's')} || (has(s.hyperparameters) && has(s.hyperparameters.maxSteps)) || "
             "((has(s.data) && size(s.data) > 0) ? !s.data.exists(d, has(d.streaming) && d.streaming) : "
             "!(has(self.data) && self.data.exists(d, has(d.streaming) && d.streaming))))",
             message="a stage that reads a streaming dataset needs hyperparameters.maxSteps (a stream has no "
             "length to count epochs by)",
             check=lambda s: all(
-                st.type == "export" or st.hyperparameters.max_steps is not None
+                st.type in _NO_DATA or st.hyperparameters.max_steps is not None
                 or not any(d.streaming for d in (st.data or s.data))
                 for st in s.stages
             ),
@@ -1329,9 +1367,6 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> FineTuneJo
     return parse_job(doc, str(path))
 
 
-def default_learning_rate(stage: StageSpec) -> float:
-    """LLaMA-Factory-style defaults by stage and method."""
-    if stage.type in ("dpo", "kto", "orpo", "simpo", "ppo", "grpo", "rloo"):
-        return 5e-6 if stage.method in ("full", "freeze") else 5e-5
-    return 1e-5 if stage.method in ("full", "freeze") else 1e-4
-
+def default_learning_rate(stage: StageSpec) -> float | None:
+    """LLaMA-Factory-style defaults by stage type and method (None: the type trains nothing)."""
+    return stage_types.default_learning_rate(stage.type, stage.method)

@@ -164,13 +164,14 @@ def load_text(text: str):
 def plan_rows(job, output_root: str | None) -> list[dict[str, Any]]:
     """`kubetune plan -o json`'s stages, with the few facts the form shows first."""
     from ..plan import plan
+    from ..stage_types import STAGE_TYPES
 
     rows = []
     for s in plan(job, output_root):
         io = s.io
         rows.append({
             "name": s.name, "type": s.stage.type,
-            "method": None if s.stage.type in ("export", "eval") else s.stage.method,
+            "method": s.stage.method if STAGE_TYPES[s.stage.type].trains else None,
             "reads": {"model": io.policy.model, "adapter": io.policy.adapter, "mergeAdapter": io.merge_adapter},
             "reference": io.reference.model_dump(exclude_none=True) if io.reference else None,
             "data": [f"{d.name} ({d.source})" for d in s.data],

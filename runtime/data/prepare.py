@@ -17,26 +17,16 @@ from typing import Any, Callable
 
 from ..errors import DataError, UserError
 from ..spec import DatasetSpec
+from ..stage_types import STAGE_TYPES
 from .formats import Kind, to_examples
 from .loaders import load_records
 from .templates import has_generation_markers
 
 log = logging.getLogger(__name__)
 
-KIND_OF_STAGE: dict[str, Kind] = {
-    "pt": "text",
-    "sft": "conversation",
-    "distill": "conversation",
-    "rm": "preference",
-    "dpo": "preference",
-    "orpo": "preference",
-    "simpo": "preference",
-    "kto": "kto",
-    "grpo": "prompt",
-    "rloo": "prompt",
-    "ppo": "prompt",
-    "eval": "conversation",  # generation datasets; format choice datasets are read as kind "choice"
-}
+# stage type → the kind its datasets are converted to (eval: generation datasets; its format choice
+# datasets are read as kind "choice")
+KIND_OF_STAGE: dict[str, Kind] = {t: i.data_kind for t, i in STAGE_TYPES.items() if i.data_kind is not None}
 
 
 def load_examples(

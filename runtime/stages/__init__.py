@@ -6,23 +6,10 @@ from importlib import import_module
 from typing import Callable
 
 from ..errors import UserError
+from ..stage_types import STAGE_TYPES
 
 # stage type → module under kubetune.runtime.stages (imported lazily: each pulls in torch/trl)
-STAGE_MODULES: dict[str, str] = {
-    "pt": "sft",
-    "sft": "sft",
-    "rm": "reward",
-    "dpo": "preference",
-    "orpo": "preference",
-    "simpo": "preference",
-    "kto": "kto",
-    "grpo": "online_rl",
-    "rloo": "online_rl",
-    "ppo": "ppo",
-    "distill": "distill",
-    "export": "export",
-    "eval": "evaluate",
-}
+STAGE_MODULES: dict[str, str] = {t: info.module for t, info in STAGE_TYPES.items()}
 
 
 def stage_runner(stage_type: str, where: str = "type") -> Callable:

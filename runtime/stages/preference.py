@@ -21,7 +21,7 @@ starts from (`io.reference`, which the plan sets to `io.policy`):
 from __future__ import annotations
 
 from ..errors import UserError
-from ..spec import DPO_LOSS_TYPES, KTO_LOSS_TYPES  # declared with the spec, which validates them too
+from ..stage_types import DPO_LOSS_TYPES, KTO_LOSS_TYPES, STAGE_TYPES  # the spec validates them too
 from .trainer_stage import LORA_METHODS, TrainerStage
 
 LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair")
@@ -47,7 +47,10 @@ class PairStage(TrainerStage):
 class PreferenceStage(PairStage):
     """dpo, orpo, simpo, kto: `preference.*` settings, and a reference model where the loss has one."""
 
-    has_reference = True  # orpo and simpo are reference-free
+    @property
+    def has_reference(self) -> bool:
+        """runtime/stage_types.py says which types hold a reference model (orpo and simpo are reference-free)."""
+        return STAGE_TYPES[self.stage.type].reference_model
 
     def check(self):
         check_loss_options(self.stage, self.ctx.where)
@@ -138,7 +141,6 @@ class DPO(PreferenceStage):
 
 class ORPO(PreferenceStage):
     signals = ("rewards/accuracies", "rewards/margins", "log_odds_ratio", "nll_loss")
-    has_reference = False
 
     def classes(self):
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -148,7 +150,6 @@ class ORPO(PreferenceStage):
 
 class SimPO(PreferenceStage):
     signals = PAIR_SIGNALS
-    has_reference = False
 
     def classes(self):
         from trl.experimental.cpo import CPOConfig, CPOTrainer

@@ -399,3 +399,16 @@ def test_llamafactory_optimizer_keys(lf, label, capsys):
         assert needle in err, (needle, err)
     assert "unknown or unsupported" not in err, err
     assert main(["validate", str(out)]) == 0
+
+
+@pytest.mark.parametrize(("stage", "kept"), [("sft", True), ("dpo", False)])
+def test_neftune_is_carried_over_only_where_the_stage_honours_it(lf, stage, kept, capsys):
+    """LLaMA-Factory takes neftune_noise_alpha in any stage; kubetune's SFTTrainer stages (pt, sft) only."""
+    cfg = {**BASE, "stage": stage, "finetuning_type": "lora", "dataset": "dpo_en_demo" if stage == "dpo" else "identity",
+           "output_dir": "saves/x", "neftune_noise_alpha": 5}
+    out = lf / "job.yaml"
+    assert main(["convert", str(_write(lf, stage, cfg)), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert main(["validate", str(out)]) == 0
+    assert (load_job(out).spec.stages[0].hyperparameters.neftune_alpha == 5) == kept
+    assert ("neftune_noise_alpha: not carried over — a dpo stage does not honour hyperparameters.neftuneAlpha" in err) != kept

@@ -1,0 +1,89 @@
+"""Every registered stage type (runtime/stage_types.py) goes the whole way a job goes before it
+trains: validate → plan → estimate → the stage's `run`. A type that lacks anything (its module, a
+data kind runtime/data knows, a default learning rate where it trains, ...) fails here."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from kubetune.runtime.convert import _LF_STAGES
+from kubetune.runtime.data.formats import FORMATS_FOR_KIND
+from kubetune.runtime.data.prepare import KIND_OF_STAGE
+from kubetune.runtime.errors import SpecError
+from kubetune.runtime.estimate import estimate_job
+from kubetune.runtime.plan import plan
+from kubetune.runtime.spec import STAGE_TYPES as SPEC_TYPES
+from kubetune.runtime.spec import StageSpec, parse_job
+from kubetune.runtime.stage_types import GATED_HYPERPARAMETERS, STAGE_TYPES, StageTypeInfo
+from kubetune.runtime.stages import stage_runner
+
+TYPES = list(STAGE_TYPES.values())
+
+
+def job_with(info: StageTypeInfo, **stage_fields) -> dict:
+    """The smallest valid job whose last stage has type `info`, built from what the registry says it needs."""
+    stage = {"name": "it", "type": info.name, **stage_fields}
+    if info.needs_reward:
+        stage["reward"] = {"functions": ["length"]}
+    if info.needs_teacher:
+        stage["teacher"] = {"name": "org/teacher-1B"}
+    kind = info.data_kind or "conversation"
+    stages = [stage] if info.data_kind else [{"name": "first", "type": "sft"}, stage]  # export: after a stage
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "job"},
+            "spec": {"model": {"name": "org/model-1B"},
+                     "data": [{"name": "d", "source": "d.json", "format": FORMATS_FOR_KIND[kind][0]}],
+                     "stages": stages}}
+
+
+@pytest.mark.parametrize("info", TYPES, ids=[t.name for t in TYPES])
+def test_every_type_validates_plans_estimates_and_runs(info: StageTypeInfo):
+    job = parse_job(job_with(info))
+    resolved = plan(job, "/tmp/kubetune-stage-types")[-1]
+    assert resolved.stage.type == info.name
+    hp = resolved.stage.hyperparameters
+    if info.trains:
+        assert info.learning_rates and hp.learning_rate == info.learning_rates[0]  # lora, the default method
+    assert (resolved.io.reference is not None) == info.reference_model
+    assert resolved.data or info.data_kind is None
+    assert hp.packing == info.packing
+    _, estimates = estimate_job(job)
+    assert estimates[-1].total > 0
+    assert callable(stage_runner(info.name))
+
+
+@pytest.mark.parametrize("info", TYPES, ids=[t.name for t in TYPES])
+def test_every_type_is_declared_completely(info: StageTypeInfo):
+    assert info.name in SPEC_TYPES
+    assert re.search(rf"\b{info.name}\b", StageSpec.model_fields["type"].description), "the `type` field's description"
+    if info.data_kind is not None:
+        assert info.data_kind in FORMATS_FOR_KIND, f"data kind {info.data_kind!r} unknown to runtime/data/formats.py"
+        assert KIND_OF_STAGE[info.name] == info.data_kind
+    assert info.loss_types[0] == "sigmoid", "preference.lossType's default must be valid for every type"
+    assert info.accepts <= set(GATED_HYPERPARAMETERS)
+    if not info.trains:
+        assert not info.accepts and not info.reference_model and not info.own_loop
+
+
+@pytest.mark.parametrize("info", TYPES, ids=[t.name for t in TYPES])
+def test_gated_hyperparameters_are_rejected_where_not_honoured(info: StageTypeInfo):
+    values = {"neftuneAlpha": 5.0, "torchCompile": True}
+    assert set(values) == set(GATED_HYPERPARAMETERS)
+    for field, value in values.items():
+        doc = job_with(info, hyperparameters={field: value})
+        if field in info.accepts:
+            parse_job(doc)
+        else:
+            with pytest.raises(SpecError, match=rf"spec\.stages\[\d\]\.hyperparameters\.{field}: "):
+                parse_job(doc)
+
+
+def test_reference_free_preference_types():
+    """orpo (ORPOTrainer) and simpo (CPOTrainer) have no reference model: plan, estimator and stage agree."""
+    assert not STAGE_TYPES["orpo"].reference_model and not STAGE_TYPES["simpo"].reference_model
+    assert STAGE_TYPES["dpo"].reference_model and STAGE_TYPES["kto"].reference_model
+
+
+def test_llamafactory_stages_are_stage_types():
+    assert set(_LF_STAGES) <= set(STAGE_TYPES)
