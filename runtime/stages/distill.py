@@ -28,11 +28,7 @@ FORWARD_KL = 0.0  # DistillationConfig.beta: 0 = forward KL, 0.5 = JSD, 1 = reve
 
 class Distill(GenerationStage):
     signals = ("loss",)
-
-    def classes(self):
-        from trl import DistillationConfig, DistillationTrainer
-
-        return DistillationConfig, DistillationTrainer
+    trl_classes = ("trl", "DistillationConfig", "DistillationTrainer")
 
     def options(self):
         rollout = self.stage.reward or RewardSpec()

@@ -19,11 +19,7 @@ log = logging.getLogger(__name__)
 
 class KTO(PreferenceStage):
     signals = ("rewards/chosen", "rewards/rejected", "rewards/margins", "kl")
-
-    def classes(self):
-        from trl import KTOConfig, KTOTrainer
-
-        return KTOConfig, KTOTrainer
+    trl_classes = ("trl", "KTOConfig", "KTOTrainer")
 
     @property
     def loss_type(self) -> str:

@@ -124,11 +124,7 @@ def check_loss_options(stage, where) -> None:
 
 class DPO(PreferenceStage):
     signals = PAIR_SIGNALS
-
-    def classes(self):
-        from trl import DPOConfig, DPOTrainer
-
-        return DPOConfig, DPOTrainer
+    trl_classes = ("trl", "DPOConfig", "DPOTrainer")
 
     def options(self):
         pref = self.stage.preference
@@ -141,20 +137,12 @@ class DPO(PreferenceStage):
 
 class ORPO(PreferenceStage):
     signals = ("rewards/accuracies", "rewards/margins", "log_odds_ratio", "nll_loss")
-
-    def classes(self):
-        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-
-        return ORPOConfig, ORPOTrainer
+    trl_classes = ("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer")
 
 
 class SimPO(PreferenceStage):
     signals = PAIR_SIGNALS
-
-    def classes(self):
-        from trl.experimental.cpo import CPOConfig, CPOTrainer
-
-        return CPOConfig, CPOTrainer
+    trl_classes = ("trl.experimental.cpo", "CPOConfig", "CPOTrainer")
 
     def options(self):
         pref = self.stage.preference

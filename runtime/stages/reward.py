@@ -22,11 +22,7 @@ HEAD_NAMES = ("score", "classifier")  # the sequence-classification heads of tra
 
 class RM(PairStage):
     signals = ("accuracy", "margin", "mean_reward")
-
-    def classes(self):
-        from trl import RewardConfig, RewardTrainer
-
-        return RewardConfig, RewardTrainer  # RewardTrainer drops pairs longer than max_length rather than cutting them
+    trl_classes = ("trl", "RewardConfig", "RewardTrainer")  # RewardTrainer drops pairs longer than max_length rather than cutting them
 
     @property
     def merge_lora(self) -> bool:

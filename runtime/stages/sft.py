@@ -68,10 +68,7 @@ def build_datasets(ctx: StageContext, tokenizer) -> tuple[Dataset | IterableData
 
 
 class SFT(TrainerStage):
-    def classes(self):
-        from trl import SFTConfig, SFTTrainer
-
-        return SFTConfig, SFTTrainer
+    trl_classes = ("trl", "SFTConfig", "SFTTrainer")
 
     def datasets(self):
         train_ds, eval_ds = build_datasets(self.ctx, self.tokenizer)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from functools import cached_property
+from importlib import import_module
 from typing import Any
 
 from ..models import compute_dtype, load_policy, load_tokenizer
@@ -120,9 +121,13 @@ def signal(records: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, di
 class TrainerStage(Stage):
     """A stage that is one Trainer run."""
 
+    # (module, config class, trainer class): TRL's pair for this stage, imported when the stage runs
+    trl_classes: tuple[str, str, str]
+
     def classes(self) -> tuple[type, type]:
         """(the TRL config class, the trainer class), imported here: they pull in trl."""
-        raise NotImplementedError
+        module = import_module(self.trl_classes[0])
+        return getattr(module, self.trl_classes[1]), getattr(module, self.trl_classes[2])
 
     def datasets(self) -> tuple[Any, Any]:
         """(train, eval or None)."""

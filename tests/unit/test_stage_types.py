@@ -87,3 +87,24 @@ def test_reference_free_preference_types():
 
 def test_llamafactory_stages_are_stage_types():
     assert set(_LF_STAGES) <= set(STAGE_TYPES)
+
+
+def test_every_trainer_stage_names_trl_classes_that_exist():
+    """A TrainerStage declares TRL's (config, trainer) pair as names; a typo would fail only at stage start."""
+    from importlib import import_module
+
+    from kubetune.runtime.stages.trainer_stage import TrainerStage
+
+    for module in {info.module for info in TYPES}:
+        import_module(f"kubetune.runtime.stages.{module}")
+    stages, todo = [], [TrainerStage]
+    while todo:
+        for cls in todo.pop().__subclasses__():
+            todo.append(cls)
+            if "trl_classes" in vars(cls):
+                stages.append(cls)
+    assert len(stages) >= 7, [c.__name__ for c in stages]
+    for cls in stages:
+        config, trainer = TrainerStage.classes(cls.__new__(cls))
+        assert config.__name__.endswith("Config") and trainer.__name__.endswith("Trainer"), cls
+        assert "TrainingArguments" in {b.__name__ for b in config.__mro__}, cls
