@@ -37,10 +37,10 @@ from typing import Any, Callable
 import kopf
 from kubernetes.client.rest import ApiException
 
+from kubetune.runtime.contract import rank0_pod
 from kubetune.runtime.spec import API_GROUP, API_VERSION, PLURAL
 
 from . import kube, metrics
-from . import status as s
 from .cache import ChildCache
 from .config import OperatorConfig
 from .events import EventLimiter
@@ -280,7 +280,7 @@ def _reconcile_locked(namespace: str, name: str, *, poll: bool, config: Operator
     if stage and not _terminal(body.get("status") or {}):
         # the last report of the rank-0 pod (polled off this thread); a tick asks for a new one
         uid = body["metadata"].get("uid") or ""
-        pod = s.rank0_pod(observed.pods.get(stage_names(observed, name, stage, uid)[0], []))
+        pod = rank0_pod(observed.pods.get(stage_names(observed, name, stage, uid)[0], []), running=True)
         if pod is not None:
             key = (namespace, name)
             observed.progress = poller.latest(key, pod["metadata"].get("name") or "")

@@ -15,6 +15,7 @@ from typing import Any
 import kubernetes
 from kubernetes.client.rest import ApiException
 
+from kubetune.runtime.contract import rank0_pod
 from kubetune.runtime.spec import API_GROUP, API_VERSION, PLURAL
 
 from . import manifests as m
@@ -310,7 +311,7 @@ def probe_progress(pods: list[dict[str, Any]], port: int, timeout: float) -> tup
     503 ("no stage running yet") or nothing listens on the port yet (connection refused). Such a
     miss cost next to nothing and is no reason to poll less often; anything else (a deadline
     used up, an answer that is not a report) is."""
-    pod = s.rank0_pod(pods)
+    pod = rank0_pod(pods, running=True)
     ip = ((pod or {}).get("status") or {}).get("podIP")
     if not ip:
         return None, True

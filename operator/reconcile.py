@@ -49,6 +49,7 @@ from typing import Any, Literal
 
 from kubetune.runtime.errors import SpecError
 from kubetune.runtime.plan import ResolvedStage, plan
+from kubetune.runtime.progress import format_duration
 from kubetune.runtime.spec import API_GROUP, API_VERSION, KIND, FineTuneJob, parse_job
 
 from . import manifests as m
@@ -535,7 +536,7 @@ def _apply_progress(st: ResolvedStage, rec: dict[str, Any], report: dict[str, An
     if progress:
         status["progress"] = progress
         status["progressText"] = s.progress_text(progress)
-        eta = s.format_duration(progress.get("etaSeconds"))
+        eta = format_duration(progress.get("etaSeconds"))
         if eta:
             status["eta"] = eta
         else:

@@ -13,7 +13,7 @@ import math
 import re
 from typing import Any
 
-from kubetune.runtime.contract import FINAL_PROGRESS_KEY
+from kubetune.runtime.contract import FINAL_PROGRESS_KEY, pod_index
 from kubetune.runtime.errors import BY_EXIT_CODE, EXIT_KILLED, FAILURES
 
 CONDITION_TYPES = ("Validated", "Running", "Succeeded", "Failed", "Suspended")
@@ -89,23 +89,6 @@ def condition_true(conditions: list[dict[str, Any]] | None, type_: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------ progress
-
-
-def format_duration(seconds: float | None) -> str | None:
-    """1830 → '30m', 5400 → '1h30m', 42 → '42s', 90000 → '1d1h'."""
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return None
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    m = s // 60
-    if m < 60:
-        return f"{m}m"
-    h, m = divmod(m, 60)
-    if h < 24:
-        return f"{h}h{m}m" if m else f"{h}h"
-    d, h = divmod(h, 24)
-    return f"{d}d{h}h" if h else f"{d}d"
 
 
 def _num(v: Any) -> float | None:
@@ -286,22 +269,6 @@ def final_report(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
             if isinstance(doc, dict) and isinstance(doc.get(FINAL_PROGRESS_KEY), dict):
                 return doc[FINAL_PROGRESS_KEY]
     return None
-
-
-def pod_index(pod: dict[str, Any]) -> str | None:
-    meta = pod.get("metadata") or {}
-    return (meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index") or (
-        meta.get("labels") or {}
-    ).get("batch.kubernetes.io/job-completion-index")
-
-
-def rank0_pod(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The running pod of completion index 0 (or the only running pod), newest first."""
-    running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"
-               and not (p.get("metadata") or {}).get("deletionTimestamp")]
-    ranked = [p for p in running if pod_index(p) in ("0", None)]
-    ranked.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "", reverse=True)
-    return ranked[0] if ranked else None
 
 
 def pods_running(pods: list[dict[str, Any]]) -> int:

@@ -115,10 +115,11 @@ class ProgressState:
         return doc
 
 
-def format_duration(seconds: float | None) -> str:
-    """``93`` → ``1m33s``, ``7322`` → ``2h02m``; ``--`` when unknown."""
+def format_duration(seconds: float | None) -> str | None:
+    """How long, for the progress line and the ETA of a FineTuneJob's status: ``42`` → ``42s``,
+    ``93`` → ``1m33s``, ``7322`` → ``2h02m``, ``180000`` → ``2d02h``; None when unknown."""
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "--"
+        return None
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds}s"
@@ -146,7 +147,7 @@ def format_progress(doc: dict[str, Any], width: int = 20) -> str:
     parts.append(f"{tps:,.0f} tok/s" if tps is not None else "-- tok/s")
     phase = doc.get("phase", "running")
     if phase == "running":
-        parts.append(f"ETA {format_duration(doc.get('etaSeconds'))}")
+        parts.append(f"ETA {format_duration(doc.get('etaSeconds')) or '--'}")
     else:
         parts.append(phase)
     return "  ".join(parts)

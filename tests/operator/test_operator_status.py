@@ -10,6 +10,7 @@ from operator_builders import NOW, UID, ftj, k8s_job, pod
 
 from kubetune.operator import status as s
 from kubetune.operator.reconcile import Observed, merge_patch, next_check_seconds, reconcile
+from kubetune.runtime.progress import format_duration
 
 LATER = NOW + dt.timedelta(minutes=5)
 THREE = [{"name": "sft", "type": "sft"}, {"name": "dpo", "type": "dpo"}, {"name": "merge", "type": "export"}]
@@ -88,7 +89,7 @@ def test_running_with_progress_from_rank0(config):
     assert cond(st, "Validated")["lastTransitionTime"] == "2025-06-01T12:00:00Z"  # unchanged status keeps its time
     assert st["progress"] == {"step": 420, "totalSteps": 1200, "percent": 35.0, "epoch": 1.05, "loss": 0.91,
                               "learningRate": 1e-4, "tokensPerSecond": 5210.5, "etaSeconds": 1830.0}
-    assert st["progressText"] == "35%" and st["eta"] == "30m"
+    assert st["progressText"] == "35%" and st["eta"] == "30m30s"  # progress.format_duration, as `kubetune run` prints it
     assert st["checkpoint"] == {"uri": "s3://ckpt/llama/sft/checkpoints/checkpoint-400", "step": 400}
     assert st["stages"][0]["phase"] == "Running" and st["stages"][0]["checkpoint"] == st["checkpoint"]
     assert {e.reason for e in d.events} == {"StageRunning", "CheckpointCommitted"}
@@ -469,8 +470,8 @@ def test_pending_reason_names_the_scheduler_message(config):
 
 
 def test_helpers():
-    assert [s.format_duration(x) for x in (42, 1830, 5400, 3600, 90000, None, -1)] == \
-        ["42s", "30m", "1h30m", "1h", "1d1h", None, None]
+    assert [format_duration(x) for x in (42, 1830, 5400, 3600, 90000, 180000, None, -1)] == \
+        ["42s", "30m30s", "1h30m", "1h00m", "25h00m", "2d02h", None, None]
     assert s.progress_from_report({"phase": "finished", "step": 7, "totalSteps": 10}) == \
         {"step": 10, "totalSteps": 10, "percent": 100.0, "etaSeconds": 0.0}
     assert s.progress_from_report({"step": "x", "loss": float("nan")}) == {}
@@ -480,8 +481,6 @@ def test_helpers():
     assert again[0]["lastTransitionTime"] == "2025-06-01T12:00:00Z" and again[0]["reason"] == "R2"
     flipped = s.set_condition(again, "Running", False, "R3", "", 2, LATER)
     assert flipped[0]["lastTransitionTime"] == "2025-06-01T12:05:00Z"
-    pods = [pod("j", "Running", index="1", ip="10.0.0.9"), pod("j", "Running", index="0", ip="10.0.0.8")]
-    assert s.rank0_pod(pods)["status"]["podIP"] == "10.0.0.8"
 
 
 def test_a_finished_pod_keeps_the_stage_running_until_the_job_completes(config):

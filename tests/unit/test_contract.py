@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from kubetune.runtime import contract
 
 
@@ -52,3 +54,38 @@ def test_the_model_cache_env_of_a_pod_wins_over_the_scratch_layout(tmp_path, mon
     assert default_cache_dir() == ours
     assert contract.MODEL_CACHE_HUB.startswith(contract.MODEL_CACHE_DIR + "/")
     assert contract.MODEL_CACHE_KUBETUNE.startswith(contract.MODEL_CACHE_DIR + "/")
+
+
+def _pod(name, phase, index=None, created="2025-06-01T12:00:00Z", deleting=False):
+    meta = {"name": name, "creationTimestamp": created}
+    if index is not None:
+        meta["annotations"] = {contract.COMPLETION_INDEX: index}
+    if deleting:
+        meta["deletionTimestamp"] = "2025-06-01T12:09:00Z"
+    return {"metadata": meta, "status": {"phase": phase}}
+
+
+RANK0_CASES = [  # (pods, rank0_pod(pods), rank0_pod(pods, running=True))
+    ([_pod("a", "Running", "1"), _pod("b", "Running", "0")], "b", "b"),
+    ([_pod("old", "Running", created="2025-06-01T12:00:00Z"),
+      _pod("new", "Running", created="2025-06-01T12:05:00Z")], "new", "new"),
+    ([_pod("failed", "Failed", "0", created="2025-06-01T12:05:00Z"), _pod("run", "Running", "0")], "run", "run"),
+    ([_pod("pending", "Pending", "0"), _pod("gone", "Running", "0", deleting=True)], "pending", None),
+    ([_pod("done", "Succeeded")], "done", None),
+    ([_pod("r1", "Running", "1")], None, None),
+    ([], None, None),
+]
+
+
+@pytest.mark.parametrize("pods, rank0, running", RANK0_CASES)
+def test_one_rank0_rule_for_dict_pods_and_client_objects(pods, rank0, running):
+    """The operator (pods as dicts) and the CLI/board (kubernetes client objects) pick the same pod."""
+    from kubernetes.client import ApiClient
+
+    api = ApiClient()
+    objects = [api._ApiClient__deserialize(p, "V1Pod") for p in pods]
+    for given in (pods, objects):
+        for only_running, want in ((False, rank0), (True, running)):
+            got = contract.rank0_pod(given, running=only_running)
+            name = got["metadata"]["name"] if isinstance(got, dict) else got and got.metadata.name
+            assert name == want, (type(given[0]).__name__, only_running)
