@@ -38,6 +38,7 @@ import kopf
 from kubernetes.client.rest import ApiException
 
 from kubetune.runtime.contract import rank0_pod
+from kubetune.runtime.progress import ProgressReport
 from kubetune.runtime.spec import API_GROUP, API_VERSION, PLURAL
 
 from . import kube, metrics
@@ -91,11 +92,11 @@ class ProgressPoller:
         self.workers = workers
         self._pool: ThreadPoolExecutor | None = None
         self._guard = threading.Lock()
-        self._latest: dict[Key, tuple[str, dict[str, Any]]] = {}  # key → (pod name, report)
+        self._latest: dict[Key, tuple[str, ProgressReport]] = {}  # key → (pod name, report)
         self._busy: set[Key] = set()
         self._backoff: dict[Key, tuple[float, int]] = {}  # key → (not before, failures)
 
-    def latest(self, key: Key, pod: str) -> dict[str, Any] | None:
+    def latest(self, key: Key, pod: str) -> ProgressReport | None:
         with self._guard:
             got = self._latest.get(key)
         return got[1] if got and got[0] == pod else None

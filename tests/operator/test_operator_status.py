@@ -7,10 +7,11 @@ import json
 
 import pytest
 from operator_builders import NOW, UID, ftj, k8s_job, pod
+from pydantic import ValidationError
 
 from kubetune.operator import status as s
 from kubetune.operator.reconcile import Observed, merge_patch, next_check_seconds, reconcile
-from kubetune.runtime.progress import format_duration
+from kubetune.runtime.progress import ProgressReport, format_duration
 
 LATER = NOW + dt.timedelta(minutes=5)
 THREE = [{"name": "sft", "type": "sft"}, {"name": "dpo", "type": "dpo"}, {"name": "merge", "type": "export"}]
@@ -79,7 +80,7 @@ def test_running_with_progress_from_rank0(config):
               "checkpoint": {"uri": "s3://ckpt/llama/sft/checkpoints/checkpoint-400", "step": 400},
               "output": None, "updatedAt": "2025-06-01T12:04:59Z"}
     obs = Observed(jobs={"llama-sft": k8s_job("llama-sft", active=1)}, configmaps={"llama-sft": _cm(body, config)},
-                   pods={"llama-sft": [pod("llama-sft", "Running")]}, progress=report)
+                   pods={"llama-sft": [pod("llama-sft", "Running")]}, progress=ProgressReport.model_validate(report))
     body, d = step(body, obs, config, now=LATER)
     st = d.status
     assert st["phase"] == "Running"
@@ -472,9 +473,11 @@ def test_pending_reason_names_the_scheduler_message(config):
 def test_helpers():
     assert [format_duration(x) for x in (42, 1830, 5400, 3600, 90000, 180000, None, -1)] == \
         ["42s", "30m30s", "1h30m", "1h00m", "25h00m", "2d02h", None, None]
-    assert s.progress_from_report({"phase": "finished", "step": 7, "totalSteps": 10}) == \
+    assert s.progress_from_report(ProgressReport(phase="finished", step=7, total_steps=10)) == \
         {"step": 10, "totalSteps": 10, "percent": 100.0, "etaSeconds": 0.0}
-    assert s.progress_from_report({"step": "x", "loss": float("nan")}) == {}
+    assert s.progress_from_report(ProgressReport.model_validate({"loss": float("nan"), "newerKey": 1})) == {}
+    with pytest.raises(ValidationError):
+        ProgressReport.model_validate({"step": "x"})
     assert merge_patch({"a": 1, "b": {"c": 1, "d": 2}}, {"b": {"c": 1}, "e": 3}) == {"a": None, "b": {"d": None}, "e": 3}
     conds = s.set_condition([], "Running", True, "R", "m", 1, NOW)
     again = s.set_condition(conds, "Running", True, "R2", "m2", 2, LATER)
@@ -517,7 +520,7 @@ def test_an_eval_stage_puts_its_scores_in_the_status(config):
     report = {"job": "llama", "stage": "eval", "rank": 0, "phase": "running", "step": 0, "totalSteps": 0,
               "eval": {"accuracy": 50.0, "samples": 8}}
     obs = Observed(jobs={"llama-eval": k8s_job("llama-eval", active=1)}, configmaps={"llama-eval": _cm(body, config)},
-                   pods={"llama-eval": [pod("llama-eval", "Running")]}, progress=report)
+                   pods={"llama-eval": [pod("llama-eval", "Running")]}, progress=ProgressReport.model_validate(report))
     body, d = step(body, obs, config, now=LATER)
     assert d.status["stages"][0]["eval"] == {"accuracy": 50.0, "samples": 8}
     final = dict(report, phase="finished", eval=scores)

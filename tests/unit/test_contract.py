@@ -89,3 +89,28 @@ def test_one_rank0_rule_for_dict_pods_and_client_objects(pods, rank0, running):
             got = contract.rank0_pod(given, running=only_running)
             name = got["metadata"]["name"] if isinstance(got, dict) else got and got.metadata.name
             assert name == want, (type(given[0]).__name__, only_running)
+
+
+def test_the_progress_report_is_written_and_read_through_one_model():
+    """The runtime's /progress document (and the final one of its termination message) is a
+    ProgressReport document; the operator reads that very document back through the model."""
+    import json
+
+    from kubetune.operator import status
+    from kubetune.runtime.progress import PROGRESS_KEYS, ProgressReport, ProgressState
+
+    state = ProgressState("llama", "sft")
+    state.update(step=420, totalSteps=1200, loss=0.91, learningRate=float("nan"), etaSeconds=1830)
+    state.set_checkpoint("s3://b/llama/sft/checkpoint-400", 400)
+    state.set_output("s3://b/llama/sft/model")
+    doc = state.snapshot()
+    assert tuple(doc) == PROGRESS_KEYS and doc["learningRate"] is None  # JSON has no NaN
+    assert doc["checkpoint"] == {"uri": "s3://b/llama/sft/checkpoint-400", "step": 400}
+    assert doc["output"] == {"uri": "s3://b/llama/sft/model"}
+    report = ProgressReport.model_validate(json.loads(json.dumps(doc)))
+    assert report.document() == doc
+    assert status.progress_from_report(report) == {"step": 420, "totalSteps": 1200, "percent": 35.0, "loss": 0.91,
+                                                   "etaSeconds": 1830.0}
+    pod = {"metadata": {"name": "p"}, "status": {"phase": "Succeeded", "containerStatuses": [
+        {"state": {"terminated": {"exitCode": 0, "message": json.dumps({contract.FINAL_PROGRESS_KEY: doc})}}}]}}
+    assert status.final_report([pod]) == report
