@@ -231,8 +231,14 @@ def _ttl(body: dict[str, Any]) -> int | None:
 def reconcile(
     body: dict[str, Any], observed: Observed, config: OperatorConfig, now: dt.datetime | None = None
 ) -> Decision:
-    """What status to write, which children to create/patch/delete, which events to post."""
-    now = now or s.now_utc()
+    """What status to write (checked against its model: `status.checked`), which children to
+    create/patch/delete, which events to post."""
+    d = _reconcile(body, observed, config, now or s.now_utc())
+    s.checked(d.status)
+    return d
+
+
+def _reconcile(body: dict[str, Any], observed: Observed, config: OperatorConfig, now: dt.datetime) -> Decision:
     meta = body.get("metadata") or {}
     uid = meta.get("uid") or ""
     gen = meta.get("generation")

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from kubetune.runtime.contract import FINAL_PROGRESS_KEY, pod_index
 from kubetune.runtime.errors import BY_EXIT_CODE, EXIT_KILLED, FAILURES
 from kubetune.runtime.progress import ProgressReport, ReportArtifact
-from kubetune.runtime.spec import Progress
+from kubetune.runtime.spec import FineTuneJobStatus, Progress
 
 log = logging.getLogger("kubetune.operator")
 
@@ -136,6 +136,26 @@ def progress_text(progress: dict[str, Any] | None) -> str | None:
 def artifact(ref: ReportArtifact | None) -> dict[str, Any] | None:
     """status' {"uri", "step"} of a report's checkpoint/output (None when absent or without a uri)."""
     return ref.model_dump(by_alias=True) if ref is not None and ref.uri else None
+
+
+def checked(status: dict[str, Any]) -> dict[str, Any]:
+    """`status`, after checking that it is what FineTuneJobStatus (the CRD's schema) describes: a
+    key the model does not know, a camelCase name misspelt or a value of the wrong type is a bug
+    to raise here, not a field the apiserver silently prunes. A key set to None is a deletion (in
+    the merge patch) and not checked."""
+    clean = _without_nulls(status)
+    parsed = FineTuneJobStatus.model_validate(clean).model_dump(by_alias=True, exclude_unset=True)
+    if _without_nulls(parsed) != clean:  # e.g. a snake_case name, or "3" for 3
+        raise ValueError(f"status does not survive its model: {clean} became {parsed}")
+    return status
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------- Job/Pod reading

@@ -486,6 +486,19 @@ def test_helpers():
     assert flipped[0]["lastTransitionTime"] == "2025-06-01T12:05:00Z"
 
 
+def test_the_status_is_checked_against_its_model():
+    """A key the CRD's status schema does not know would be pruned by the apiserver in silence:
+    `status.checked` (run by every reconcile) raises instead. None is a merge patch's deletion."""
+    good = {"phase": "Running", "eta": None, "restartCount": 1, "progress": {"step": 3, "loss": None},
+            "stages": [{"name": "sft", "type": "sft", "phase": "Running", "restarts": 1}]}
+    assert s.checked(good) is good
+    for bad in ({"phse": "Running"}, {"restart_count": 1}, {"restartCount": "1"}, {"progress": {"stepp": 3}},
+                {"stages": [{"name": "sft", "type": "sft", "phase": "Running", "restart": 1}]},
+                {"stage": {"name": "sft", "index": 0}}):
+        with pytest.raises(ValueError):
+            s.checked(bad)
+
+
 def test_a_finished_pod_keeps_the_stage_running_until_the_job_completes(config):
     body, _ = step(ftj(), Observed(), config)
     obs = Observed(jobs={"llama-sft": k8s_job("llama-sft", active=1)}, configmaps={"llama-sft": _cm(body, config)},
