@@ -114,3 +114,56 @@ def test_the_progress_report_is_written_and_read_through_one_model():
     pod = {"metadata": {"name": "p"}, "status": {"phase": "Succeeded", "containerStatuses": [
         {"state": {"terminated": {"exitCode": 0, "message": json.dumps({contract.FINAL_PROGRESS_KEY: doc})}}}]}}
     assert status.final_report([pod]) == report
+
+
+# Variables the operator sets for a library the runtime runs in the pod (not for kubetune's own
+# code): the library reads them, so a grep over runtime/ cannot find a reader.
+READ_BY_LIBRARIES = {
+    "HF_TOKEN": "huggingface_hub", "HF_HUB_CACHE": "huggingface_hub",
+    "AWS_ACCESS_KEY_ID": "boto3", "AWS_SECRET_ACCESS_KEY": "boto3", "AWS_ENDPOINT_URL": "botocore",
+    "AWS_DEFAULT_REGION": "botocore", "MLFLOW_TRACKING_TOKEN": "mlflow", "MLFLOW_TRACKING_USERNAME": "mlflow",
+    "MLFLOW_TRACKING_PASSWORD": "mlflow", "WANDB_API_KEY": "wandb", "PYTHONUNBUFFERED": "python",
+}
+
+
+def _unread(names: set[str]) -> set[str]:
+    """The names no runtime module reads: neither its contract constant (outside its definition)
+    nor the name itself as a string literal appears under runtime/."""
+    import re
+    from pathlib import Path
+
+    root = Path(contract.__file__).parent
+    text = "\n".join(re.sub(r"(?m)^ENV_\w+ = .*$", "", p.read_text()) for p in root.rglob("*.py"))
+    consts = {v: k for k, v in vars(contract).items() if k.startswith("ENV_")}
+    return {n for n in names if not (n in consts and re.search(rf"\b{consts[n]}\b", text))
+            and not re.search(rf"[\"']{n}[\"']", text)}
+
+
+def test_every_env_variable_the_operator_sets_is_read_in_the_pod():
+    """A variable the operator puts on a training pod that nobody reads is a bug (the scratch
+    folder once was): each one is read by a runtime module or by a library the runtime runs."""
+    from kubetune.operator import manifests
+    from kubetune.operator.config import OperatorConfig
+    from kubetune.operator.reconcile import job_document
+    from kubetune.runtime.plan import plan
+    from kubetune.runtime.spec import parse_job
+
+    spec = {  # every feature that adds a variable
+        "model": {"name": "Qwen/Qwen2.5-0.5B-Instruct", "tokenSecretRef": {"name": "hf", "key": "token"}},
+        "data": [{"name": "identity", "source": "s3://datasets/identity.json"}],
+        "stages": [{"name": "sft", "type": "sft"}],
+        "resources": {"nodes": 2, "gpusPerNode": 1, "modelCache": {"claimName": "models"}},
+        "storage": {"uri": "s3://ckpt/llama/", "endpoint": "http://minio:9000", "region": "eu-west-1",
+                    "credentialsSecretRef": {"name": "s3"}},
+        "tracking": {"reportTo": ["mlflow", "wandb"],
+                     "mlflow": {"tokenSecretRef": {"name": "mlf", "key": "t"}, "credentialsSecretRef": {"name": "b"}},
+                     "wandb": {"apiKeySecretRef": {"name": "wb", "key": "k"}}},
+    }
+    job = parse_job(job_document({"metadata": {"name": "llama", "namespace": "ml"}, "spec": spec}))
+    built = manifests.build_job(job, plan(job)[0], "uid-1", OperatorConfig(runtime_image="example/runtime:1"))
+    pod = built["spec"]["template"]["spec"]
+    names = {e["name"] for c in pod["containers"] + pod.get("initContainers", []) for e in c.get("env") or []}
+    assert set(READ_BY_LIBRARIES) <= names, "a variable the operator no longer sets: drop it from the list"
+    assert {v for k, v in vars(contract).items() if k.startswith("ENV_")} <= names  # and the other way round
+    assert _unread(names - set(READ_BY_LIBRARIES)) == set()
+    assert _unread({"KUBETUNE_SET_BUT_NEVER_READ"}) == {"KUBETUNE_SET_BUT_NEVER_READ"}  # the check checks
