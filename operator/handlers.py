@@ -37,10 +37,11 @@ from typing import Any, Callable
 import kopf
 from kubernetes.client.rest import ApiException
 
+from kubetune.runtime.contract import rank0_pod
+from kubetune.runtime.progress import ProgressReport
 from kubetune.runtime.spec import API_GROUP, API_VERSION, PLURAL
 
 from . import kube, metrics
-from . import status as s
 from .cache import ChildCache
 from .config import OperatorConfig
 from .events import EventLimiter
@@ -91,11 +92,11 @@ class ProgressPoller:
         self.workers = workers
         self._pool: ThreadPoolExecutor | None = None
         self._guard = threading.Lock()
-        self._latest: dict[Key, tuple[str, dict[str, Any]]] = {}  # key → (pod name, report)
+        self._latest: dict[Key, tuple[str, ProgressReport]] = {}  # key → (pod name, report)
         self._busy: set[Key] = set()
         self._backoff: dict[Key, tuple[float, int]] = {}  # key → (not before, failures)
 
-    def latest(self, key: Key, pod: str) -> dict[str, Any] | None:
+    def latest(self, key: Key, pod: str) -> ProgressReport | None:
         with self._guard:
             got = self._latest.get(key)
         return got[1] if got and got[0] == pod else None
@@ -280,7 +281,7 @@ def _reconcile_locked(namespace: str, name: str, *, poll: bool, config: Operator
     if stage and not _terminal(body.get("status") or {}):
         # the last report of the rank-0 pod (polled off this thread); a tick asks for a new one
         uid = body["metadata"].get("uid") or ""
-        pod = s.rank0_pod(observed.pods.get(stage_names(observed, name, stage, uid)[0], []))
+        pod = rank0_pod(observed.pods.get(stage_names(observed, name, stage, uid)[0], []), running=True)
         if pod is not None:
             key = (namespace, name)
             observed.progress = poller.latest(key, pod["metadata"].get("name") or "")

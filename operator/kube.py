@@ -15,6 +15,10 @@ from typing import Any
 import kubernetes
 from kubernetes.client.rest import ApiException
 
+from pydantic import ValidationError
+
+from kubetune.runtime.contract import rank0_pod
+from kubetune.runtime.progress import ProgressReport
 from kubetune.runtime.spec import API_GROUP, API_VERSION, PLURAL
 
 from . import manifests as m
@@ -216,13 +220,14 @@ def _nesting(body: bytes, limit: int) -> int:
 
 
 def fetch_progress(host: str, port: int, deadline: float, max_bytes: int = PROGRESS_MAX_BYTES,
-                   path: str = "/progress") -> dict[str, Any]:
+                   path: str = "/progress") -> ProgressReport:
     """GET http://host:port/progress within `deadline` seconds in all (connect, headers, body).
 
     A plain HTTP/1.0 exchange on a socket whose timeout is, before every read, what is left of
     the deadline: a server that drips a byte a second, or never ends its body, costs `deadline`
     and no more; more than `max_bytes` of body, a body nested deeper than PROGRESS_MAX_DEPTH,
-    or anything but a JSON object raise ProgressError (so do connection errors, as OSError).
+    or anything but a ProgressReport raise ProgressError (so do connection errors, as OSError).
+    Keys the model does not know (a newer runtime's) are ignored.
     """
     end = time.monotonic() + deadline
 
@@ -273,7 +278,10 @@ def fetch_progress(host: str, port: int, deadline: float, max_bytes: int = PROGR
         raise ProgressError(f"not JSON: {str(e)[:100]}") from None
     if not isinstance(report, dict):
         raise ProgressError(f"not a JSON object but {type(report).__name__}")
-    return report
+    try:
+        return ProgressReport.model_validate(report)
+    except ValidationError as e:
+        raise ProgressError(f"not a progress report: {str(e)[:300]}") from None
 
 
 def _content_length(head: bytes, max_bytes: int) -> int | None:
@@ -299,18 +307,18 @@ def _content_length(head: bytes, max_bytes: int) -> int | None:
     return length
 
 
-def poll_progress(pods: list[dict[str, Any]], port: int, timeout: float) -> dict[str, Any] | None:
+def poll_progress(pods: list[dict[str, Any]], port: int, timeout: float) -> ProgressReport | None:
     """The rank-0 pod's /progress report (fetch_progress within `timeout` seconds in all); None
     when no pod runs, it does not answer yet, or its answer is not a report (logged, never raised)."""
     return probe_progress(pods, port, timeout)[0]
 
 
-def probe_progress(pods: list[dict[str, Any]], port: int, timeout: float) -> tuple[dict[str, Any] | None, bool]:
+def probe_progress(pods: list[dict[str, Any]], port: int, timeout: float) -> tuple[ProgressReport | None, bool]:
     """`poll_progress`, and whether a miss was only the pod still starting: its runtime answered
     503 ("no stage running yet") or nothing listens on the port yet (connection refused). Such a
     miss cost next to nothing and is no reason to poll less often; anything else (a deadline
     used up, an answer that is not a report) is."""
-    pod = s.rank0_pod(pods)
+    pod = rank0_pod(pods, running=True)
     ip = ((pod or {}).get("status") or {}).get("podIP")
     if not ip:
         return None, True

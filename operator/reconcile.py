@@ -49,6 +49,7 @@ from typing import Any, Literal
 
 from kubetune.runtime.errors import SpecError
 from kubetune.runtime.plan import ResolvedStage, plan
+from kubetune.runtime.progress import ProgressReport, format_duration
 from kubetune.runtime.spec import API_GROUP, API_VERSION, KIND, FineTuneJob, parse_job
 
 from . import manifests as m
@@ -68,7 +69,7 @@ class Observed:
     services: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     network_policies: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # (when the operator makes them)
     pods: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
-    progress: dict[str, Any] | None = None  # the rank-0 /progress report, when polled
+    progress: ProgressReport | None = None  # the rank-0 /progress report, when polled
     # FailedCreate events of the Job controller by Job name (only read for Jobs without pods)
     job_events: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
     # the Kueue Workload of each stage Job that waits for admission, by Job name
@@ -230,8 +231,14 @@ def _ttl(body: dict[str, Any]) -> int | None:
 def reconcile(
     body: dict[str, Any], observed: Observed, config: OperatorConfig, now: dt.datetime | None = None
 ) -> Decision:
-    """What status to write, which children to create/patch/delete, which events to post."""
-    now = now or s.now_utc()
+    """What status to write (checked against its model: `status.checked`), which children to
+    create/patch/delete, which events to post."""
+    d = _reconcile(body, observed, config, now or s.now_utc())
+    s.checked(d.status)
+    return d
+
+
+def _reconcile(body: dict[str, Any], observed: Observed, config: OperatorConfig, now: dt.datetime) -> Decision:
     meta = body.get("metadata") or {}
     uid = meta.get("uid") or ""
     gen = meta.get("generation")
@@ -527,26 +534,26 @@ def _pending(status, rec, conds, d, gen, now, phase, reason, message) -> None:
     _set_all(status, gen, now, **conds)
 
 
-def _apply_progress(st: ResolvedStage, rec: dict[str, Any], report: dict[str, Any] | None, d: Decision) -> None:
+def _apply_progress(st: ResolvedStage, rec: dict[str, Any], report: ProgressReport | None, d: Decision) -> None:
     status = d.status
-    if not report or report.get("stage") not in (None, st.name):
+    if report is None or report.stage not in (None, st.name):
         return
     progress = s.progress_from_report(report)
     if progress:
         status["progress"] = progress
         status["progressText"] = s.progress_text(progress)
-        eta = s.format_duration(progress.get("etaSeconds"))
+        eta = format_duration(progress.get("etaSeconds"))
         if eta:
             status["eta"] = eta
         else:
             status.pop("eta", None)
-    ckpt = s.artifact(report.get("checkpoint"))
+    ckpt = s.artifact(report.checkpoint)
     if ckpt and ckpt != rec.get("checkpoint"):
         rec["checkpoint"] = ckpt
         d.info("CheckpointCommitted", f"Stage {st.name}: checkpoint at step {ckpt.get('step', '?')} committed to {ckpt['uri']}")
     if ckpt:
         status["checkpoint"] = ckpt
-    out = s.artifact(report.get("output"))
+    out = s.artifact(report.output)
     if out:
         rec["output"] = out
     scores = s.eval_summary(report)

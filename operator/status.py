@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
+import logging
 import re
 from typing import Any
 
-from kubetune.runtime.contract import FINAL_PROGRESS_KEY
+from pydantic import ValidationError
+
+from kubetune.runtime.contract import FINAL_PROGRESS_KEY, pod_index
 from kubetune.runtime.errors import BY_EXIT_CODE, EXIT_KILLED, FAILURES
+from kubetune.runtime.progress import ProgressReport, ReportArtifact
+from kubetune.runtime.spec import FineTuneJobStatus, Progress
+
+log = logging.getLogger("kubetune.operator")
 
 CONDITION_TYPES = ("Validated", "Running", "Succeeded", "Failed", "Suspended")
 
@@ -91,66 +97,29 @@ def condition_true(conditions: list[dict[str, Any]] | None, type_: str) -> bool:
 # ------------------------------------------------------------------------------------ progress
 
 
-def format_duration(seconds: float | None) -> str | None:
-    """1830 → '30m', 5400 → '1h30m', 42 → '42s', 90000 → '1d1h'."""
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return None
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    m = s // 60
-    if m < 60:
-        return f"{m}m"
-    h, m = divmod(m, 60)
-    if h < 24:
-        return f"{h}h{m}m" if m else f"{h}h"
-    d, h = divmod(h, 24)
-    return f"{d}d{h}h" if h else f"{d}d"
-
-
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    return float(v) if math.isfinite(v) else None
-
-
-def _int(v: Any) -> int | None:
-    n = _num(v)
-    return int(n) if n is not None else None
-
-
-def progress_from_report(report: dict[str, Any]) -> dict[str, Any]:
-    """The runtime's /progress JSON → status.progress (only the fields that are present)."""
-    step, total = _int(report.get("step")), _int(report.get("totalSteps"))
-    out: dict[str, Any] = {
-        "step": step,
-        "totalSteps": total,
-        "percent": round(min(100.0, 100.0 * step / total), 1) if step is not None and total else None,
-        "epoch": _num(report.get("epoch")),
-        "loss": _num(report.get("loss")),
-        "learningRate": _num(report.get("learningRate")),
-        "tokensPerSecond": _num(report.get("tokensPerSecond")),
-        "etaSeconds": _num(report.get("etaSeconds")),
-    }
-    if report.get("phase") == "finished":
-        out["etaSeconds"] = 0.0
+def progress_from_report(report: ProgressReport) -> dict[str, Any]:
+    """The runtime's /progress report → status.progress (only the fields that are present)."""
+    step, total = report.step, report.total_steps
+    progress = Progress(
+        step=step, total_steps=total, epoch=report.epoch, loss=report.loss, learning_rate=report.learning_rate,
+        tokens_per_second=report.tokens_per_second, eta_seconds=report.eta_seconds,
+        percent=round(min(100.0, 100.0 * step / total), 1) if step is not None and total else None,
+    )
+    if report.phase == "finished":
+        progress.eta_seconds = 0.0
         if total:
-            out["step"], out["percent"] = max(step or 0, total), 100.0
-    return {k: v for k, v in out.items() if v is not None}
+            progress.step, progress.percent = max(step or 0, total), 100.0
+    return progress.model_dump(by_alias=True, exclude_none=True)
 
 
 EVAL_KEYS = ("accuracy", "rouge-1", "rouge-2", "rouge-l", "bleu-4", "samples")
 
 
-def eval_summary(report: dict[str, Any] | None) -> dict[str, float] | None:
+def eval_summary(report: ProgressReport | None) -> dict[str, float] | None:
     """An eval stage's short summary from its /progress report → status.stages[].eval (the known
     scores only; None when the report has none)."""
-    scores = (report or {}).get("eval")
-    if not isinstance(scores, dict):
-        return None
-    out = {k: _num(scores.get(k)) for k in EVAL_KEYS}
-    out = {k: (int(v) if k == "samples" else v) for k, v in out.items() if v is not None}
-    return out or None
+    scores = (report.eval if report is not None else None) or {}
+    return {k: int(scores[k]) if k == "samples" else scores[k] for k in EVAL_KEYS if k in scores} or None
 
 
 def eval_text(scores: dict[str, float] | None) -> str:
@@ -164,15 +133,29 @@ def progress_text(progress: dict[str, Any] | None) -> str | None:
     return f"{int(progress['percent'])}%"
 
 
-def artifact(ref: Any) -> dict[str, Any] | None:
-    """{"uri", "step"} from a report's checkpoint/output (None when absent or malformed)."""
-    if not isinstance(ref, dict) or not isinstance(ref.get("uri"), str) or not ref["uri"]:
-        return None
-    out: dict[str, Any] = {"uri": ref["uri"]}
-    step = _int(ref.get("step"))
-    if step is not None:
-        out["step"] = step
-    return out
+def artifact(ref: ReportArtifact | None) -> dict[str, Any] | None:
+    """status' {"uri", "step"} of a report's checkpoint/output (None when absent or without a uri)."""
+    return ref.model_dump(by_alias=True) if ref is not None and ref.uri else None
+
+
+def checked(status: dict[str, Any]) -> dict[str, Any]:
+    """`status`, after checking that it is what FineTuneJobStatus (the CRD's schema) describes: a
+    key the model does not know, a camelCase name misspelt or a value of the wrong type is a bug
+    to raise here, not a field the apiserver silently prunes. A key set to None is a deletion (in
+    the merge patch) and not checked."""
+    clean = _without_nulls(status)
+    parsed = FineTuneJobStatus.model_validate(clean).model_dump(by_alias=True, exclude_unset=True)
+    if _without_nulls(parsed) != clean:  # e.g. a snake_case name, or "3" for 3
+        raise ValueError(f"status does not survive its model: {clean} became {parsed}")
+    return status
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------- Job/Pod reading
@@ -271,9 +254,10 @@ def job_failure_message(job: dict[str, Any], pods: list[dict[str, Any]]) -> str:
     return c.get("message") or c.get("reason") or "the stage's Job failed"
 
 
-def final_report(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+def final_report(pods: list[dict[str, Any]]) -> ProgressReport | None:
     """The last /progress document a succeeded stage's rank 0 left as its termination message
-    (contract.FINAL_PROGRESS_KEY), newest pod first; None when there is none."""
+    (contract.FINAL_PROGRESS_KEY), newest pod first; None when there is none (one that is not a
+    report is logged and skipped)."""
     done = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded" and pod_index(p) in ("0", None)]
     done.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "", reverse=True)
     for pod in done:
@@ -283,25 +267,14 @@ def final_report(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
                 doc = json.loads(message)
             except ValueError:
                 continue
-            if isinstance(doc, dict) and isinstance(doc.get(FINAL_PROGRESS_KEY), dict):
-                return doc[FINAL_PROGRESS_KEY]
+            if not isinstance(doc, dict) or not isinstance(doc.get(FINAL_PROGRESS_KEY), dict):
+                continue
+            try:
+                return ProgressReport.model_validate(doc[FINAL_PROGRESS_KEY])
+            except ValidationError as e:
+                name = (pod.get("metadata") or {}).get("name")
+                log.warning("final progress of pod %s not used: %s", name, str(e)[:300], extra={"pod": name})
     return None
-
-
-def pod_index(pod: dict[str, Any]) -> str | None:
-    meta = pod.get("metadata") or {}
-    return (meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index") or (
-        meta.get("labels") or {}
-    ).get("batch.kubernetes.io/job-completion-index")
-
-
-def rank0_pod(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The running pod of completion index 0 (or the only running pod), newest first."""
-    running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"
-               and not (p.get("metadata") or {}).get("deletionTimestamp")]
-    ranked = [p for p in running if pod_index(p) in ("0", None)]
-    ranked.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "", reverse=True)
-    return ranked[0] if ranked else None
 
 
 def pods_running(pods: list[dict[str, Any]]) -> int:

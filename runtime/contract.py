@@ -9,9 +9,12 @@ the volumes named here (the scratch emptyDir) and to the termination-message fil
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
 from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Any
 
 # -- the container ----------------------------------------------------------------------------
 CONTAINER_NAME = "trainer"
@@ -46,6 +49,8 @@ RENDEZVOUS_PORT = 29500  # torchrun's static rendezvous on pod 0 of a multi-node
 LABEL_JOB = "kubetune.io/job"
 LABEL_STAGE = "kubetune.io/stage"
 LABEL_STAGE_INDEX = "kubetune.io/stage-index"
+# set by the Job controller on the pods of an Indexed Job: the pod's rank among the stage's nodes
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 
 # -- environment of a training pod --------------------------------------------------------------
 ENV_SCRATCH = "KUBETUNE_SCRATCH"  # the scratch volume's mount path
@@ -101,3 +106,42 @@ def use_scratch(environ: MutableMapping[str, str] | None = None) -> Path | None:
         env["HOME"] = str(Path(scratch) / "home")
         Path(env["HOME"]).mkdir(parents=True, exist_ok=True)
     return Path(scratch)
+
+
+# -- which pod is rank 0 ------------------------------------------------------------------------
+
+
+def _get(obj: Any, *path: str) -> Any:
+    """pod["metadata"]["creationTimestamp"] of a dict, pod.metadata.creation_timestamp of a
+    kubernetes client object."""
+    for key in path:
+        if obj is None:
+            return None
+        obj = obj.get(key) if isinstance(obj, dict) else getattr(obj, re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower(), None)
+    return obj
+
+
+def _timestamp(value: Any) -> float:
+    if isinstance(value, dt.datetime):
+        return value.timestamp()
+    try:
+        return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp() if value else 0.0
+    except ValueError:
+        return 0.0
+
+
+def pod_index(pod: Any) -> str | None:
+    """The pod's completion index (its node rank), None for a pod without one."""
+    return (_get(pod, "metadata", "annotations") or {}).get(COMPLETION_INDEX) or (
+        _get(pod, "metadata", "labels") or {}).get(COMPLETION_INDEX)
+
+
+def rank0_pod(pods: list[Any], running: bool = False) -> Any | None:
+    """The rank-0 pod of a stage (the one serving /progress and the log users read): completion
+    index 0, or no index (a pod of a one-node Job); never one being deleted; a running one before
+    the others, then the newest. `running`: only a running one. Pods as dicts (the operator) or
+    kubernetes client objects (the CLI)."""
+    cands = [p for p in pods if pod_index(p) in ("0", None) and not _get(p, "metadata", "deletionTimestamp")
+             and (not running or _get(p, "status", "phase") == "Running")]
+    return max(cands, key=lambda p: (_get(p, "status", "phase") == "Running",
+                                     _timestamp(_get(p, "metadata", "creationTimestamp"))), default=None)

@@ -16,14 +16,13 @@ import time
 from typing import Any
 
 from .contract import CONTAINER_NAME as CONTAINER
-from .contract import LABEL_JOB, LABEL_STAGE
+from .contract import LABEL_JOB, LABEL_STAGE, rank0_pod
 from .errors import UserError
 from .spec import API_GROUP, API_VERSION, PLURAL
 from .stage_types import types_where
 
 TRAIN_NOTHING = types_where(lambda i: not i.trains)  # stage types shown without a method
 
-INDEX_KEY = "batch.kubernetes.io/job-completion-index"
 DONE = ("Succeeded", "Failed")
 
 
@@ -247,19 +246,6 @@ def describe_text(obj: dict[str, Any], events: list[Any], now: float | None = No
     else:
         out.append("  <none>")
     return "\n".join(out)
-
-
-def _index(pod: Any) -> str | None:
-    m = pod.metadata
-    return (m.annotations or {}).get(INDEX_KEY) or (m.labels or {}).get(INDEX_KEY)
-
-
-def rank0_pod(pods: list[Any]) -> Any | None:
-    """The newest pod of completion index 0 (or without an index), running ones first."""
-    cands = [p for p in pods if _index(p) in ("0", None) and not p.metadata.deletion_timestamp]
-    cands.sort(key=lambda p: ((p.status.phase == "Running") if p.status else False, _ts(p.metadata.creation_timestamp)),
-               reverse=True)
-    return cands[0] if cands else None
 
 
 # ----------------------------------------------------------------------------------- commands

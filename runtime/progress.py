@@ -3,8 +3,9 @@
 No torch, no transformers: the operator side (and tests) may import this module.
 
 The operator polls ``GET /progress`` on the rank-0 pod and copies the numbers into
-``FineTuneJob.status.progress`` / ``.checkpoint`` / ``.output``. The JSON document has exactly
-these keys (`PROGRESS_KEYS`)::
+``FineTuneJob.status.progress`` / ``.checkpoint`` / ``.output``. The JSON document is a
+`ProgressReport`: the runtime writes it through the model and the operator reads it through the
+same model. It has exactly these keys (`PROGRESS_KEYS`)::
 
     {"job": "llama3-identity", "stage": "sft", "rank": 0,
      "phase": "running",                 # "running" | "finished" | "failed"
@@ -16,7 +17,8 @@ these keys (`PROGRESS_KEYS`)::
      "eval": {"accuracy": 62.5, "rouge-l": 41.2, "samples": 120},          # eval stages; else null
      "updatedAt": "2025-01-01T12:00:00Z"}
 
-Numbers not known yet (no loss logged, no throughput measured) are ``null``.
+Numbers not known yet (no loss logged, no throughput measured) are ``null``. A reader ignores
+keys it does not know (a newer runtime's).
 """
 
 from __future__ import annotations
@@ -26,13 +28,12 @@ import sys
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Any, TextIO
+from typing import Annotated, Any, Literal, TextIO
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, model_serializer
+from pydantic.alias_generators import to_camel
 
 PHASES = ("running", "finished", "failed")
-
-PROGRESS_KEYS = ("job", "stage", "rank", "phase", "step", "totalSteps", "epoch", "loss",
-                 "learningRate", "tokensPerSecond", "etaSeconds", "checkpoint", "output",
-                 "eval", "updatedAt")
 
 
 def _utc_now() -> str:
@@ -45,6 +46,50 @@ def _finite(value: Any) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+Number = Annotated[float | None, BeforeValidator(_finite)]
+
+
+class _Report(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore",
+                              allow_inf_nan=False)
+
+
+class ReportArtifact(_Report):
+    uri: str
+    step: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_null_step(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ProgressReport(_Report):
+    """The `/progress` document (and the final one in the termination message)."""
+
+    job: str | None = None
+    stage: str | None = None
+    rank: int = 0
+    phase: Literal["running", "finished", "failed"] = "running"
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: Number = None
+    loss: Number = None
+    learning_rate: Number = None
+    tokens_per_second: Number = None
+    eta_seconds: Number = None
+    checkpoint: ReportArtifact | None = None
+    output: ReportArtifact | None = None
+    eval: dict[str, int | float] | None = None
+    updated_at: str | None = None
+
+    def document(self) -> dict[str, Any]:
+        """The JSON document (camelCase keys, every key present)."""
+        return self.model_dump(by_alias=True)
+
+
+PROGRESS_KEYS = tuple(f.alias for f in ProgressReport.model_fields.values())
 
 
 class ProgressState:
@@ -106,19 +151,16 @@ class ProgressState:
             self._doc["updatedAt"] = _utc_now()
 
     def snapshot(self) -> dict[str, Any]:
-        """A copy of the document (the `/progress` response body)."""
+        """The document (the `/progress` response body), written through `ProgressReport`."""
         with self._lock:
-            doc = dict(self._doc)
-        for key in ("checkpoint", "output", "eval"):
-            if doc[key] is not None:
-                doc[key] = dict(doc[key])
-        return doc
+            return ProgressReport.model_validate(self._doc).document()
 
 
-def format_duration(seconds: float | None) -> str:
-    """``93`` → ``1m33s``, ``7322`` → ``2h02m``; ``--`` when unknown."""
+def format_duration(seconds: float | None) -> str | None:
+    """How long, for the progress line and the ETA of a FineTuneJob's status: ``42`` → ``42s``,
+    ``93`` → ``1m33s``, ``7322`` → ``2h02m``, ``180000`` → ``2d02h``; None when unknown."""
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "--"
+        return None
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds}s"
@@ -146,7 +188,7 @@ def format_progress(doc: dict[str, Any], width: int = 20) -> str:
     parts.append(f"{tps:,.0f} tok/s" if tps is not None else "-- tok/s")
     phase = doc.get("phase", "running")
     if phase == "running":
-        parts.append(f"ETA {format_duration(doc.get('etaSeconds'))}")
+        parts.append(f"ETA {format_duration(doc.get('etaSeconds')) or '--'}")
     else:
         parts.append(phase)
     return "  ".join(parts)

@@ -203,7 +203,7 @@ def test_progress_line_formats():
            "tokensPerSecond": 5210.0, "etaSeconds": 1830}
     line = format_progress(doc)
     assert line == "sft [#######-------------]   35%  step 420/1200  loss 0.9100  5,210 tok/s  ETA 30m30s"
-    assert format_duration(None) == "--" and format_duration(7322) == "2h02m"
+    assert format_duration(None) is None and format_duration(7322) == "2h02m"
     assert format_duration(59) == "59s" and format_duration(3 * 86400 + 3600) == "3d01h"
     empty = format_progress({"stage": "dpo", "step": 0, "totalSteps": 0, "loss": None,
                              "tokensPerSecond": None, "etaSeconds": None, "phase": "running"})

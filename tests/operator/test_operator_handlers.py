@@ -240,6 +240,7 @@ def test_a_starting_pod_is_polled_at_every_tick_and_its_first_report_is_used(rea
     from types import SimpleNamespace
 
     from kubetune.runtime.metrics import MetricsServer
+    from kubetune.runtime.progress import ProgressReport
 
     key = ("ml", "llama")
     _, _, body = real_poll
@@ -257,4 +258,4 @@ def test_a_starting_pod_is_polled_at_every_tick_and_its_first_report_is_used(rea
         deadline = time.monotonic() + 5
         while handlers.poller.latest(key, pod["metadata"]["name"]) is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert handlers.poller.latest(key, pod["metadata"]["name"]) == {"stage": "sft", "step": 4}
+        assert handlers.poller.latest(key, pod["metadata"]["name"]) == ProgressReport(stage="sft", step=4)

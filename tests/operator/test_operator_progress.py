@@ -13,10 +13,12 @@ import time
 import pytest
 
 from kubetune.operator import kube
+from kubetune.runtime.progress import ProgressReport
 
 DEADLINE = 1.0
 SLACK = 0.5
-GOOD = {"stage": "sft", "step": 3, "totalSteps": 6}
+GOOD = {"stage": "sft", "step": 3, "totalSteps": 6, "keyOfANewerRuntime": 1}  # unknown keys: ignored
+REPORT = ProgressReport(stage="sft", step=3, total_steps=6)
 
 
 class Server:
@@ -98,6 +100,7 @@ BEHAVIOURS = {
     "an error status": lambda conn, stop: conn.sendall(b"HTTP/1.0 500 Oops\r\n\r\n{}"),
     "never answers": silent,
     "cut short": ok(b'{"step": 1', extra=b"Content-Length: 500\r\n"),
+    "not a progress report": ok(b'{"step": "three", "phase": "done"}'),
 }
 
 
@@ -138,7 +141,7 @@ def test_a_good_report_is_read_with_or_without_content_length(serve):
     body = json.dumps(GOOD).encode()
     for extra in (b"", b"Content-Length: %d\r\n" % len(body)):
         srv = serve(ok(body, extra))
-        assert kube.poll_progress([running_pod()], srv.port, DEADLINE) == GOOD
+        assert kube.poll_progress([running_pod()], srv.port, DEADLINE) == REPORT
 
 
 def test_a_keep_alive_server_is_read_up_to_its_content_length(serve):
@@ -150,7 +153,7 @@ def test_a_keep_alive_server_is_read_up_to_its_content_length(serve):
 
     srv = serve(keep_alive)
     t0 = time.monotonic()
-    assert kube.fetch_progress("127.0.0.1", srv.port, DEADLINE) == GOOD
+    assert kube.fetch_progress("127.0.0.1", srv.port, DEADLINE) == REPORT
     assert time.monotonic() - t0 < DEADLINE / 2
 
 
@@ -163,7 +166,7 @@ def test_the_runtime_progress_server_is_read():
 
     stage = SimpleNamespace(progress=SimpleNamespace(snapshot=lambda: GOOD))
     with MetricsServer(0, "127.0.0.1", stage) as server:
-        assert kube.fetch_progress("127.0.0.1", server.port, DEADLINE) == GOOD
+        assert kube.fetch_progress("127.0.0.1", server.port, DEADLINE) == REPORT
 
 
 def test_no_pod_ip_or_a_closed_port_is_none_without_waiting():

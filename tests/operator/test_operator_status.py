@@ -7,9 +7,11 @@ import json
 
 import pytest
 from operator_builders import NOW, UID, ftj, k8s_job, pod
+from pydantic import ValidationError
 
 from kubetune.operator import status as s
 from kubetune.operator.reconcile import Observed, merge_patch, next_check_seconds, reconcile
+from kubetune.runtime.progress import ProgressReport, format_duration
 
 LATER = NOW + dt.timedelta(minutes=5)
 THREE = [{"name": "sft", "type": "sft"}, {"name": "dpo", "type": "dpo"}, {"name": "merge", "type": "export"}]
@@ -78,7 +80,7 @@ def test_running_with_progress_from_rank0(config):
               "checkpoint": {"uri": "s3://ckpt/llama/sft/checkpoints/checkpoint-400", "step": 400},
               "output": None, "updatedAt": "2025-06-01T12:04:59Z"}
     obs = Observed(jobs={"llama-sft": k8s_job("llama-sft", active=1)}, configmaps={"llama-sft": _cm(body, config)},
-                   pods={"llama-sft": [pod("llama-sft", "Running")]}, progress=report)
+                   pods={"llama-sft": [pod("llama-sft", "Running")]}, progress=ProgressReport.model_validate(report))
     body, d = step(body, obs, config, now=LATER)
     st = d.status
     assert st["phase"] == "Running"
@@ -88,7 +90,7 @@ def test_running_with_progress_from_rank0(config):
     assert cond(st, "Validated")["lastTransitionTime"] == "2025-06-01T12:00:00Z"  # unchanged status keeps its time
     assert st["progress"] == {"step": 420, "totalSteps": 1200, "percent": 35.0, "epoch": 1.05, "loss": 0.91,
                               "learningRate": 1e-4, "tokensPerSecond": 5210.5, "etaSeconds": 1830.0}
-    assert st["progressText"] == "35%" and st["eta"] == "30m"
+    assert st["progressText"] == "35%" and st["eta"] == "30m30s"  # progress.format_duration, as `kubetune run` prints it
     assert st["checkpoint"] == {"uri": "s3://ckpt/llama/sft/checkpoints/checkpoint-400", "step": 400}
     assert st["stages"][0]["phase"] == "Running" and st["stages"][0]["checkpoint"] == st["checkpoint"]
     assert {e.reason for e in d.events} == {"StageRunning", "CheckpointCommitted"}
@@ -469,19 +471,32 @@ def test_pending_reason_names_the_scheduler_message(config):
 
 
 def test_helpers():
-    assert [s.format_duration(x) for x in (42, 1830, 5400, 3600, 90000, None, -1)] == \
-        ["42s", "30m", "1h30m", "1h", "1d1h", None, None]
-    assert s.progress_from_report({"phase": "finished", "step": 7, "totalSteps": 10}) == \
+    assert [format_duration(x) for x in (42, 1830, 5400, 3600, 90000, 180000, None, -1)] == \
+        ["42s", "30m30s", "1h30m", "1h00m", "25h00m", "2d02h", None, None]
+    assert s.progress_from_report(ProgressReport(phase="finished", step=7, total_steps=10)) == \
         {"step": 10, "totalSteps": 10, "percent": 100.0, "etaSeconds": 0.0}
-    assert s.progress_from_report({"step": "x", "loss": float("nan")}) == {}
+    assert s.progress_from_report(ProgressReport.model_validate({"loss": float("nan"), "newerKey": 1})) == {}
+    with pytest.raises(ValidationError):
+        ProgressReport.model_validate({"step": "x"})
     assert merge_patch({"a": 1, "b": {"c": 1, "d": 2}}, {"b": {"c": 1}, "e": 3}) == {"a": None, "b": {"d": None}, "e": 3}
     conds = s.set_condition([], "Running", True, "R", "m", 1, NOW)
     again = s.set_condition(conds, "Running", True, "R2", "m2", 2, LATER)
     assert again[0]["lastTransitionTime"] == "2025-06-01T12:00:00Z" and again[0]["reason"] == "R2"
     flipped = s.set_condition(again, "Running", False, "R3", "", 2, LATER)
     assert flipped[0]["lastTransitionTime"] == "2025-06-01T12:05:00Z"
-    pods = [pod("j", "Running", index="1", ip="10.0.0.9"), pod("j", "Running", index="0", ip="10.0.0.8")]
-    assert s.rank0_pod(pods)["status"]["podIP"] == "10.0.0.8"
+
+
+def test_the_status_is_checked_against_its_model():
+    """A key the CRD's status schema does not know would be pruned by the apiserver in silence:
+    `status.checked` (run by every reconcile) raises instead. None is a merge patch's deletion."""
+    good = {"phase": "Running", "eta": None, "restartCount": 1, "progress": {"step": 3, "loss": None},
+            "stages": [{"name": "sft", "type": "sft", "phase": "Running", "restarts": 1}]}
+    assert s.checked(good) is good
+    for bad in ({"phse": "Running"}, {"restart_count": 1}, {"restartCount": "1"}, {"progress": {"stepp": 3}},
+                {"stages": [{"name": "sft", "type": "sft", "phase": "Running", "restart": 1}]},
+                {"stage": {"name": "sft", "index": 0}}):
+        with pytest.raises(ValueError):
+            s.checked(bad)
 
 
 def test_a_finished_pod_keeps_the_stage_running_until_the_job_completes(config):
@@ -518,7 +533,7 @@ def test_an_eval_stage_puts_its_scores_in_the_status(config):
     report = {"job": "llama", "stage": "eval", "rank": 0, "phase": "running", "step": 0, "totalSteps": 0,
               "eval": {"accuracy": 50.0, "samples": 8}}
     obs = Observed(jobs={"llama-eval": k8s_job("llama-eval", active=1)}, configmaps={"llama-eval": _cm(body, config)},
-                   pods={"llama-eval": [pod("llama-eval", "Running")]}, progress=report)
+                   pods={"llama-eval": [pod("llama-eval", "Running")]}, progress=ProgressReport.model_validate(report))
     body, d = step(body, obs, config, now=LATER)
     assert d.status["stages"][0]["eval"] == {"accuracy": 50.0, "samples": 8}
     final = dict(report, phase="finished", eval=scores)

@@ -99,6 +99,7 @@ def test_eval_results_reach_progress_metrics_and_status():
 
     from kubetune.operator import status as s
     from kubetune.runtime.metrics import MetricsCallback
+    from kubetune.runtime.progress import ProgressReport
 
     m = MetricsCallback(job="j", namespace="ns", stage="eval", stage_type="eval", method="lora")
     assert m.progress.snapshot()["eval"] is None
@@ -111,10 +112,12 @@ def test_eval_results_reach_progress_metrics_and_status():
     assert 'kubetune_eval_score_ratio{dataset="held-out",job="j",metric="rouge-l",namespace="ns",rank="0",stage="eval"} 0.4125' in text
     assert 'kubetune_eval_samples{dataset="quiz",job="j",namespace="ns",rank="0",stage="eval"} 8.0' in text
     # the operator's side: the report (JSON, as the termination message carries it) → status.stages[].eval
-    report = json.loads(json.dumps(doc))
+    report = ProgressReport.model_validate(json.loads(json.dumps(doc)))
     assert s.eval_summary(report) == {"accuracy": 62.5, "rouge-l": 41.25, "samples": 12}
     assert s.eval_text(s.eval_summary(report)) == "accuracy 62.5, rouge-l 41.25"
-    assert s.eval_summary({"eval": None}) is None and s.eval_summary({"eval": {"accuracy": "high"}}) is None
+    assert s.eval_summary(ProgressReport(eval=None)) is None and s.eval_summary(ProgressReport(eval={"bleu": 1})) is None
+    with pytest.raises(ValueError):  # not a report: the operator logs it and leaves the status as it is
+        ProgressReport.model_validate({"eval": {"accuracy": "high"}})
 
 
 def test_describe_shows_an_eval_stages_scores():
