@@ -51,8 +51,8 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
 def run_once(mode: str, i: int, *, model: Path, data: Path, endpoint: str, bucket: str, steps: int, every: int,
              work: Path) -> dict:
     from kubetune.runtime.local import execute_stage
-    from kubetune.runtime.plan import plan
-    from kubetune.runtime.spec import parse_job
+    from kubetune.runtime.api.plan import plan
+    from kubetune.runtime.api.spec import parse_job
 
     name = f"ckpt-bench-{mode}-{i}"
     doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name},

@@ -81,7 +81,7 @@ def ours(path: Path, tok, max_length: int):
     from datasets import Dataset
 
     from kubetune.runtime.data.prepare import load_examples, tokenize_conversations
-    from kubetune.runtime.spec import DatasetSpec
+    from kubetune.runtime.api.spec import DatasetSpec
 
     examples = load_examples([DatasetSpec(name="alpaca", source=str(path), format="alpaca")], "conversation")
     columns = tokenize_conversations(examples, tok)

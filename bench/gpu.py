@@ -406,8 +406,8 @@ def stage_callbacks(*callbacks):
 def run_ours(env: dict, shape_dir: Path, *, method: str, name: str, extra_hp: dict | None = None,
              compile_layers: bool = False, callbacks=()) -> dict:
     from kubetune.runtime.local import execute_stage
-    from kubetune.runtime.plan import plan
-    from kubetune.runtime.spec import parse_job
+    from kubetune.runtime.api.plan import plan
+    from kubetune.runtime.api.spec import parse_job
 
     work, steps, ga, seq = env["work"], env["steps"], env["ga"], env["seq"]
     stage = {"name": "sft", "type": "sft", "method": method,
@@ -680,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
             from transformers import AutoTokenizer
 
             from kubetune.runtime.data.formats import to_examples
-            from kubetune.runtime.spec import DatasetSpec
+            from kubetune.runtime.api.spec import DatasetSpec
 
             examples = to_examples(records, DatasetSpec(name="alpaca", source="x.json", format="alpaca"), "conversation")
             trl_cache[shape_dir] = (AutoTokenizer.from_pretrained(shape_dir),

@@ -80,8 +80,8 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from kubetune.runtime.plan import plan
-    from kubetune.runtime.spec import parse_job
+    from kubetune.runtime.api.plan import plan
+    from kubetune.runtime.api.spec import parse_job
     from kubetune.runtime.tiny import build_tiny_model
 
     cuda = torch.cuda.is_available() and not args.smoke

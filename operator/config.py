@@ -13,7 +13,7 @@ import os
 import shlex
 
 from kubetune.runtime import __version__
-from kubetune.runtime.contract import METRICS_PORT
+from kubetune.runtime.api.contract import METRICS_PORT
 
 from .policy import Policy, parse_policy
 
@@ -194,7 +194,7 @@ def _model_cache_arg(claim: str | None, sub_path: str | None) -> tuple[str | Non
         return None, None
     from pydantic import ValidationError
 
-    from kubetune.runtime.spec import ModelCacheSpec
+    from kubetune.runtime.api.spec import ModelCacheSpec
 
     try:
         ModelCacheSpec(claimName=claim, subPath=sub_path)

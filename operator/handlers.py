@@ -37,9 +37,9 @@ from typing import Any, Callable
 import kopf
 from kubernetes.client.rest import ApiException
 
-from kubetune.runtime.contract import rank0_pod
-from kubetune.runtime.progress import ProgressReport
-from kubetune.runtime.spec import API_GROUP, API_VERSION, PLURAL
+from kubetune.runtime.api.contract import rank0_pod
+from kubetune.runtime.api.progress import ProgressReport
+from kubetune.runtime.api.spec import API_GROUP, API_VERSION, PLURAL
 
 from . import kube, metrics
 from .cache import ChildCache

@@ -17,9 +17,9 @@ from kubernetes.client.rest import ApiException
 
 from pydantic import ValidationError
 
-from kubetune.runtime.contract import rank0_pod
-from kubetune.runtime.progress import ProgressReport
-from kubetune.runtime.spec import API_GROUP, API_VERSION, PLURAL
+from kubetune.runtime.api.contract import rank0_pod
+from kubetune.runtime.api.progress import ProgressReport
+from kubetune.runtime.api.spec import API_GROUP, API_VERSION, PLURAL
 
 from . import manifests as m
 from . import status as s

@@ -13,8 +13,8 @@ import json
 import re
 from typing import Any
 
-from kubetune.runtime import contract as c
-from kubetune.runtime.contract import (
+from kubetune.runtime.api import contract as c
+from kubetune.runtime.api.contract import (
     CONFIG_DIR,
     CONFIG_KEY,
     CONFIG_PATH,
@@ -25,9 +25,9 @@ from kubetune.runtime.contract import (
     SCRATCH_DIR,
     TERMINATION_MESSAGE_PATH,
 )
-from kubetune.runtime.errors import PERMANENT_EXIT_CODES
-from kubetune.runtime.plan import ResolvedStage
-from kubetune.runtime.spec import API_GROUP, API_VERSION, KIND, FineTuneJob
+from kubetune.runtime.api.errors import PERMANENT_EXIT_CODES
+from kubetune.runtime.api.plan import ResolvedStage
+from kubetune.runtime.api.spec import API_GROUP, API_VERSION, KIND, FineTuneJob
 
 from .config import OperatorConfig
 
@@ -190,7 +190,7 @@ def _env_var(e) -> dict[str, Any]:
 
 def _env(job: FineTuneJob, stage: ResolvedStage, config: OperatorConfig) -> list[dict[str, Any]]:
     spec = job.spec
-    # Only what the runtime reads (kubetune.runtime.contract); job, namespace and stage come
+    # Only what the runtime reads (kubetune.runtime.api.contract); job, namespace and stage come
     # with the stage config itself.
     env: list[dict[str, Any]] = [
         {"name": c.ENV_POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
@@ -300,7 +300,7 @@ POD_SECURITY_CONTEXT = {
 def pod_failure_policy(gang: bool = False) -> dict[str, Any]:
     """The runtime's permanent failures fail the stage at once: bad input (42) and out of memory
     (43); evictions and preemptions cost no retry. Every other exit is retried
-    (kubetune.runtime.errors.FAILURES), SIGKILL (137) included: exit codes cannot tell the
+    (kubetune.runtime.api.errors.FAILURES), SIGKILL (137) included: exit codes cannot tell the
     kernel's OOM killer from a crash, so the operator stops the Job itself when a container's
     status says OOMKilled (reconcile), and any other kill resumes from the checkpoint.
 

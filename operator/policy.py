@@ -27,7 +27,7 @@ import dataclasses
 import json
 from typing import Any, Iterable
 
-from kubetune.runtime.spec import FineTuneJob
+from kubetune.runtime.api.spec import FineTuneJob
 
 # The chart's `policy` keys → Policy fields
 _KEYS = {

@@ -47,10 +47,10 @@ import dataclasses
 import datetime as dt
 from typing import Any, Literal
 
-from kubetune.runtime.errors import SpecError
-from kubetune.runtime.plan import ResolvedStage, plan
-from kubetune.runtime.progress import ProgressReport, format_duration
-from kubetune.runtime.spec import API_GROUP, API_VERSION, KIND, FineTuneJob, parse_job
+from kubetune.runtime.api.errors import SpecError
+from kubetune.runtime.api.plan import ResolvedStage, plan
+from kubetune.runtime.api.progress import ProgressReport, format_duration
+from kubetune.runtime.api.spec import API_GROUP, API_VERSION, KIND, FineTuneJob, parse_job
 
 from . import manifests as m
 from . import status as s

@@ -15,10 +15,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune.runtime.contract import FINAL_PROGRESS_KEY, pod_index
-from kubetune.runtime.errors import BY_EXIT_CODE, EXIT_KILLED, FAILURES
-from kubetune.runtime.progress import ProgressReport, ReportArtifact
-from kubetune.runtime.spec import FineTuneJobStatus, Progress
+from kubetune.runtime.api.contract import FINAL_PROGRESS_KEY, pod_index
+from kubetune.runtime.api.errors import BY_EXIT_CODE, EXIT_KILLED, FAILURES
+from kubetune.runtime.api.progress import ProgressReport, ReportArtifact
+from kubetune.runtime.api.spec import FineTuneJobStatus, Progress
 
 log = logging.getLogger("kubetune.operator")
 
@@ -191,7 +191,7 @@ def _terminated(cs: dict[str, Any]) -> dict[str, Any]:
 
 def job_failure_reason(job: dict[str, Any], pods: list[dict[str, Any]] | None = None) -> str:
     """The Failed reason of a stage whose Job failed: the row of the runtime's table of failures
-    (kubetune.runtime.errors.FAILURES) its podFailurePolicy rule matched by exit code — BadInput,
+    (kubetune.runtime.api.errors.FAILURES) its podFailurePolicy rule matched by exit code — BadInput,
     OutOfMemory (43, or 137 with the container OOMKilled by the kernel) — or Disrupted, or the Job's
     own reason (BackoffLimitExceeded: OutOfMemory when the kernel OOM-killed the last pod)."""
     c = job_condition(job, "Failed") or {}

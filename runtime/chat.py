@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .api.errors import UserError
 
 
 def run_quantization(adapter: str | None) -> dict | None:
@@ -55,7 +55,7 @@ def load_for_chat(model: str, adapter: str | None = None, template: str | None =
     q = chat_quantization(quantization, adapter)
     if q:
         from .models import bf16_ok, bnb_config
-        from .spec import QuantizationSpec
+        from .api.spec import QuantizationSpec
 
         dtype = torch.bfloat16 if bf16_ok() else torch.float32  # compute dtype, as a qlora stage picks it
         opts = {"dtype": dtype, "quantization_config": bnb_config(QuantizationSpec(**q), dtype)}

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import EXIT_BAD_INPUT, EXIT_FAILED, UserError
+from .api.errors import EXIT_BAD_INPUT, EXIT_FAILED, UserError
 
 EPILOG = """examples:
   kubetune demo                                  # build a tiny model + data, fine-tune it, chat
@@ -214,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_validate(args) -> int:
-    from .spec import load_job
-    from .stage_types import STAGE_TYPES
+    from .api.spec import load_job
+    from .api.stage_types import STAGE_TYPES
 
     job = load_job(args.file, args.overrides)
     if not args.quiet:
@@ -226,9 +226,9 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from .plan import plan
-    from .spec import load_job
-    from .stage_types import STAGE_TYPES
+    from .api.plan import plan
+    from .api.spec import load_job
+    from .api.stage_types import STAGE_TYPES
 
     stages = plan(load_job(args.file, args.overrides), args.output_root)
     if args.output == "json":

@@ -25,9 +25,9 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
-from .spec import API_GROUP, API_VERSION, KIND, LR_SCHEDULERS, NAMED_OPTIMIZERS, TEMPLATE_NAMES, parse_job
-from .stage_types import DPO_LOSS_TYPES, GATED_HYPERPARAMETERS, STAGE_TYPES
+from .api.errors import UserError
+from .api.spec import API_GROUP, API_VERSION, KIND, LR_SCHEDULERS, NAMED_OPTIMIZERS, TEMPLATE_NAMES, parse_job
+from .api.stage_types import DPO_LOSS_TYPES, GATED_HYPERPARAMETERS, STAGE_TYPES
 
 # LLaMA-Factory keys with no kubetune counterpart, and why (anything else unknown gets a generic line).
 _LF_NOTES = {

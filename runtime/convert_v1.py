@@ -38,8 +38,8 @@ from .convert import (
     _warn,
     drop_unhonoured,
 )
-from .errors import UserError
-from .spec import API_GROUP, API_VERSION, KIND, TEMPLATE_NAMES
+from .api.errors import UserError
+from .api.spec import API_GROUP, API_VERSION, KIND, TEMPLATE_NAMES
 
 # Keys only the v1 schema has (a v0 training YAML names its model with model_name_or_path).
 V1_KEYS = ("model_class", "peft_config", "quant_config", "kernel_config", "dist_config", "init_config", "optim_config",

@@ -50,8 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .stage_types import STAGE_TYPES
+from .api.errors import UserError
+from .api.stage_types import STAGE_TYPES
 
 GIB = 1024**3
 CUDA_OVERHEAD = 0.8 * GIB  # CUDA context + allocator fragmentation, typical for one training process
@@ -366,7 +366,7 @@ def estimate_export(arch: Arch, layered: bool, lora_rank: int = 8, lora_target: 
 
 def after_training(job, arch: Arch, limit: float | None = None) -> list[str]:
     """The lines `kubetune estimate` prints about chatting with and exporting the job's result."""
-    from .plan import resolve_stage_defaults
+    from .api.plan import resolve_stage_defaults
 
     stages = [resolve_stage_defaults(raw) for raw in job.spec.stages]
     trained = [s for s in stages if s.type != "export"]
@@ -422,7 +422,7 @@ def estimate_stage(arch: Arch, stage, model, resources, grad_ckpt: bool | None =
 
 def estimate_job(job, params: str | None = None) -> tuple[Arch, list[Estimate]]:
     """One estimate per stage of a FineTuneJob (spec model instance)."""
-    from .plan import resolve_stage_defaults
+    from .api.plan import resolve_stage_defaults
 
     spec = job.spec
     arch = model_arch(spec.model.name, params)
@@ -447,7 +447,7 @@ def _gib(b: float) -> str:
 
 
 def estimate_main(file: str, overrides: list[str], params: str | None, gpu_memory: str | None) -> int:
-    from .spec import load_job
+    from .api.spec import load_job
 
     job = load_job(file, overrides)
     arch, ests = estimate_job(job, params)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .data.formats import CHOICE_LETTERS
-from .errors import DataError, UserError
+from .api.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ def eval_main(args) -> int:
     from pydantic import ValidationError
 
     from .models import adapter_base
-    from .spec import DatasetSpec, ModelSpec, format_validation_error
+    from .api.spec import DatasetSpec, ModelSpec, format_validation_error
     from .stages.evaluate import load_eval_data
 
     model, adapter = args.model, args.adapter

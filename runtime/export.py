@@ -16,7 +16,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from .errors import UserError
+from .api.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ import sys
 import time
 from typing import Any
 
-from .contract import CONTAINER_NAME as CONTAINER
-from .contract import LABEL_JOB, LABEL_STAGE, rank0_pod
-from .errors import UserError
-from .spec import API_GROUP, API_VERSION, PLURAL
-from .stage_types import types_where
+from .api.contract import CONTAINER_NAME as CONTAINER
+from .api.contract import LABEL_JOB, LABEL_STAGE, rank0_pod
+from .api.errors import UserError
+from .api.spec import API_GROUP, API_VERSION, PLURAL
+from .api.stage_types import types_where
 
 TRAIN_NOTHING = types_where(lambda i: not i.trains)  # stage types shown without a method
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Mapping, Sequence
 
-from .contract import ENV_MASTER_ADDR, ENV_MASTER_PORT, ENV_NODE_RANK, ENV_NODES, RENDEZVOUS_PORT
+from .api.contract import ENV_MASTER_ADDR, ENV_MASTER_PORT, ENV_NODE_RANK, ENV_NODES, RENDEZVOUS_PORT
 
 log = logging.getLogger("kubetune")
 
@@ -87,7 +87,7 @@ def _int_env(env: Mapping[str, str], *names: str) -> int | None:
             try:
                 return int(value)
             except ValueError:
-                from .errors import UserError
+                from .api.errors import UserError
 
                 raise UserError(f"{name}={value!r} is not an integer", name) from None
     return None
@@ -115,7 +115,7 @@ def topology(resources, *, cluster: bool, env: Mapping[str, str] | None = None, 
     master_addr = env.get(ENV_MASTER_ADDR) or None
     if nnodes > 1 and not master_addr:
         if cluster:
-            from .errors import UserError
+            from .api.errors import UserError
 
             raise UserError(f"{nnodes} nodes need MASTER_ADDR (the rendezvous host)", "MASTER_ADDR")
         notes.append(f"resources.nodes={nnodes} without MASTER_ADDR: training on this machine only")
@@ -124,7 +124,7 @@ def topology(resources, *, cluster: bool, env: Mapping[str, str] | None = None, 
     if nnodes == 1:
         node_rank = 0
     elif not 0 <= node_rank < nnodes:
-        from .errors import UserError
+        from .api.errors import UserError
 
         raise UserError(f"node rank {node_rank} is outside 0..{nnodes - 1}", ENV_NODE_RANK)
     nproc = _int_env(env, "KUBETUNE_NPROC")
@@ -142,7 +142,7 @@ def topology(resources, *, cluster: bool, env: Mapping[str, str] | None = None, 
     device = "cuda" if gpus > 0 and wanted > 0 else "cpu"
     backend = (env.get("KUBETUNE_RDZV_BACKEND") or "static").strip()
     if backend not in ("c10d", "static"):
-        from .errors import UserError
+        from .api.errors import UserError
 
         raise UserError(f"KUBETUNE_RDZV_BACKEND={backend!r}: use static or c10d", "KUBETUNE_RDZV_BACKEND")
     port = _int_env(env, ENV_MASTER_PORT) or RENDEZVOUS_PORT
@@ -189,7 +189,7 @@ def launch(topo: Topology, cli_args: Sequence[str]) -> int:
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
-    from .errors import EXIT_FAILED, EXIT_INTERRUPTED, combine_exit_codes
+    from .api.errors import EXIT_FAILED, EXIT_INTERRUPTED, combine_exit_codes
 
     for note in topo.notes:
         log.warning("%s", note)

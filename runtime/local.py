@@ -18,10 +18,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .contract import FINAL_PROGRESS_KEY, TERMINATION_MESSAGE_PATH, use_scratch
-from .errors import Interrupted, OutOfMemory, UserError, classify, is_out_of_memory, termination_text
-from .plan import ResolvedStage
-from .stage_types import types_where
+from .api.contract import FINAL_PROGRESS_KEY, TERMINATION_MESSAGE_PATH, use_scratch
+from .api.errors import Interrupted, OutOfMemory, UserError, classify, is_out_of_memory, termination_text
+from .api.plan import ResolvedStage
+from .api.stage_types import types_where
 
 log = logging.getLogger("kubetune")
 
@@ -351,8 +351,8 @@ def run_job(
     progress: bool = True,
 ) -> int:
     """`kubetune run`: every stage of the file, in order, on this machine."""
-    from .plan import plan
-    from .spec import load_job
+    from .api.plan import plan
+    from .api.spec import load_job
 
     setup_logging()
     job = load_job(file, overrides)
@@ -493,7 +493,7 @@ def out_of_memory_message(cfg: ResolvedStage, err: BaseException, resolve=None) 
                           "hyperparameters.gradientCheckpointing", hp_update={"gradient_checkpointing": True}))
     if cfg.stage.method in ("lora", "full", "freeze") and cfg.stage.type not in RANK0_STAGES:
         try:
-            from .spec import QuantizationSpec
+            from .api.spec import QuantizationSpec
 
             knobs.append(knob("method: qlora with quantization.bits: 4 (4-bit base weights)", "method",
                               stage_update={"method": "qlora", "quantization": QuantizationSpec(bits=4)}))
@@ -582,7 +582,7 @@ def run_stage_config(config_path: str, metrics_port: int | None = None) -> int:
         try:
             cfg = ResolvedStage.model_validate_json(text)
         except ValidationError as err:
-            from .spec import format_validation_error
+            from .api.spec import format_validation_error
 
             raise UserError("; ".join(format_validation_error(err)), config_path) from None
         from . import launcher

@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .api.errors import UserError
 
 log = logging.getLogger(__name__)
 

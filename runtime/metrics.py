@@ -2,7 +2,7 @@
 
 One `MetricsCallback` per stage and process: a ``transformers.TrainerCallback`` that keeps
 every runtime metric in its own ``CollectorRegistry`` (so several stages in one process and
-tests never collide) and the `/progress` document (`kubetune.runtime.progress`). One
+tests never collide) and the `/progress` document (`kubetune.runtime.api.progress`). One
 `MetricsServer` per process serves ``/metrics``, ``/progress`` and ``/healthz`` of the stage that
 is attached to it.
 
@@ -50,8 +50,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from transformers import TrainerCallback
 
-from .contract import ENV_METRICS_PORT, ENV_POD_IP, METRICS_PORT
-from .progress import PHASES, ProgressLine, ProgressState, format_progress  # noqa: F401
+from .api.contract import ENV_METRICS_PORT, ENV_POD_IP, METRICS_PORT
+from .api.progress import PHASES, ProgressLine, ProgressState, format_progress  # noqa: F401
 
 log = logging.getLogger(__name__)
 

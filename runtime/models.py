@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
-from .spec import FreezeSpec, ModelSpec, QuantizationSpec, StageSpec
+from .api.errors import UserError
+from .api.spec import FreezeSpec, ModelSpec, QuantizationSpec, StageSpec
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import functools
 import importlib.util
 from typing import Any
 
-from .errors import UserError
-from .spec import GALORE_OPTIMIZERS, ApolloSpec, BadamSpec, GaloreSpec, Hyperparameters
+from .api.errors import UserError
+from .api.spec import GALORE_OPTIMIZERS, ApolloSpec, BadamSpec, GaloreSpec, Hyperparameters
 
 # optimizer → (the import it needs, the pip package that has it); all in kubetune's `optimizers` extra
 PACKAGES: dict[str, tuple[str, str]] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from .progress import ProgressLine
+from .api.progress import ProgressLine
 
 
 class ConsoleProgress(TrainerCallback):

@@ -28,9 +28,9 @@ import importlib
 import re
 from typing import Any, Callable
 
-from .errors import UserError
-from .spec import REWARD_BUILTINS as BUILTINS
-from .spec import REWARD_IMPORT_PATH, RewardSpec
+from .api.errors import UserError
+from .api.spec import REWARD_BUILTINS as BUILTINS
+from .api.spec import REWARD_IMPORT_PATH, RewardSpec
 
 IMPORT_PATH = re.compile(REWARD_IMPORT_PATH)
 

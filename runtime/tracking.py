@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError
-from .plan import ResolvedStage
+from .api.errors import UserError
+from .api.plan import ResolvedStage
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import json
 import threading
 from typing import Any
 
-from ..contract import CONTAINER_NAME, LABEL_JOB, LABEL_STAGE, rank0_pod
+from ..api.contract import CONTAINER_NAME, LABEL_JOB, LABEL_STAGE, rank0_pod
 from ..kubectl_plugin import _ts
-from ..spec import API_GROUP, API_VERSION, PLURAL
+from ..api.spec import API_GROUP, API_VERSION, PLURAL
 from .common import BoardError, parse_progress_lines, row
 
 

@@ -12,7 +12,7 @@ from ..kubectl_plugin import age, duration
 
 DONE = ("Succeeded", "Failed")
 
-# the progress line the runtime prints (runtime/progress.py `format_progress`), in `kubetune run`
+# the progress line the runtime prints (runtime/api/progress.py `format_progress`), in `kubetune run`
 # --no-progress output and in every stage pod's log:
 #   sft [#######-------------]  35%  step 420/1200  loss 0.9100  5,210 tok/s  ETA 30m30s
 PROGRESS_LINE = re.compile(

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import SpecError, UserError
+from ..api.errors import SpecError, UserError
 
 # ------------------------------------------------------------------------------------- schema
 
@@ -42,7 +42,7 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
 @lru_cache(maxsize=1)
 def spec_schema() -> dict[str, Any]:
     """The JSON schema of `spec` of a FineTuneJob, every field with its description and default."""
-    from ..spec import FineTuneJobSpec
+    from ..api.spec import FineTuneJobSpec
 
     raw = FineTuneJobSpec.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
@@ -148,7 +148,7 @@ def job_text(body: dict[str, Any]) -> str:
 def load_text(text: str):
     """Validate YAML text with `kubetune validate`'s own function (`spec.load_job`, through a file,
     so YAML errors read the same too). Returns (job or None, errors)."""
-    from ..spec import load_job
+    from ..api.spec import load_job
 
     with tempfile.TemporaryDirectory(prefix="kubetune-board-") as tmp:
         path = Path(tmp) / "job.yaml"
@@ -163,8 +163,8 @@ def load_text(text: str):
 
 def plan_rows(job, output_root: str | None) -> list[dict[str, Any]]:
     """`kubetune plan -o json`'s stages, with the few facts the form shows first."""
-    from ..plan import plan
-    from ..stage_types import STAGE_TYPES
+    from ..api.plan import plan
+    from ..api.stage_types import STAGE_TYPES
 
     rows = []
     for s in plan(job, output_root):

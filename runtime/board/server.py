@@ -29,7 +29,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import __version__
-from ..errors import UserError
+from ..api.errors import UserError
 from . import forms
 from .common import BoardError
 

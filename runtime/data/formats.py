@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import DataError
-from ..spec import DatasetSpec
+from ..api.errors import DataError
+from ..api.spec import DatasetSpec
 from .columns import MISSING, PathError, column_of, resolve
 
 Kind = str  # "conversation" | "text" | "preference" | "kto" | "prompt" | "choice"

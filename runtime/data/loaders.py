@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import DataError
-from ..spec import DatasetSpec
+from ..api.errors import DataError
+from ..api.spec import DatasetSpec
 
 SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 

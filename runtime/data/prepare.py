@@ -15,9 +15,9 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import DataError, UserError
-from ..spec import DatasetSpec
-from ..stage_types import STAGE_TYPES
+from ..api.errors import DataError, UserError
+from ..api.spec import DatasetSpec
+from ..api.stage_types import STAGE_TYPES
 from .formats import Kind, to_examples
 from .loaders import load_records
 from .templates import has_generation_markers

@@ -8,7 +8,7 @@ to stop.
 
 from __future__ import annotations
 
-from ..errors import UserError
+from ..api.errors import UserError
 
 _CHATML = (
             "{%- for m in messages -%}"

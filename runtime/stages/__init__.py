@@ -5,8 +5,8 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Callable
 
-from ..errors import UserError
-from ..stage_types import STAGE_TYPES
+from ..api.errors import UserError
+from ..api.stage_types import STAGE_TYPES
 
 # stage type → module under kubetune.runtime.stages (imported lazily: each pulls in torch/trl)
 STAGE_MODULES: dict[str, str] = {t: info.module for t, info in STAGE_TYPES.items()}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..plan import ResolvedStage
+from ..api.plan import ResolvedStage
 
 
 @dataclass

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import UserError
+from ..api.errors import UserError
 from ..models import load_model
-from ..spec import RewardSpec
+from ..api.spec import RewardSpec
 from .online_rl import GenerationStage
 
 log = logging.getLogger(__name__)

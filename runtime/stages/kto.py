@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import UserError
+from ..api.errors import UserError
 from .preference import PreferenceStage
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import logging
 from typing import Any
 
 from ..data.prepare import train_eval_examples
-from ..errors import UserError
+from ..api.errors import UserError
 from ..rewards import build_reward_functions, load_reward_model
 from .base import StageContext
 from .trainer_stage import TrainerStage

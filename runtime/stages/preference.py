@@ -20,8 +20,8 @@ starts from (`io.reference`, which the plan sets to `io.policy`):
 
 from __future__ import annotations
 
-from ..errors import UserError
-from ..stage_types import DPO_LOSS_TYPES, KTO_LOSS_TYPES, STAGE_TYPES  # the spec validates them too
+from ..api.errors import UserError
+from ..api.stage_types import DPO_LOSS_TYPES, KTO_LOSS_TYPES, STAGE_TYPES  # the spec validates them too
 from .trainer_stage import LORA_METHODS, TrainerStage
 
 LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair")
@@ -49,7 +49,7 @@ class PreferenceStage(PairStage):
 
     @property
     def has_reference(self) -> bool:
-        """runtime/stage_types.py says which types hold a reference model (orpo and simpo are reference-free)."""
+        """runtime/api/stage_types.py says which types hold a reference model (orpo and simpo are reference-free)."""
         return STAGE_TYPES[self.stage.type].reference_model
 
     def check(self):

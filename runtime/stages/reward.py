@@ -13,7 +13,7 @@ saved as a full model, as is a full/freeze reward model. Later grpo/rloo/ppo sta
 
 from __future__ import annotations
 
-from ..errors import UserError
+from ..api.errors import UserError
 from .preference import PairStage
 from .trainer_stage import LORA_METHODS
 

@@ -15,7 +15,7 @@ from datasets import Dataset, IterableDataset
 from ..data.formats import to_examples
 from ..data.loaders import load_records
 from ..data.prepare import KIND_OF_STAGE, split_eval, stream_examples, tokenize_examples
-from ..errors import DataError, UserError
+from ..api.errors import DataError, UserError
 from .base import StageContext
 from .trainer_stage import TrainerStage
 

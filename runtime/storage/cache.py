@@ -24,7 +24,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..contract import ENV_KUBETUNE_CACHE_DIR
+from ..api.contract import ENV_KUBETUNE_CACHE_DIR
 from .base import TMP_PREFIX, ObjectInfo, normalize_key
 from .checkpoints import sha256_file
 from .errors import StorageError, StorageIntegrityError, StorageNotFoundError

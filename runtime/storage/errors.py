@@ -8,7 +8,7 @@ user-info part.
 
 from __future__ import annotations
 
-# The exit codes come from the one table of failures (kubetune.runtime.errors.classify).
+# The exit codes come from the one table of failures (kubetune.runtime.api.errors.classify).
 
 
 class StorageError(Exception):
@@ -32,7 +32,7 @@ class StorageError(Exception):
 
     @property
     def exit_code(self) -> int:
-        from ..errors import exit_code_for
+        from ..api.errors import exit_code_for
 
         return exit_code_for(self)
 

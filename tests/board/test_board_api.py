@@ -79,7 +79,7 @@ def test_validate_gives_the_plan_and_the_estimate_of_kubetune_estimate(client, t
     assert stage["writes"] == str(tmp_path / "saves" / "demo" / "sft" / "output")  # local mode: under --saves
     assert stage["reads"]["model"] == "Qwen/Qwen2.5-0.5B-Instruct"
     from kubetune.runtime.estimate import GIB, estimate_job
-    from kubetune.runtime.spec import parse_job
+    from kubetune.runtime.api.spec import parse_job
 
     _, [est] = estimate_job(parse_job(_job()))
     [shown] = body["estimate"]["stages"]
@@ -222,11 +222,11 @@ def test_the_board_imports_no_training_stack():
 
 
 def test_progress_lines_are_read_back_as_the_runtime_prints_them():
-    """Cluster mode reads the loss curve from the pod's log: the lines of runtime/progress.py."""
+    """Cluster mode reads the loss curve from the pod's log: the lines of runtime/api/progress.py."""
     import io
 
     from kubetune.runtime.board.common import parse_progress_lines
-    from kubetune.runtime.progress import ProgressLine, format_progress
+    from kubetune.runtime.api.progress import ProgressLine, format_progress
 
     out = io.StringIO()
     line = ProgressLine(stream=out, min_interval=0.0, tty=False)

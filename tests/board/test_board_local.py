@@ -181,7 +181,7 @@ def test_a_run_that_fails_says_why(board, tiny_model):
     [cond] = detail["conditions"]
     assert cond["type"] == "Failed" and "missing.json" in cond["message"]
     assert detail["stages"][0]["phase"] == "Failed" and detail["stages"][0]["message"] == cond["message"]
-    assert backend.runs()[0].state()["exitCode"] == 42  # bad input (runtime/errors.py)
+    assert backend.runs()[0].state()["exitCode"] == 42  # bad input (runtime/api/errors.py)
     assert {e["reason"]: e["type"] for e in detail["events"]}["Exited"] == "Warning"
     [row] = client.get("/api/runs").json()["items"]
     assert row["phase"] == "Failed" and row["eta"] == "-"

@@ -1,4 +1,4 @@
-"""Failures end as the table says (kubetune.runtime.errors.FAILURES), on the real control plane:
+"""Failures end as the table says (kubetune.runtime.api.errors.FAILURES), on the real control plane:
 the real Job controller applies the operator's podFailurePolicy and the operator turns the failed
 Job into the FineTuneJob's Failed condition.
 

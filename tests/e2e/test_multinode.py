@@ -38,7 +38,7 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 from kubetune.runtime import launcher
-from kubetune.runtime.plan import ResolvedStage
+from kubetune.runtime.api.plan import ResolvedStage
 
 signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(128 + signum))  # PID 1, as the runtime
 config = sys.argv[sys.argv.index("--config") + 1]

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune.runtime.metrics import (MetricsCallback, default_port, read_meminfo,
                                       start_metrics_server)
-from kubetune.runtime.progress import (PROGRESS_KEYS, ProgressLine, ProgressState,
+from kubetune.runtime.api.progress import (PROGRESS_KEYS, ProgressLine, ProgressState,
                                        format_duration, format_progress)
 
 

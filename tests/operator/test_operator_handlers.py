@@ -240,7 +240,7 @@ def test_a_starting_pod_is_polled_at_every_tick_and_its_first_report_is_used(rea
     from types import SimpleNamespace
 
     from kubetune.runtime.metrics import MetricsServer
-    from kubetune.runtime.progress import ProgressReport
+    from kubetune.runtime.api.progress import ProgressReport
 
     key = ("ml", "llama")
     _, _, body = real_poll

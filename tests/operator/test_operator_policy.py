@@ -11,8 +11,8 @@ import yaml
 
 from kubetune.operator.config import parse_config
 from kubetune.operator.policy import Policy, image_repository, parse_policy, violations
-from kubetune.runtime.errors import SpecError
-from kubetune.runtime.spec import parse_job
+from kubetune.runtime.api.errors import SpecError
+from kubetune.runtime.api.spec import parse_job
 from tests.policy_cases import BASE, CASES, RELAXED, RUNTIME_REPOSITORY, STRICT, case_doc
 
 CHART_VALUES = Path(__file__).resolve().parents[2] / "charts" / "kubetune" / "values.yaml"

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from kubetune.operator import kube
-from kubetune.runtime.progress import ProgressReport
+from kubetune.runtime.api.progress import ProgressReport
 
 DEADLINE = 1.0
 SLACK = 0.5

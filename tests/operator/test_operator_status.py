@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from kubetune.operator import status as s
 from kubetune.operator.reconcile import Observed, merge_patch, next_check_seconds, reconcile
-from kubetune.runtime.progress import ProgressReport, format_duration
+from kubetune.runtime.api.progress import ProgressReport, format_duration
 
 LATER = NOW + dt.timedelta(minutes=5)
 THREE = [{"name": "sft", "type": "sft"}, {"name": "dpo", "type": "dpo"}, {"name": "merge", "type": "export"}]
@@ -66,8 +66,8 @@ def test_reconcile_is_idempotent_once_children_exist(config):
 def _cm(body, config):
     from kubetune.operator import manifests as m
     from kubetune.operator.reconcile import job_document
-    from kubetune.runtime.plan import plan
-    from kubetune.runtime.spec import parse_job
+    from kubetune.runtime.api.plan import plan
+    from kubetune.runtime.api.spec import parse_job
 
     job = parse_job(job_document(body))
     return m.build_configmap(job, plan(job, run=UID)[body["status"]["stage"]["index"]], UID)
@@ -525,7 +525,7 @@ def test_metric_changes_between_statuses():
 def test_an_eval_stage_puts_its_scores_in_the_status(config):
     """An eval stage's /progress report carries its short summary: status.stages[].eval, from the
     polls and from rank 0's termination message (a short eval often ends between two polls)."""
-    from kubetune.runtime.spec import FineTuneJobStatus
+    from kubetune.runtime.api.spec import FineTuneJobStatus
 
     stages = [{"name": "eval", "type": "eval"}, {"name": "sft", "type": "sft"}]
     body, _ = step(ftj(stages=stages), Observed(), config)

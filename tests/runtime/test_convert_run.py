@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from kubetune.runtime.cli import main
-from kubetune.runtime.spec import load_job
+from kubetune.runtime.api.spec import load_job
 from tests.conftest import read_log, run_doc, write_alpaca
 
 

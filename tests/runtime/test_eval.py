@@ -90,7 +90,7 @@ def test_eval_cli_adapter_and_letter_scoring(tiny_model, tmp_path, capsys):
     import yaml
 
     from kubetune.runtime.cli import main
-    from kubetune.runtime.errors import EXIT_BAD_INPUT
+    from kubetune.runtime.api.errors import EXIT_BAD_INPUT
     from kubetune.runtime.local import run_job
     from tests.conftest import job_doc
 

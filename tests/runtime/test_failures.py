@@ -107,8 +107,8 @@ def test_cuda_out_of_memory_exits_43_with_the_peak_the_estimate_and_the_knobs(ti
 def test_host_memory_error_in_a_pod_exits_43_and_says_so_in_the_termination_message(tiny_model, tmp_path,
                                                                                     monkeypatch):
     from kubetune.runtime.local import run_stage_config
-    from kubetune.runtime.plan import plan
-    from kubetune.runtime.spec import load_job
+    from kubetune.runtime.api.plan import plan
+    from kubetune.runtime.api.spec import load_job
 
     _raise_at_step(monkeypatch, MemoryError)
     job = _write_job(tmp_path, tiny_model, tmp_path / "storage")
@@ -183,8 +183,8 @@ def test_outputs_overwrite_replaces_an_earlier_run_but_a_retry_of_this_run_resum
     its own checkpoints and reuses its own output; a job deleted and applied again (a new uid)
     starts over."""
     from kubetune.runtime.local import execute_stage
-    from kubetune.runtime.plan import plan
-    from kubetune.runtime.spec import load_job
+    from kubetune.runtime.api.plan import plan
+    from kubetune.runtime.api.spec import load_job
 
     root = tmp_path / "storage"
     job = load_job(str(_write_job(tmp_path, tiny_model, root, steps=10, run_policy={"outputs": "overwrite"})))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kubetune.runtime.cli import main
-from kubetune.runtime.errors import EXIT_BAD_INPUT
+from kubetune.runtime.api.errors import EXIT_BAD_INPUT
 
 SHARD = "40KB"  # the tiny model in fp32 is ~330 KB: about ten shards
 

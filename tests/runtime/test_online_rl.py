@@ -240,7 +240,7 @@ def test_rm_then_rloo_in_one_job(taught_model, prompts, tmp_path):
 
 
 def test_bad_reward_function_fails_before_training(taught_model, prompts, tmp_path):
-    from kubetune.runtime.errors import UserError
+    from kubetune.runtime.api.errors import UserError
 
     stage = {"name": "grpo", "type": "grpo", "reward": {"functions": ["format", "no_such_module_xyz:f"], "pattern": "x"},
              "hyperparameters": {**FAST, "maxSteps": 2}}

@@ -148,7 +148,7 @@ def test_dpo_margin_and_accuracy_go_up_on_the_training_pairs(method, tiny_model,
 def test_dpo_loss_types_match_trl_and_bad_ones_are_rejected(tiny_model, tmp_path):
     from trl import DPOConfig
 
-    from kubetune.runtime.errors import SpecError, UserError
+    from kubetune.runtime.api.errors import SpecError, UserError
     from kubetune.runtime.stages.preference import DPO_LOSS_TYPES
 
     help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
@@ -279,7 +279,7 @@ def test_kto_loss_goes_down(tiny_model, tmp_path):
 
 
 def test_kto_needs_two_examples_per_batch(tiny_model, tmp_path):
-    from kubetune.runtime.errors import UserError
+    from kubetune.runtime.api.errors import UserError
 
     data = write_kto(tmp_path / "kto.json")
     stage = {"name": "kto", "type": "kto", "hyperparameters": {**FAST, "batchSize": 1}}

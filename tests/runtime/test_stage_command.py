@@ -16,8 +16,8 @@ from tests.storage.support import free_port
 
 
 def test_a_stage_pod_leaves_its_final_progress_and_writes_only_to_scratch(tiny_model, tmp_path):
-    from kubetune.runtime.plan import plan
-    from kubetune.runtime.spec import load_job
+    from kubetune.runtime.api.plan import plan
+    from kubetune.runtime.api.spec import load_job
 
     data = write_alpaca(tmp_path / "data" / "identity.json")
     stage = {"name": "sft", "type": "sft", "method": "lora",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.runtime.data import prepare
-from kubetune.runtime.spec import DatasetSpec, SpecError, parse_job
+from kubetune.runtime.api.spec import DatasetSpec, SpecError, parse_job
 from tests.conftest import IDENTITY, job_doc, read_log, run_doc
 
 
@@ -85,7 +85,7 @@ CUT = 40  # shorter than some examples, long enough to keep an assistant token i
 
 
 def test_a_stream_with_a_dataset_read_whole_and_stages_that_cannot_stream(tiny_tokenizer, tmp_path):
-    from kubetune.runtime.errors import UserError
+    from kubetune.runtime.api.errors import UserError
     from tests.conftest import write_alpaca
 
     big = DatasetSpec(name="big", source=str(_jsonl(tmp_path / "big.jsonl", 3)), streaming=True)

@@ -160,8 +160,8 @@ def test_a_resumed_stage_continues_its_mlflow_run(tiny_model, tmp_path, mlflow_s
     run (identity) started is continued; another run identity starts a new one."""
     import mlflow
 
-    from kubetune.runtime.plan import plan
-    from kubetune.runtime.spec import parse_job
+    from kubetune.runtime.api.plan import plan
+    from kubetune.runtime.api.spec import parse_job
     from kubetune.runtime.tracking import tracking_environment
 
     tracking = {"reportTo": ["mlflow"], "mlflow": {"trackingUri": mlflow_server, "experiment": "resume-tests"}}
@@ -214,8 +214,8 @@ def wandb_records(path: Path):
 
 
 def test_wandb_offline_writes_its_run_into_the_output(tiny_model, tmp_path):
-    from kubetune.runtime.plan import plan
-    from kubetune.runtime.spec import parse_job
+    from kubetune.runtime.api.plan import plan
+    from kubetune.runtime.api.spec import parse_job
     from kubetune.runtime.tracking import wandb_run_id
 
     tracking = {"reportTo": ["wandb"], "wandb": {"project": "kt", "mode": "offline"}}

@@ -71,7 +71,7 @@ def test_freeze_trains_only_the_chosen_layers(tiny_model):
     from transformers import AutoModelForCausalLM
 
     from kubetune.runtime.models import apply_freeze
-    from kubetune.runtime.spec import FreezeSpec
+    from kubetune.runtime.api.spec import FreezeSpec
 
     m = AutoModelForCausalLM.from_pretrained(tiny_model)
     apply_freeze(m, FreezeSpec(trainable_layers=1, trainable_modules=["mlp"]))
@@ -175,7 +175,7 @@ def test_bad_dataset_fails_with_exit_42_and_names_the_file(tiny_model, tmp_path)
     bad.write_text('{"instruction": "a", "output": "b"}\nnot json\n')
     stage = {"name": "sft", "type": "sft", "hyperparameters": FAST}
     doc = job_doc("b", tiny_model, [{"name": "broken", "source": str(bad)}], [stage], tmp_path / "saves")
-    from kubetune.runtime.errors import DataError
+    from kubetune.runtime.api.errors import DataError
 
     with pytest.raises(DataError, match=r"broken.jsonl.*line 2"):
         run_doc(doc, tmp_path)

@@ -172,7 +172,7 @@ def test_env_sh_creates_a_venv_then_reuses_it(tmp_path):
     venv = tmp_path / "venv"
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env.update(KUBETUNE_VENV=str(venv), KUBETUNE_EXTRAS="", PYTHON=sys.executable)
-    show = 'python -c "import sys, kubetune.runtime.spec as s; print(sys.prefix); print(s.__file__)"'
+    show = 'python -c "import sys, kubetune.runtime.api.spec as s; print(sys.prefix); print(s.__file__)"'
 
     first = _source_env(env, show)
     assert first.returncode == 0, first.stderr

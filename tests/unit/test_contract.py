@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from kubetune.runtime import contract
+from kubetune.runtime.api import contract
 
 
 def test_use_scratch_points_every_writer_at_the_volume(tmp_path):
@@ -97,7 +97,7 @@ def test_the_progress_report_is_written_and_read_through_one_model():
     import json
 
     from kubetune.operator import status
-    from kubetune.runtime.progress import PROGRESS_KEYS, ProgressReport, ProgressState
+    from kubetune.runtime.api.progress import PROGRESS_KEYS, ProgressReport, ProgressState
 
     state = ProgressState("llama", "sft")
     state.update(step=420, totalSteps=1200, loss=0.91, learningRate=float("nan"), etaSeconds=1830)
@@ -132,7 +132,7 @@ def _unread(names: set[str]) -> set[str]:
     import re
     from pathlib import Path
 
-    root = Path(contract.__file__).parent
+    root = Path(contract.__file__).parents[1]  # runtime/ (the contract is in runtime/api/)
     text = "\n".join(re.sub(r"(?m)^ENV_\w+ = .*$", "", p.read_text()) for p in root.rglob("*.py"))
     consts = {v: k for k, v in vars(contract).items() if k.startswith("ENV_")}
     return {n for n in names if not (n in consts and re.search(rf"\b{consts[n]}\b", text))
@@ -145,8 +145,8 @@ def test_every_env_variable_the_operator_sets_is_read_in_the_pod():
     from kubetune.operator import manifests
     from kubetune.operator.config import OperatorConfig
     from kubetune.operator.reconcile import job_document
-    from kubetune.runtime.plan import plan
-    from kubetune.runtime.spec import parse_job
+    from kubetune.runtime.api.plan import plan
+    from kubetune.runtime.api.spec import parse_job
 
     spec = {  # every feature that adds a variable
         "model": {"name": "Qwen/Qwen2.5-0.5B-Instruct", "tokenSecretRef": {"name": "hf", "key": "token"}},

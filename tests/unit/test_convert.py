@@ -11,8 +11,8 @@ import yaml
 
 from kubetune.runtime.cli import main
 from kubetune.runtime.convert import convert_files
-from kubetune.runtime.errors import UserError
-from kubetune.runtime.spec import load_job
+from kubetune.runtime.api.errors import UserError
+from kubetune.runtime.api.spec import load_job
 
 DATASET_INFO = {
     "identity": {"file_name": "identity.json"},

@@ -6,7 +6,7 @@ from __future__ import annotations
 import yaml
 
 from kubetune.runtime.cli import main
-from kubetune.runtime.spec import load_job
+from kubetune.runtime.api.spec import load_job
 
 LF = {"model_name_or_path": "org/model", "stage": "sft", "finetuning_type": "lora", "dataset": "mine",
       "dataset_dir": "data", "output_dir": "saves/x"}

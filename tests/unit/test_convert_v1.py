@@ -12,8 +12,8 @@ import yaml
 
 from kubetune.runtime.cli import main
 from kubetune.runtime.convert import convert_files
-from kubetune.runtime.errors import UserError
-from kubetune.runtime.spec import load_job
+from kubetune.runtime.api.errors import UserError
+from kubetune.runtime.api.spec import load_job
 
 SFT_DATA = {"identity": {"path": "data/identity.json", "source": "local", "converter": "alpaca"},
             "chat": {"path": "data/chat.jsonl", "source": "local", "converter": "sharegpt", "size": 50},

@@ -12,8 +12,8 @@ from kubetune.runtime.data.formats import to_examples
 from kubetune.runtime.data.loaders import load_records
 from kubetune.runtime.data.prepare import tokenize_conversations, tokenize_text
 from kubetune.runtime.data.templates import TEMPLATES
-from kubetune.runtime.errors import DataError
-from kubetune.runtime.spec import DatasetSpec
+from kubetune.runtime.api.errors import DataError
+from kubetune.runtime.api.spec import DatasetSpec
 
 
 def ds(tmp_path, records, name="d", suffix=".json", **kw) -> DatasetSpec:

@@ -16,7 +16,7 @@ import yaml
 
 from kubetune.runtime.cli import main
 from kubetune.runtime.estimate import arch_from_config, estimate_job, model_arch, parse_params, parse_size
-from kubetune.runtime.spec import parse_job
+from kubetune.runtime.api.spec import parse_job
 
 TOLERANCE = 0.25
 GB = 1e9
@@ -170,7 +170,7 @@ def test_chat_weights_are_the_loaded_models_footprint(tmp_path, name, bits):
 
     from kubetune.runtime.estimate import estimate_chat
     from kubetune.runtime.models import bnb_config
-    from kubetune.runtime.spec import QuantizationSpec
+    from kubetune.runtime.api.spec import QuantizationSpec
 
     cls, extra = CONFIGS[name]
     config = getattr(transformers, cls)(**{**TINY, "hidden_size": 128, "intermediate_size": 256}, **extra)

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from kubetune.runtime.data.formats import to_examples
-from kubetune.runtime.errors import DataError
+from kubetune.runtime.api.errors import DataError
 from kubetune.runtime.evaluate import choice_messages, generation_scores, overall, pick_shots
-from kubetune.runtime.spec import DatasetSpec
+from kubetune.runtime.api.spec import DatasetSpec
 
 
 def test_generation_scores_follow_llamafactory():
@@ -99,7 +99,7 @@ def test_eval_results_reach_progress_metrics_and_status():
 
     from kubetune.operator import status as s
     from kubetune.runtime.metrics import MetricsCallback
-    from kubetune.runtime.progress import ProgressReport
+    from kubetune.runtime.api.progress import ProgressReport
 
     m = MetricsCallback(job="j", namespace="ns", stage="eval", stage_type="eval", method="lora")
     assert m.progress.snapshot()["eval"] is None

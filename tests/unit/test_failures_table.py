@@ -1,4 +1,4 @@
-"""The one table of failures (kubetune.runtime.errors.FAILURES): each error the runtime can meet
+"""The one table of failures (kubetune.runtime.api.errors.FAILURES): each error the runtime can meet
 → its exit code, whether it is retried, the reason the operator shows. A test per row, then the
 operator's side of the same table: its podFailurePolicy and how a failed Job reads back."""
 
@@ -12,7 +12,7 @@ import torch
 
 from kubetune.operator import status as s
 from kubetune.operator.manifests import pod_failure_policy
-from kubetune.runtime import errors as e
+from kubetune.runtime.api import errors as e
 from kubetune.runtime.storage import CheckpointUploadError, StorageError, StorageIntegrityError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,8 +14,8 @@ import pytest
 from pydantic import ValidationError
 
 from kubetune.runtime import launcher
-from kubetune.runtime.errors import UserError
-from kubetune.runtime.spec import ResourcesSpec
+from kubetune.runtime.api.errors import UserError
+from kubetune.runtime.api.spec import ResourcesSpec
 
 
 def res(**kw) -> ResourcesSpec:
@@ -141,8 +141,8 @@ def _job_file(tmp_path: Path) -> Path:
 
 def test_run_and_stage_commands_relaunch_under_torchrun(tmp_path, monkeypatch):
     from kubetune.runtime import local
-    from kubetune.runtime.plan import plan
-    from kubetune.runtime.spec import load_job
+    from kubetune.runtime.api.plan import plan
+    from kubetune.runtime.api.spec import load_job
 
     calls = []
     monkeypatch.setattr(launcher, "launch", lambda topo, cli: calls.append((topo, cli)) or 0)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from kubetune.runtime import optimizers
-from kubetune.runtime.errors import UserError
-from kubetune.runtime.spec import Hyperparameters, parse_job
+from kubetune.runtime.api.errors import UserError
+from kubetune.runtime.api.spec import Hyperparameters, parse_job
 from tests.invalid_specs import patched
 
 
@@ -74,7 +74,7 @@ def test_valid_optimizer_settings(stage):
 def test_the_docs_list_every_optimizer_and_setting():
     from pathlib import Path
 
-    from kubetune.runtime.spec import OPTIMIZERS, ApolloSpec, BadamSpec, GaloreSpec
+    from kubetune.runtime.api.spec import OPTIMIZERS, ApolloSpec, BadamSpec, GaloreSpec
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "optimizers.md").read_text()
     missing = [f"`{o}`" for o in OPTIMIZERS if f"`{o}`" not in doc]

@@ -10,8 +10,8 @@ import pytest
 
 from kubetune.runtime.data.formats import to_examples
 from kubetune.runtime.data.loaders import load_records
-from kubetune.runtime.errors import DataError
-from kubetune.runtime.spec import DatasetSpec
+from kubetune.runtime.api.errors import DataError
+from kubetune.runtime.api.spec import DatasetSpec
 
 
 def ds(tmp_path, records, name="prefs", **kw) -> DatasetSpec:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kubetune.runtime.errors import UserError
+from kubetune.runtime.api.errors import UserError
 from kubetune.runtime.rewards import build_reward_functions, completion_text
-from kubetune.runtime.spec import RewardSpec
+from kubetune.runtime.api.spec import RewardSpec
 
 WHERE = "spec.stages[2].reward"
 

@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from kubetune.runtime.crd import crd, crd_yaml
-from kubetune.runtime.errors import SpecError
-from kubetune.runtime.overrides import apply_overrides
-from kubetune.runtime.plan import plan
-from kubetune.runtime.spec import load_job, parse_job
+from kubetune.runtime.api.errors import SpecError
+from kubetune.runtime.api.overrides import apply_overrides
+from kubetune.runtime.api.plan import plan
+from kubetune.runtime.api.spec import load_job, parse_job
 from tests.invalid_specs import BASE, INVALID, patched
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""Every registered stage type (runtime/stage_types.py) goes the whole way a job goes before it
+"""Every registered stage type (runtime/api/stage_types.py) goes the whole way a job goes before it
 trains: validate → plan → estimate → the stage's `run`. A type that lacks anything (its module, a
 data kind runtime/data knows, a default learning rate where it trains, ...) fails here."""
 
@@ -11,12 +11,12 @@ import pytest
 from kubetune.runtime.convert import _LF_STAGES
 from kubetune.runtime.data.formats import FORMATS_FOR_KIND
 from kubetune.runtime.data.prepare import KIND_OF_STAGE
-from kubetune.runtime.errors import SpecError
+from kubetune.runtime.api.errors import SpecError
 from kubetune.runtime.estimate import estimate_job
-from kubetune.runtime.plan import plan
-from kubetune.runtime.spec import STAGE_TYPES as SPEC_TYPES
-from kubetune.runtime.spec import StageSpec, parse_job
-from kubetune.runtime.stage_types import GATED_HYPERPARAMETERS, STAGE_TYPES, StageTypeInfo
+from kubetune.runtime.api.plan import plan
+from kubetune.runtime.api.spec import STAGE_TYPES as SPEC_TYPES
+from kubetune.runtime.api.spec import StageSpec, parse_job
+from kubetune.runtime.api.stage_types import GATED_HYPERPARAMETERS, STAGE_TYPES, StageTypeInfo
 from kubetune.runtime.stages import stage_runner
 
 TYPES = list(STAGE_TYPES.values())

@@ -135,7 +135,7 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 def classify(err: BaseException) -> Failure:
     """The row of `FAILURES` an exception that ended a stage belongs to."""
-    from .storage.errors import CheckpointUploadError, StorageError, StorageIntegrityError
+    from ..storage.errors import CheckpointUploadError, StorageError, StorageIntegrityError
 
     if isinstance(err, UserError):
         return FAILURES["BadInput"]

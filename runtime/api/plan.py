@@ -9,7 +9,7 @@ Chaining (what each stage reads):
 - The *policy* flows through the stages: it starts as the base model. A lora/qlora stage that
   follows an adapter keeps training that adapter; a full/freeze stage merges it first. A stage's
   output becomes the policy of the next one.
-- Stage types with a reference model (runtime/stage_types.py: dpo, kto, ppo, grpo, rloo) use the
+- Stage types with a reference model (runtime/api/stage_types.py: dpo, kto, ppo, grpo, rloo) use the
   policy they start from as it; orpo and simpo are reference-free.
 - `rm` stages train a reward model from the current policy, but do not change the policy;
   grpo/rloo/ppo stages name one in `reward.modelStage`.

@@ -580,7 +580,7 @@ class EvaluationSpec(Spec):
     batch_size: int = _field("Prompts generated or scored together. Default 8.", 8, ge=1, le=4096)
 
 
-# Type-dependent facts the rules below read (runtime/stage_types.py declares them).
+# Type-dependent facts the rules below read (runtime/api/stage_types.py declares them).
 _LOSS_VARIANTS = {t: i.loss_types for t, i in stage_types.STAGE_TYPES.items() if i.loss_types != ("sigmoid",)}
 _OWN_LOOP = types_where(lambda i: i.own_loop)
 _CHOICE = types_where(lambda i: i.choice_data)
