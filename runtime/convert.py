@@ -27,7 +27,7 @@ import yaml
 
 from .api.errors import UserError
 from .api.spec import API_GROUP, API_VERSION, KIND, LR_SCHEDULERS, NAMED_OPTIMIZERS, TEMPLATE_NAMES, parse_job
-from .api.stage_types import DPO_LOSS_TYPES, GATED_HYPERPARAMETERS, STAGE_TYPES
+from .api.stage_types import DPO_LABEL_SMOOTHING_LOSSES, DPO_LOSS_TYPES, GATED_HYPERPARAMETERS, STAGE_TYPES
 
 # LLaMA-Factory keys with no kubetune counterpart, and why (anything else unknown gets a generic line).
 _LF_NOTES = {
@@ -497,6 +497,13 @@ def _pref(k: _Keys, stage: str, warnings: list[str]) -> tuple[str, dict[str, Any
                 pref[field] = v
             else:
                 warnings.append(f"{key}: not carried over — stage {stage} has no preference settings")
+    if pref.get("ftx") and not STAGE_TYPES[stage].sft_term:  # LLaMA-Factory adds it to orpo and kto too; TRL does not
+        del pref["ftx"]
+        _warn(warnings, "pref_ftx", f"TRL's {stage} trainer adds no SFT loss on the chosen answer")
+    if pref.get("labelSmoothing") and pref.get("lossType", "sigmoid") not in DPO_LABEL_SMOOTHING_LOSSES:
+        del pref["labelSmoothing"]
+        _warn(warnings, "dpo_label_smoothing", "TRL reads label smoothing only in dpo stages with pref_loss "
+              f"{', '.join(DPO_LABEL_SMOOTHING_LOSSES)}")
     return stage, pref
 
 

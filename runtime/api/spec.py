@@ -508,8 +508,18 @@ class PreferenceSpec(Spec):
         "sigmoid",
         max_length=32,
     )
-    ftx: float = _field("Weight of an added SFT loss on the chosen answer (pref_ftx). Default 0.", 0.0, ge=0)
-    label_smoothing: float = _field("Robust-DPO label smoothing (0–0.5).", 0.0, ge=0, le=0.5)
+    ftx: float = _field(
+        "Weight of an added SFT loss on the chosen answer (pref_ftx), in "
+        f"{_and(types_where(lambda i: i.sft_term))} stages only (ORPO's loss holds the SFT term already; "
+        "TRL's KTO has none). Default 0.",
+        0.0, ge=0,
+    )
+    label_smoothing: float = _field(
+        "Label smoothing, the probability that a pair's labels are flipped (0–0.5). Read by dpo stages with "
+        f"lossType {_and(stage_types.DPO_LABEL_SMOOTHING_LOSSES, 'or')} only; exo_pair needs it above 0, "
+        "robust below 0.5. Default 0.",
+        0.0, ge=0, le=0.5,
+    )
     simpo_gamma: float = _field("SimPO target reward margin gamma. Default 0.5.", 0.5, ge=0)
     desirable_weight: float = _field("KTO weight of desirable examples. Default 1.", 1.0, gt=0)
     undesirable_weight: float = _field("KTO weight of undesirable examples. Default 1.", 1.0, gt=0)
@@ -588,6 +598,18 @@ _TEACHER = types_where(lambda i: i.needs_teacher)
 _REWARD = types_where(lambda i: i.needs_reward)
 _NO_EVAL = types_where(lambda i: not i.evaluates)
 _NO_DATA = types_where(lambda i: i.data_kind is None)
+_SFT_TERM = types_where(lambda i: i.sft_term)
+_SMOOTHED = stage_types.DPO_LABEL_SMOOTHING_LOSSES
+
+
+def _dpo_loss_is(loss: str) -> str:
+    """CEL: a dpo stage with preference.lossType `loss`."""
+    return f"self.type == 'dpo' && has(self.preference) && has(self.preference.lossType) && self.preference.lossType == '{loss}'"
+
+
+def _preference_set(field: str) -> str:
+    """CEL: preference.<field> (a number, default 0) set above 0."""
+    return f"has(self.preference) && has(self.preference.{field}) && self.preference.{field} > 0.0"
 
 
 def _gated_hyperparameter(field: str) -> CelRule:
@@ -652,6 +674,34 @@ class StageSpec(Spec):
             + "; other stage types have no loss variants (leave it unset)",
             check=lambda s: s.preference.loss_type in stage_types.STAGE_TYPES[s.type].loss_types,
             field_path=".preference.lossType",
+        ),
+        CelRule(
+            rule=f"!({_preference_set('ftx')}) || {_type_is(_SFT_TERM)}",
+            message=f"preference.ftx (an SFT loss on the chosen answer) applies to {_and(_SFT_TERM)} stages only "
+            "(ORPO's loss holds the SFT term already; TRL's KTO has none): remove it there",
+            check=lambda s: s.preference.ftx == 0 or s.type in _SFT_TERM,
+            field_path=".preference.ftx",
+        ),
+        CelRule(
+            rule=f"!({_preference_set('labelSmoothing')}) || (self.type == 'dpo' && has(self.preference.lossType) && "
+            f"self.preference.lossType in {_cel_list(_SMOOTHED)})",
+            message=f"preference.labelSmoothing is read by dpo stages with lossType {_and(_SMOOTHED, 'or')} only: "
+            "remove it there",
+            check=lambda s: s.preference.label_smoothing == 0 or (s.type == "dpo" and s.preference.loss_type in _SMOOTHED),
+            field_path=".preference.labelSmoothing",
+        ),
+        CelRule(
+            rule=f"!({_dpo_loss_is('exo_pair')}) || ({_preference_set('labelSmoothing')})",
+            message="lossType exo_pair needs preference.labelSmoothing above 0 (the EXO paper suggests 1e-3)",
+            check=lambda s: not (s.type == "dpo" and s.preference.loss_type == "exo_pair") or s.preference.label_smoothing > 0,
+            field_path=".preference.labelSmoothing",
+        ),
+        CelRule(
+            rule=f"!({_dpo_loss_is('robust')}) || !has(self.preference.labelSmoothing) || "
+            "self.preference.labelSmoothing < 0.5",
+            message="lossType robust needs preference.labelSmoothing below 0.5 (the probability of a flipped label)",
+            check=lambda s: not (s.type == "dpo" and s.preference.loss_type == "robust") or s.preference.label_smoothing < 0.5,
+            field_path=".preference.labelSmoothing",
         ),
         CelRule(
             rule="!has(self.method) || self.method != 'qlora' || has(self.quantization)",

@@ -20,6 +20,9 @@ DPO_LOSS_TYPES: tuple[str, ...] = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )
+# The DPO losses that read DPOConfig.label_smoothing (TRL 1.16 DPOTrainer._compute_loss; the sigmoid
+# loss no longer does); tests/runtime/test_preference.py checks this against the installed TRL.
+DPO_LABEL_SMOOTHING_LOSSES: tuple[str, ...] = ("exo_pair", "robust", "aot", "aot_unpaired")
 # KTOConfig.loss_type choices; our spec's default `sigmoid` means KTO's own loss in a kto stage.
 KTO_LOSS_TYPES: tuple[str, ...] = ("kto", "apo_zero_unpaired")
 
@@ -43,6 +46,7 @@ class StageTypeInfo:
     needs_teacher: bool = False  # `teacher` required (a second model held next to the policy)
     generates: bool = False  # samples completions while it trains
     preference: bool = False  # reads the `preference` settings (beta, ftx, ...)
+    sft_term: bool = False  # preference.ftx adds an SFT loss on the chosen answer (dpo: TRL's sft loss; simpo: cpo_alpha)
     loss_types: tuple[str, ...] = ("sigmoid",)  # preference.lossType values (the default sigmoid first)
     choice_data: bool = False  # reads format choice (multiple-choice) datasets
     evaluates: bool = True  # has an evaluation pass (evalData, valSize)
@@ -67,12 +71,12 @@ STAGE_TYPES: dict[str, StageTypeInfo] = {t.name: t for t in (
     StageTypeInfo("sft", "sft", "conversation", SFT_LR, accepts=_SFT_LIKE),
     StageTypeInfo("rm", "reward", "preference", SFT_LR, changes_policy=False),
     StageTypeInfo("dpo", "preference", "preference", PREFERENCE_LR, preference=True, reference_model=True,
-                  loss_types=DPO_LOSS_TYPES),
+                  loss_types=DPO_LOSS_TYPES, sft_term=True),
     StageTypeInfo("kto", "kto", "kto", PREFERENCE_LR, preference=True, reference_model=True,
                   loss_types=("sigmoid",) + KTO_LOSS_TYPES),
-    # reference-free: TRL's ORPOTrainer, and CPOTrainer with loss_type simpo
+    # reference-free: TRL's ORPOTrainer (its loss holds the SFT term already), and CPOTrainer with loss_type simpo
     StageTypeInfo("orpo", "preference", "preference", PREFERENCE_LR, preference=True),
-    StageTypeInfo("simpo", "preference", "preference", PREFERENCE_LR, preference=True),
+    StageTypeInfo("simpo", "preference", "preference", PREFERENCE_LR, preference=True, sft_term=True),
     StageTypeInfo("ppo", "ppo", "prompt", PREFERENCE_LR, accepts=frozenset(), reference_model=True, needs_reward=True,
                   generates=True, evaluates=False, own_loop=True),
     StageTypeInfo("grpo", "online_rl", "prompt", PREFERENCE_LR, reference_model=True, needs_reward=True, generates=True),

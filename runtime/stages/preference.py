@@ -20,11 +20,9 @@ starts from (`io.reference`, which the plan sets to `io.policy`):
 
 from __future__ import annotations
 
-from ..api.errors import UserError
-from ..api.stage_types import DPO_LOSS_TYPES, KTO_LOSS_TYPES, STAGE_TYPES  # the spec validates them too
+from ..api.stage_types import STAGE_TYPES
 from .trainer_stage import LORA_METHODS, TrainerStage
 
-LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair")
 PAIR_SIGNALS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 
 
@@ -51,9 +49,6 @@ class PreferenceStage(PairStage):
     def has_reference(self) -> bool:
         """runtime/api/stage_types.py says which types hold a reference model (orpo and simpo are reference-free)."""
         return STAGE_TYPES[self.stage.type].reference_model
-
-    def check(self):
-        check_loss_options(self.stage, self.ctx.where)
 
     def options(self):
         return {**super().options(), "beta": self.stage.preference.beta}
@@ -87,36 +82,6 @@ class PreferenceStage(PairStage):
         if self.has_reference and self.cfg.io.reference:
             extra["reference"] = self.cfg.io.reference.model_dump(exclude_none=True)
         return extra
-
-
-def check_loss_options(stage, where) -> None:
-    """lossType / labelSmoothing / ftx against what the stage's TRL trainer accepts."""
-    pref = stage.preference
-    loss_where = where("preference.lossType")
-    if stage.type == "dpo":
-        if pref.loss_type not in DPO_LOSS_TYPES:
-            raise UserError(f"unknown DPO loss type {pref.loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES)}", loss_where)
-        if pref.loss_type == "robust" and not pref.label_smoothing < 0.5:
-            raise UserError("robust DPO needs labelSmoothing below 0.5 (the label-flip probability)", where("preference.labelSmoothing"))
-        if pref.loss_type == "exo_pair" and pref.label_smoothing == 0:
-            raise UserError("exo_pair needs labelSmoothing > 0 (the EXO paper suggests 1e-3)", where("preference.labelSmoothing"))
-    elif stage.type == "kto":
-        if pref.loss_type not in ("sigmoid", *KTO_LOSS_TYPES):
-            raise UserError(f"unknown KTO loss type {pref.loss_type!r}; valid: {', '.join(KTO_LOSS_TYPES)}", loss_where)
-    elif pref.loss_type != "sigmoid":
-        raise UserError(
-            f"lossType {pref.loss_type!r} does not apply to {stage.type} stages (they have one loss); "
-            "remove it, or use a dpo stage for DPO's loss variants",
-            loss_where,
-        )
-    if pref.label_smoothing > 0 and not (stage.type == "dpo" and pref.loss_type in LABEL_SMOOTHING_LOSSES):
-        raise UserError(
-            f"labelSmoothing is used only by dpo stages with lossType {' or '.join(LABEL_SMOOTHING_LOSSES)}",
-            where("preference.labelSmoothing"),
-        )
-    if pref.ftx > 0 and stage.type in ("orpo", "kto"):
-        why = "ORPO's loss already holds the SFT term" if stage.type == "orpo" else "KTO has no SFT term in TRL"
-        raise UserError(f"ftx does not apply to {stage.type} stages: {why}", where("preference.ftx"))
 
 
 # ---------------------------------------------------------------------------------- the stages

@@ -148,8 +148,8 @@ def test_dpo_margin_and_accuracy_go_up_on_the_training_pairs(method, tiny_model,
 def test_dpo_loss_types_match_trl_and_bad_ones_are_rejected(tiny_model, tmp_path):
     from trl import DPOConfig
 
-    from kubetune.runtime.api.errors import SpecError, UserError
-    from kubetune.runtime.stages.preference import DPO_LOSS_TYPES
+    from kubetune.runtime.api.errors import SpecError
+    from kubetune.runtime.api.stage_types import DPO_LOSS_TYPES
 
     help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
     assert set(re.findall(r"'(\w+)'", help_text)) == set(DPO_LOSS_TYPES)
@@ -169,8 +169,25 @@ def test_dpo_loss_types_match_trl_and_bad_ones_are_rejected(tiny_model, tmp_path
         run_doc(doc, tmp_path)
     stage = {"name": "dpo", "type": "dpo", "preference": {"lossType": "exo_pair"}, "hyperparameters": FAST}
     doc["spec"]["stages"] = [stage]
-    with pytest.raises(UserError, match=r"preference.labelSmoothing: exo_pair needs labelSmoothing > 0"):
+    with pytest.raises(SpecError, match=r"spec.stages\[0\].preference.labelSmoothing: lossType exo_pair needs "
+                       r"preference.labelSmoothing above 0"):
         run_doc(doc, tmp_path)
+
+
+def test_the_label_smoothing_losses_are_the_ones_trl_reads_it_in():
+    """DPO_LABEL_SMOOTHING_LOSSES (the spec refuses labelSmoothing with any other loss) against the installed
+    TRL: the branches of DPOTrainer._compute_loss that read self.label_smoothing."""
+    import inspect
+
+    from trl import DPOTrainer
+
+    from kubetune.runtime.api.stage_types import DPO_LABEL_SMOOTHING_LOSSES, DPO_LOSS_TYPES
+
+    source = inspect.getsource(DPOTrainer._compute_loss)
+    branches = re.split(r'loss_type == "(\w+)"', source)[1:]
+    bodies = dict(zip(branches[::2], branches[1::2]))
+    assert set(bodies) == set(DPO_LOSS_TYPES)  # every loss has its branch: the split found them all
+    assert {loss for loss, body in bodies.items() if "self.label_smoothing" in body} == set(DPO_LABEL_SMOOTHING_LOSSES)
 
 
 def test_qlora_dpo_continues_a_qlora_sft_adapter_with_ipo_and_ftx(tiny_model, tmp_path, loaded_models):

@@ -412,3 +412,28 @@ def test_neftune_is_carried_over_only_where_the_stage_honours_it(lf, stage, kept
     assert main(["validate", str(out)]) == 0
     assert (load_job(out).spec.stages[0].hyperparameters.neftune_alpha == 5) == kept
     assert ("neftune_noise_alpha: not carried over — a dpo stage does not honour hyperparameters.neftuneAlpha" in err) != kept
+
+
+@pytest.mark.parametrize(("extra", "field", "kept", "warned"), [
+    ({"pref_loss": "sigmoid", "pref_ftx": 0.5}, "ftx", True, None),
+    ({"pref_loss": "simpo", "pref_ftx": 0.5}, "ftx", True, None),
+    ({"pref_loss": "orpo", "pref_ftx": 0.5}, "ftx", False, "pref_ftx: not carried over — TRL's orpo trainer adds no SFT loss"),
+    ({"pref_loss": "robust", "dpo_label_smoothing": 0.1}, "labelSmoothing", True, None),
+    ({"pref_loss": "aot", "dpo_label_smoothing": 0.1}, "labelSmoothing", True, None),
+    ({"pref_loss": "sigmoid", "dpo_label_smoothing": 0.1}, "labelSmoothing", False,
+     "dpo_label_smoothing: not carried over — TRL reads label smoothing only in dpo stages with pref_loss exo_pair"),
+])
+def test_preference_settings_are_carried_over_where_trl_reads_them(lf, extra, field, kept, warned, capsys):
+    """LLaMA-Factory adds pref_ftx to ORPO's loss and reads dpo_label_smoothing in its sigmoid loss (cDPO); TRL's
+    trainers do neither, and the spec refuses them there: convert drops them with a warning, so the job stays valid."""
+    cfg = {**BASE, "stage": "dpo", "finetuning_type": "lora", "dataset": "dpo_en_demo", "output_dir": "saves/x", **extra}
+    out = lf / "job.yaml"
+    assert main(["convert", str(_write(lf, "pref", cfg)), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert main(["validate", str(out)]) == 0
+    pref = load_job(out).spec.stages[0].preference.model_dump(by_alias=True)
+    assert (pref[field] > 0) == kept, pref
+    if warned:
+        assert warned in err, err
+    else:
+        assert "pref_ftx: not carried over" not in err and "dpo_label_smoothing: not carried over" not in err, err

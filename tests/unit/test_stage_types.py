@@ -79,6 +79,18 @@ def test_gated_hyperparameters_are_rejected_where_not_honoured(info: StageTypeIn
                 parse_job(doc)
 
 
+@pytest.mark.parametrize("info", TYPES, ids=[t.name for t in TYPES])
+def test_ftx_is_rejected_where_no_sft_loss_is_added(info: StageTypeInfo):
+    """preference.ftx (LLaMA-Factory's pref_ftx) only where the stage adds it to its loss (dpo, simpo)."""
+    doc = job_with(info, preference={"ftx": 0.5})
+    if info.sft_term:
+        assert parse_job(doc).spec.stages[-1].preference.ftx == 0.5
+    else:
+        with pytest.raises(SpecError, match=r"spec\.stages\[\d\]\.preference\.ftx: "):
+            parse_job(doc)
+    assert [t for t, i in STAGE_TYPES.items() if i.sft_term] == ["dpo", "simpo"]
+
+
 def test_reference_free_preference_types():
     """orpo (ORPOTrainer) and simpo (CPOTrainer) have no reference model: plan, estimator and stage agree."""
     assert not STAGE_TYPES["orpo"].reference_model and not STAGE_TYPES["simpo"].reference_model
