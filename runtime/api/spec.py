@@ -441,10 +441,16 @@ class Hyperparameters(Spec):
         False,
     )
     torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = _field(
-        "torch.compile mode when torchCompile is true. Default: torch's own (default).", None
+        "torch.compile mode; needs torchCompile: true. Default: torch's own (default).", None
     )
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="!has(self.torchCompileMode) || (has(self.torchCompile) && self.torchCompile)",
+            message="hyperparameters.torchCompileMode applies only with torchCompile: true: set both or remove it",
+            check=lambda s: s.torch_compile_mode is None or s.torch_compile,
+            field_path=".torchCompileMode",
+        ),
         CelRule(
             rule="(has(self.lrScheduler) && self.lrScheduler == 'cosine_with_min_lr') == has(self.minLr)",
             message="lrScheduler cosine_with_min_lr and minLr go together: set both or neither",
