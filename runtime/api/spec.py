@@ -605,6 +605,14 @@ _REWARD = types_where(lambda i: i.needs_reward)
 _NO_EVAL = types_where(lambda i: not i.evaluates)
 _NO_DATA = types_where(lambda i: i.data_kind is None)
 _SFT_TERM = types_where(lambda i: i.sft_term)
+_STREAMS = types_where(lambda i: i.streams)
+# CEL, inside self.stages.all(s, ...): stage s reads a streaming dataset (its own data, else the job's)
+_READS_STREAM = ("((has(s.data) && size(s.data) > 0) ? s.data.exists(d, has(d.streaming) && d.streaming) : "
+                 "(has(self.data) && self.data.exists(d, has(d.streaming) && d.streaming)))")
+
+
+def _reads_stream(job, stage) -> bool:
+    return any(d.streaming for d in (stage.data or job.data))
 _SMOOTHED = stage_types.DPO_LABEL_SMOOTHING_LOSSES
 
 
@@ -1153,15 +1161,28 @@ class FineTuneJobSpec(Spec):
         ),
         CelRule(
             rule=f"self.stages.all(s, {_type_is(_NO_DATA, 's')} || (has(s.hyperparameters) && has(s.hyperparameters.maxSteps)) || "
-            "((has(s.data) && size(s.data) > 0) ? !s.data.exists(d, has(d.streaming) && d.streaming) : "
-            "!(has(self.data) && self.data.exists(d, has(d.streaming) && d.streaming))))",
+            f"!{_READS_STREAM})",
             message="a stage that reads a streaming dataset needs hyperparameters.maxSteps (a stream has no "
             "length to count epochs by)",
             check=lambda s: all(
-                st.type in _NO_DATA or st.hyperparameters.max_steps is not None
-                or not any(d.streaming for d in (st.data or s.data))
+                st.type in _NO_DATA or st.hyperparameters.max_steps is not None or not _reads_stream(s, st)
                 for st in s.stages
             ),
+            field_path=".stages",
+        ),
+        CelRule(
+            rule=f"self.stages.all(s, {_type_is(_STREAMS + _NO_DATA, 's')} || !{_READS_STREAM})",
+            message=f"a streaming dataset is read by {_and(_STREAMS)} stages only (the others read their data whole): "
+            "give the other stages data of their own, or remove streaming",
+            check=lambda s: all(st.type in _STREAMS + _NO_DATA or not _reads_stream(s, st) for st in s.stages),
+            field_path=".stages",
+        ),
+        CelRule(
+            rule="self.stages.all(s, !has(s.hyperparameters) || !has(s.hyperparameters.valSize) || "
+            f"s.hyperparameters.valSize <= 0.0 || !{_READS_STREAM})",
+            message="a stage that reads a streaming dataset cannot hold out hyperparameters.valSize (a stream has "
+            "no length to take a share of): set valSize 0, or give evalData",
+            check=lambda s: all(st.hyperparameters.val_size <= 0 or not _reads_stream(s, st) for st in s.stages),
             field_path=".stages",
         ),
         CelRule(

@@ -53,6 +53,7 @@ class StageTypeInfo:
     changes_policy: bool = True  # its output becomes the policy of the next stage
     own_loop: bool = False  # its own training loop, not a Trainer: optimizers only as transformers names them
     packing: bool = False  # the default of hyperparameters.packing
+    streams: bool = False  # reads a `streaming: true` dataset a batch at a time (the others read their data whole)
 
     @property
     def trains(self) -> bool:
@@ -67,8 +68,8 @@ class StageTypeInfo:
 _SFT_LIKE = frozenset({"torchCompile", "neftuneAlpha"})  # SFTTrainer's neftune_noise_alpha
 
 STAGE_TYPES: dict[str, StageTypeInfo] = {t.name: t for t in (
-    StageTypeInfo("pt", "sft", "text", SFT_LR, accepts=_SFT_LIKE, packing=True),
-    StageTypeInfo("sft", "sft", "conversation", SFT_LR, accepts=_SFT_LIKE),
+    StageTypeInfo("pt", "sft", "text", SFT_LR, accepts=_SFT_LIKE, packing=True, streams=True),
+    StageTypeInfo("sft", "sft", "conversation", SFT_LR, accepts=_SFT_LIKE, streams=True),
     StageTypeInfo("rm", "reward", "preference", SFT_LR, changes_policy=False),
     StageTypeInfo("dpo", "preference", "preference", PREFERENCE_LR, preference=True, reference_model=True,
                   loss_types=DPO_LOSS_TYPES, sft_term=True),
