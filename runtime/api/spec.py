@@ -605,6 +605,7 @@ _REWARD = types_where(lambda i: i.needs_reward)
 _NO_EVAL = types_where(lambda i: not i.evaluates)
 _NO_DATA = types_where(lambda i: i.data_kind is None)
 _SFT_TERM = types_where(lambda i: i.sft_term)
+_SMOOTHED = stage_types.DPO_LABEL_SMOOTHING_LOSSES
 _STREAMS = types_where(lambda i: i.streams)
 # CEL, inside self.stages.all(s, ...): stage s reads a streaming dataset (its own data, else the job's)
 _READS_STREAM = ("((has(s.data) && size(s.data) > 0) ? s.data.exists(d, has(d.streaming) && d.streaming) : "
@@ -613,7 +614,6 @@ _READS_STREAM = ("((has(s.data) && size(s.data) > 0) ? s.data.exists(d, has(d.st
 
 def _reads_stream(job, stage) -> bool:
     return any(d.streaming for d in (stage.data or job.data))
-_SMOOTHED = stage_types.DPO_LABEL_SMOOTHING_LOSSES
 
 
 def _dpo_loss_is(loss: str) -> str:
