@@ -215,12 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_validate(args) -> int:
     from .api.spec import load_job
-    from .api.stage_types import STAGE_TYPES
+    from .api.stage_types import stage_kind
 
     job = load_job(args.file, args.overrides)
     if not args.quiet:
-        stages = " → ".join(f"{s.name} ({s.type}/{s.method})" if STAGE_TYPES[s.type].trains else f"{s.name} ({s.type})"
-                            for s in job.spec.stages)
+        stages = " → ".join(f"{s.name} ({stage_kind(s.type, s.method)})" for s in job.spec.stages)
         print(f"{args.file}: valid FineTuneJob {job.metadata.name!r}: {stages}")
     return 0
 
@@ -228,7 +227,7 @@ def _cmd_validate(args) -> int:
 def _cmd_plan(args) -> int:
     from .api.plan import plan
     from .api.spec import load_job
-    from .api.stage_types import STAGE_TYPES
+    from .api.stage_types import stage_kind
 
     stages = plan(load_job(args.file, args.overrides), args.output_root)
     if args.output == "json":
@@ -237,8 +236,7 @@ def _cmd_plan(args) -> int:
     for s in stages:
         io = s.io
         src = io.policy.model + (f" + adapter {io.policy.adapter}" if io.policy.adapter else "")
-        kind = f"{s.stage.type}/{s.stage.method}" if STAGE_TYPES[s.stage.type].trains else s.stage.type
-        print(f"[{s.index + 1}/{s.count}] {s.name}: {kind}")
+        print(f"[{s.index + 1}/{s.count}] {s.name}: {stage_kind(s.stage.type, s.stage.method)}")
         print(f"    reads   {src}{' (merged first)' if io.merge_adapter else ''}")
         if io.reference:
             print(f"    ref     {io.reference.model}" + (f" + adapter {io.reference.adapter}" if io.reference.adapter else ""))

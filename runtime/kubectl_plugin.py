@@ -19,9 +19,8 @@ from .api.contract import CONTAINER_NAME as CONTAINER
 from .api.contract import LABEL_JOB, LABEL_STAGE, rank0_pod
 from .api.errors import UserError
 from .api.spec import API_GROUP, API_VERSION, PLURAL
-from .api.stage_types import types_where
+from .api.stage_types import stage_kind
 
-TRAIN_NOTHING = types_where(lambda i: not i.trains)  # stage types shown without a method
 
 DONE = ("Succeeded", "Failed")
 
@@ -176,7 +175,7 @@ def describe_text(obj: dict[str, Any], events: list[Any], now: float | None = No
            f"Model:        {(spec.get('model') or {}).get('name', '')}"]
     stages = spec.get("stages") or []
     out.append("Stages:       " + " → ".join(
-        f"{s.get('name')} ({s.get('type')}" + (f"/{s.get('method', 'lora')})" if s.get("type") not in TRAIN_NOTHING else ")")
+        f"{s.get('name')} ({stage_kind(s.get('type'), s.get('method', 'lora'))})"
         for s in stages))
     if (spec.get("storage") or {}).get("uri"):
         out.append(f"Storage:      {spec['storage']['uri']}")

@@ -98,3 +98,10 @@ def default_learning_rate(stage_type: str, method: str) -> float | None:
     """LLaMA-Factory-style defaults by stage type and method (None: the type trains nothing)."""
     rates = STAGE_TYPES[stage_type].learning_rates
     return None if rates is None else rates[method in ("full", "freeze")]
+
+
+def stage_kind(stage_type: str, method: str) -> str:
+    """How a stage is named to users: `sft/lora`, or `export` for a type that trains nothing (a type
+    this version does not know, e.g. a newer CRD's, keeps its method)."""
+    info = STAGE_TYPES.get(stage_type)
+    return stage_type if info is not None and not info.trains else f"{stage_type}/{method}"

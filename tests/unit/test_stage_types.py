@@ -120,3 +120,12 @@ def test_every_trainer_stage_names_trl_classes_that_exist():
         config, trainer = TrainerStage.classes(cls.__new__(cls))
         assert config.__name__.endswith("Config") and trainer.__name__.endswith("Trainer"), cls
         assert "TrainingArguments" in {b.__name__ for b in config.__mro__}, cls
+
+
+def test_stage_kind_names_the_method_only_where_the_type_trains():
+    """One label for `kubetune validate`/`plan` and `kubectl kubetune describe`."""
+    from kubetune.runtime.api.stage_types import stage_kind
+
+    assert stage_kind("sft", "lora") == "sft/lora" and stage_kind("dpo", "full") == "dpo/full"
+    assert stage_kind("export", "lora") == "export" and stage_kind("eval", "lora") == "eval"
+    assert stage_kind("cpo", "lora") == "cpo/lora"  # a type this version does not know keeps its method
