@@ -331,6 +331,23 @@ class Coordinator:
         dist.broadcast_object_list(box, src=0, group=group)
         return box[0]
 
+    def leave(self) -> None:
+        """After the last stage succeeded on every rank: wait for the others, then destroy the
+        process groups. A process that exits with its groups alive leaves gloo's worker threads
+        to the interpreter's teardown, which can abort it (SIGABRT, "terminate called without an
+        active exception") after it finished its work, and torchrun then reports the run as
+        failed. A no-op in a single process or when no group was started."""
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return
+        if self._group is not None:
+            dist.barrier(group=self._group)  # no rank tears down while another still talks
+        dist.destroy_process_group()  # every group, the default one last
+        self._group = None
+
 
 _coordinator: Coordinator | None = None
 

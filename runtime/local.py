@@ -404,6 +404,7 @@ def run_job(
             print(f"error: stage {cfg.name} failed ({failure.reason}, exit {failure.exit_code}): "
                   f"{termination_text(err)}", file=sys.stderr)
             return failure.exit_code
+    team.leave()
     if team.is_main:
         _print_summary(summaries, started)
     if server is not None:
@@ -603,6 +604,7 @@ def run_stage_config(config_path: str, metrics_port: int | None = None) -> int:
             metrics_port += launcher.coordinator().local_rank
         server = start_metrics_server(port=metrics_port)
         summary = execute_stage(cfg, None, server, console="lines")
+        launcher.coordinator().leave()
         log.info("stage %s finished: %s", cfg.name, summary)
         final = server.progress_snapshot()
         if final is not None and launcher.coordinator().rank == 0:

@@ -220,6 +220,42 @@ def test_the_env_each_rank_gets_from_torchrun(tmp_path):
         ("0", "0", "2", "0"), ("1", "1", "2", "0")]
 
 
+LEAVER = """
+import json, os, sys, time
+import torch.distributed as dist
+from kubetune.runtime.launcher import Coordinator
+
+c = Coordinator()
+decided = c.broadcast({"resume": "checkpoint-4"} if c.is_main else None)
+if c.rank == 1:
+    time.sleep(1.0)  # the last rank to finish
+entered = time.time()
+c.leave()
+left = time.time()
+c.leave()  # a second call (an error path after a successful stage) is a no-op
+with open(os.path.join(sys.argv[1], f"rank-{c.rank}.json"), "w") as f:
+    json.dump({"decided": decided, "entered": entered, "left": left,
+               "initialized": dist.is_initialized()}, f)
+"""
+
+
+def test_ranks_leave_together_and_destroy_their_process_groups(tmp_path):
+    """Real torchrun, 2 CPU processes: `Coordinator.leave` (the end of a successful `kubetune run`
+    or stage pod) waits for the slowest rank, then destroys every process group, so no gloo
+    thread is left to the interpreter's teardown (which can abort a rank that finished its work)."""
+    script = tmp_path / "leaver.py"
+    script.write_text(LEAVER)
+    topo = launcher.topology(res(), cluster=False, env={"KUBETUNE_NPROC": "2"}, gpus=0)
+    done = subprocess.run(launcher.torchrun_command(topo, [str(script), str(tmp_path)]), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["decided"] for r in ranks] == [{"resume": "checkpoint-4"}] * 2
+    assert [r["initialized"] for r in ranks] == [False, False]
+    assert ranks[0]["left"] >= ranks[1]["entered"]  # rank 0 waited for rank 1
+    assert "destroy_process_group" not in done.stderr  # torch warns about groups left alive
+
+
 def test_metrics_port_and_rank_per_process(monkeypatch):
     from kubetune.runtime.metrics import default_port
 
