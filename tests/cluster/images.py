@@ -260,20 +260,33 @@ RUNTIME = ImageRecipe("runtime", "BASE_IMAGE")
 OPERATOR = ImageRecipe("operator", "PYTHON_IMAGE")
 
 
+def build_args(recipe: ImageRecipe, base: str) -> dict[str, str]:
+    return {recipe.base_arg: base, "VERSION": project_version()}
+
+
 def content_key(recipe: ImageRecipe, base: str) -> str:
+    """The image's cache key: its build arguments, Dockerfile, ignore file and context files."""
     h = hashlib.sha256()
-    h.update(base.encode())
+    h.update(repr(sorted(build_args(recipe, base).items())).encode())
     for f in [recipe.dockerfile, recipe.ignorefile, *_context_files(recipe.ignorefile)]:
         h.update(f.relative_to(REPO).as_posix().encode() + b"\0")
         h.update(f.read_bytes())
     return h.hexdigest()[:12]
 
 
+def project_version() -> str:
+    """The version in pyproject.toml: what `make images` passes as the VERSION build argument."""
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
 def build_image(recipe: ImageRecipe, base: str) -> str:
-    """Our Dockerfile, built as a user builds it, FROM the stand-in `base`."""
+    """Our Dockerfile, built as `make images` builds it (VERSION from pyproject.toml), FROM the
+    stand-in `base`."""
     ref = f"localhost/kubetune/{recipe.name}:test-{content_key(recipe, base)}"
     if not image_exists(ref):
-        _build(ref, recipe.dockerfile, REPO, {recipe.base_arg: base}, f"the {recipe.name} image",
+        _build(ref, recipe.dockerfile, REPO, build_args(recipe, base), f"the {recipe.name} image",
                ignorefile=recipe.ignorefile)
     return ref
 

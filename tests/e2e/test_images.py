@@ -50,6 +50,16 @@ def test_the_runtime_image_keeps_its_base_torch_and_runs_as_uid_1000(built):
         assert version == images._pinned(name), (name, version)
 
 
+def test_both_images_are_labelled_with_the_version_they_install(built):
+    """The VERSION build argument (`make images` passes pyproject's) is the image's OCI version
+    label and the version of the kubetune package inside it."""
+    for name, ref in built.items():
+        labels = json.loads(images.podman("image", "inspect", "--format", "{{json .Labels}}", ref).stdout)
+        inside = run(ref, "-c", "import importlib.metadata as m; print(m.version('kubetune'))", entrypoint="python")
+        assert labels["org.opencontainers.image.version"] == inside.strip() == images.project_version(), name
+        assert labels["org.opencontainers.image.title"] == f"kubetune-{name}"
+
+
 def test_the_runtime_entrypoint_is_the_cli(built):
     out = run(built["runtime"], "--help")
     assert out.startswith("usage: kubetune") and "validate" in out

@@ -69,7 +69,9 @@ def test_the_content_key_follows_every_file_the_build_context_sends(tmp_path, mo
     (repo / "images" / "runtime" / "Dockerfile.dockerignore").write_text("*\n!runtime/\n**/__pycache__\n")
     (repo / "runtime" / "a.py").write_text("A = 1\n")
     (repo / "notes.txt").write_text("not in the context\n")
+    (repo / "pyproject.toml").write_text('[project]\nname = "kubetune"\nversion = "0.1.0"\n')
     monkeypatch.setattr(images, "REPO", repo)
+    assert images.build_args(images.RUNTIME, "base:1") == {"BASE_IMAGE": "base:1", "VERSION": "0.1.0"}
     key = images.content_key(images.RUNTIME, "base:1")
     (repo / "notes.txt").write_text("changed, but not sent\n")
     (repo / "runtime" / "__pycache__").mkdir()
@@ -78,6 +80,9 @@ def test_the_content_key_follows_every_file_the_build_context_sends(tmp_path, mo
     (repo / "runtime" / "a.py").write_text("A = 2\n")
     assert images.content_key(images.RUNTIME, "base:1") != key
     assert images.content_key(images.RUNTIME, "base:2") != images.content_key(images.RUNTIME, "base:1")
+    key = images.content_key(images.RUNTIME, "base:1")
+    (repo / "pyproject.toml").write_text('[project]\nname = "kubetune"\nversion = "0.2.0"\n')
+    assert images.content_key(images.RUNTIME, "base:1") != key  # a new VERSION build argument
 
 
 def test_the_real_node_says_why_it_cannot_run(monkeypatch):
